@@ -1,0 +1,1 @@
+"""Benchmarks behind ``mixpipe bench ...``; ``benchmarks/*.py`` are thin scripts over these."""

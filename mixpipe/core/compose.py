@@ -1,0 +1,196 @@
+"""Reference composition: decoded constituents in, one composite out.
+
+This is the golden implementation. The torch loader uses it directly; the DALI and FFCV adapters
+build composites with their own operators and are tested against it. Two entry points:
+
+* :func:`compose_slot` (numpy, one slot, HWC) for loader workers;
+* :func:`compose_batch` (torch, a batch of slots, NCHW, any device) for composing after collate,
+  on the GPU when the batch is there.
+
+Spatial layouts resize each constituent to its region with antialiased bilinear filtering (the
+triangle filter widened by the downscale factor, as PIL and ``torch.nn.functional.interpolate(
+antialias=True)`` do) and paste it; a constituent already decoded at its region's size is copied
+untouched. BLEND interpolates in float32. Integer inputs come back rounded to the input dtype.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import numpy as np
+
+from .layouts import regions
+from .plan import Layout, constituent_range
+
+__all__ = ["resize_weights", "resize", "compose_slot", "compose_batch", "resize_torch"]
+
+
+@functools.lru_cache(maxsize=256)
+def resize_weights(in_size: int, out_size: int) -> np.ndarray:
+    """float32[out, in]: the 1-D antialiased bilinear resampling matrix (rows sum to 1)."""
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"resize sizes must be >= 1, got {in_size} -> {out_size}")
+    scale = in_size / out_size
+    support = max(scale, 1.0)  # triangle filter half-width, widened when shrinking
+    matrix = np.zeros((out_size, in_size), dtype=np.float64)
+    for i in range(out_size):
+        center = (i + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        taps = np.arange(lo, hi)
+        w = np.clip(1.0 - np.abs((taps - center + 0.5) / support), 0.0, None)
+        total = w.sum()
+        matrix[i, lo:hi] = w / total if total > 0 else 0.0
+    out = matrix.astype(np.float32)
+    out.setflags(write=False)
+    return out
+
+
+def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resize an HWC (or HW) image with antialiased bilinear filtering; float32 result."""
+    src = image.astype(np.float32, copy=False)
+    if src.shape[0] == height and src.shape[1] == width:
+        return src.copy()
+    rows = resize_weights(src.shape[0], height)
+    cols = resize_weights(src.shape[1], width)
+    tmp = np.tensordot(rows, src, axes=([1], [0]))  # [H, w, C]
+    return np.moveaxis(np.tensordot(cols, tmp, axes=([1], [1])), 0, 1)  # [H, W, C]
+
+
+def _to_dtype(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        return np.clip(np.floor(values + 0.5), info.min, info.max).astype(dtype)
+    return values.astype(dtype, copy=False)
+
+
+def _check_slot(constituents: Sequence, weights: Sequence[float], layout: Layout) -> None:
+    lo, hi = constituent_range(layout)
+    if not lo <= len(constituents) <= hi:
+        raise ValueError(f"layout {Layout(layout).name} takes {lo if lo == hi else f'{lo}+'} "
+                         f"constituents, got {len(constituents)}")
+    if len(weights) != len(constituents):
+        raise ValueError(f"{len(constituents)} constituents but {len(weights)} weights")
+
+
+def compose_slot(constituents: Sequence[np.ndarray], weights: Sequence[float], layout: Layout,
+                 size: Optional[tuple[int, int]] = None, stride: int = 1) -> np.ndarray:
+    """Build one composite (HWC or HW) of ``size`` (default: the first constituent's size).
+
+    The result has the first constituent's dtype; all constituents must share channels.
+    """
+    layout = Layout(layout)
+    _check_slot(constituents, weights, layout)
+    first = np.asarray(constituents[0])
+    height, width = size if size is not None else first.shape[:2]
+    dtype = first.dtype
+    channels = first.shape[2:]
+    for i, img in enumerate(constituents):
+        if np.asarray(img).shape[2:] != channels:
+            raise ValueError(f"constituent {i} has shape {np.asarray(img).shape}; constituent 0 "
+                             f"has {first.shape}: channels must match")
+    if layout == Layout.BLEND:
+        acc = np.zeros((height, width) + channels, dtype=np.float32)
+        for img, w in zip(constituents, weights):
+            acc += np.float32(w) * resize(np.asarray(img), height, width)
+        return _to_dtype(acc, dtype)
+    out = np.empty((height, width) + channels, dtype=dtype)
+    for img, reg in zip(constituents, regions(layout, weights, height, width, stride)):
+        img = np.asarray(img)
+        if img.shape[:2] == (reg.height, reg.width):
+            out[reg.slices] = img
+        else:
+            out[reg.slices] = _to_dtype(resize(img, reg.height, reg.width), dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------- torch
+def resize_torch(images, height: int, width: int):
+    """Resize NCHW tensors with the same antialiased bilinear filter as :func:`resize`."""
+    import torch.nn.functional as F
+
+    if images.shape[-2:] == (height, width):
+        return images.float()
+    return F.interpolate(images.float(), size=(height, width), mode="bilinear",
+                         antialias=True, align_corners=False)
+
+
+def _round_to(tensor, dtype):
+    import torch
+
+    if dtype.is_floating_point:
+        return tensor.to(dtype)
+    info = torch.iinfo(dtype)
+    return torch.floor(tensor + 0.5).clamp_(info.min, info.max).to(dtype)
+
+
+def compose_batch(constituents, weights, layout, counts=None,
+                  size: Optional[tuple[int, int]] = None, stride: int = 1):
+    """Compose a batch: ``constituents`` [B, K, C, h, w] -> [B, C, H, W] on the same device.
+
+    ``weights`` [B, K] and ``layout`` [B] come from the plan; ``counts`` [B] (constituents per
+    slot) defaults to what the layout implies, and for BLEND to the number of non-zero weights.
+    BLEND slots are composed in one vectorised step; spatial slots paste region by region.
+    """
+    import torch
+
+    if constituents.dim() != 5:
+        raise ValueError(f"constituents must be [B, K, C, h, w], got shape "
+                         f"{tuple(constituents.shape)}")
+    b, k, c, h, w = constituents.shape
+    height, width = size if size is not None else (h, w)
+    layout_cpu = torch.as_tensor(layout).to("cpu", torch.int64)
+    weights_cpu = torch.as_tensor(weights).to("cpu", torch.float64)
+    if layout_cpu.shape != (b,) or weights_cpu.shape != (b, k):
+        raise ValueError(f"layout must be [{b}] and weights [{b}, {k}], got "
+                         f"{tuple(layout_cpu.shape)} and {tuple(weights_cpu.shape)}")
+    if counts is None:
+        fixed = {Layout.SINGLE: 1, Layout.HALVES: 2, Layout.QUADS: 4}
+        counts_cpu = torch.tensor([fixed.get(Layout(int(l)), 0) for l in layout_cpu])
+        blend = layout_cpu == Layout.BLEND
+        counts_cpu[blend] = (weights_cpu[blend] > 0).sum(dim=1)
+    else:
+        counts_cpu = torch.as_tensor(counts).to("cpu", torch.int64)
+    out = torch.empty((b, c, height, width), dtype=constituents.dtype, device=constituents.device)
+
+    blend_rows = torch.nonzero(layout_cpu == Layout.BLEND).flatten()
+    if blend_rows.numel():
+        x = constituents[blend_rows.to(constituents.device)]
+        x = resize_torch(x.reshape(-1, c, h, w), height, width).reshape(-1, k, c, height, width)
+        wts = torch.as_tensor(weights, device=constituents.device)[
+            blend_rows.to(constituents.device)].float()
+        mixed = (x * wts[:, :, None, None, None]).sum(dim=1)
+        out[blend_rows.to(constituents.device)] = _round_to(mixed, constituents.dtype)
+
+    for row in torch.nonzero(layout_cpu != Layout.BLEND).flatten().tolist():
+        n = int(counts_cpu[row])
+        slot_layout = Layout(int(layout_cpu[row]))
+        _check_slot(range(n), weights_cpu[row, :n].tolist(), slot_layout)
+        for i, reg in enumerate(regions(slot_layout, weights_cpu[row, :n].tolist(), height,
+                                        width, stride)):
+            patch = constituents[row, i]
+            if patch.shape[-2:] != (reg.height, reg.width):
+                patch = _round_to(resize_torch(patch[None], reg.height, reg.width)[0],
+                                  constituents.dtype)
+            out[row, :, reg.top:reg.top + reg.height, reg.left:reg.left + reg.width] = patch
+    return out
+
+
+def region_masks_batch(layout, weights, image_size: tuple[int, int], feature_size: tuple[int, int],
+                       stride: int, device=None):
+    """bool[B, K, fh, fw] masks for a batch (see :func:`mixpipe.core.layouts.region_masks`)."""
+    import torch
+
+    from .layouts import region_masks
+
+    layout_cpu = torch.as_tensor(layout).to("cpu", torch.int64)
+    weights_cpu = torch.as_tensor(weights).to("cpu", torch.float64)
+    b, k = weights_cpu.shape
+    masks = np.zeros((b, k) + tuple(feature_size), dtype=bool)
+    fixed = {Layout.SINGLE: 1, Layout.HALVES: 2, Layout.QUADS: 4}
+    for row in range(b):
+        slot_layout = Layout(int(layout_cpu[row]))
+        n = fixed.get(slot_layout) or int((weights_cpu[row] > 0).sum())
+        masks[row, :n] = region_masks(slot_layout, weights_cpu[row, :n].tolist(), *image_size,
+                                      stride, *feature_size)
+    return torch.from_numpy(masks).to(device if device is not None else "cpu")

@@ -1,0 +1,206 @@
+"""Per-sample loss table: what the selection policies read to decide the next epoch.
+
+Columns, not objects: tens of millions of samples must fit in memory and be snapshotted in
+milliseconds. Four columns of 4 bytes (16 bytes per sample, under the 24-byte budget):
+last loss and EMA (float32), epoch last seen and times seen (int32).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import struct
+import tempfile
+import zlib
+from typing import Union
+
+import numpy as np
+
+__all__ = ["Ledger", "LedgerSnapshot", "LedgerFormatError", "check_report", "atomic_write"]
+
+_MAGIC = b"MIXLEDG\x00"
+_VERSION = 1
+_HEADER = struct.Struct("<8sHqdq")  # magic, version, num_samples, ema_decay, committed_epoch
+
+
+class LedgerFormatError(ValueError):
+    """A ledger file that is foreign, truncated, corrupted or of an unknown version."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LedgerSnapshot:
+    """Read-only view of the ledger at one moment; policies are pure functions of it.
+
+    ``last_epoch`` is -1 and ``count`` 0 for samples never reported; their losses are NaN.
+    """
+
+    last_loss: np.ndarray  # float32[N]
+    ema: np.ndarray  # float32[N]
+    last_epoch: np.ndarray  # int32[N]
+    count: np.ndarray  # int32[N]
+    committed_epoch: int  # last committed epoch, -1 before the first commit
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.last_loss.shape[0])
+
+    @property
+    def seen(self) -> np.ndarray:
+        return self.count > 0
+
+
+def check_report(num_samples: int, ids: np.ndarray, losses: np.ndarray) -> None:
+    """Refuse a malformed report before it touches anything (a report is all or nothing)."""
+    if not isinstance(ids, np.ndarray) or not isinstance(losses, np.ndarray):
+        raise TypeError("ids and losses must be numpy arrays")
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"ids must be an integer array, got dtype {ids.dtype}")
+    if losses.dtype.kind != "f":
+        raise TypeError(f"losses must be a float array, got dtype {losses.dtype}")
+    if ids.ndim != 1 or losses.ndim != 1:
+        raise ValueError(f"ids and losses must be 1-D, got shapes {ids.shape} and {losses.shape}")
+    if ids.shape != losses.shape:
+        raise ValueError(f"length mismatch: {ids.size} ids but {losses.size} losses")
+    if ids.size == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= num_samples:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"id {bad} out of range [0, {num_samples})")
+    finite = np.isfinite(losses)
+    if not finite.all():
+        first = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"loss for id {int(ids[first])} is not finite ({losses[first]})")
+    if float(losses.min()) < 0:
+        first = int(np.argmin(losses))
+        raise ValueError(f"loss for id {int(ids[first])} is negative ({losses[first]})")
+
+
+def atomic_write(path: Union[str, os.PathLike], data: bytes) -> None:
+    """Replace ``path`` with ``data`` so that a crash leaves the old or the new file, never half.
+
+    Write to a temporary file in the same directory, fsync it, rename over the target, then
+    fsync the directory so the rename itself is durable.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class Ledger:
+    """Mutable loss table for ``num_samples`` samples. Not thread-safe: the server serialises.
+
+    ``ema_decay`` d gives ``ema <- d * ema + (1 - d) * loss``; a sample's first loss initialises
+    its EMA. Within one :meth:`update` call a repeated id keeps its last occurrence.
+    """
+
+    def __init__(self, num_samples: int, ema_decay: float = 0.7) -> None:
+        if num_samples < 0:
+            raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay}")
+        self.num_samples = int(num_samples)
+        self.ema_decay = float(ema_decay)
+        self.last_loss = np.full(num_samples, np.nan, np.float32)
+        self.ema = np.full(num_samples, np.nan, np.float32)
+        self.last_epoch = np.full(num_samples, -1, np.int32)
+        self.count = np.zeros(num_samples, np.int32)
+        self.committed_epoch = -1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.last_loss, self.ema, self.last_epoch, self.count))
+
+    def update(self, epoch: int, ids: np.ndarray, losses: np.ndarray) -> None:
+        """Fold one epoch's losses in (validated first; on error nothing changes)."""
+        ids = np.asarray(ids)
+        losses = np.asarray(losses)
+        check_report(self.num_samples, ids, losses)
+        if ids.size == 0:
+            return
+        ids = ids.astype(np.int64, copy=False)
+        losses = losses.astype(np.float32, copy=False)
+        # keep the last occurrence of a repeated id (np.unique on the reversed array)
+        rev_ids = ids[::-1]
+        uniq, first_in_rev = np.unique(rev_ids, return_index=True)
+        vals = losses[::-1][first_in_rev]
+        old = self.ema[uniq]
+        fresh = self.count[uniq] == 0
+        d = np.float32(self.ema_decay)
+        self.ema[uniq] = np.where(fresh, vals, d * old + (np.float32(1) - d) * vals)
+        self.last_loss[uniq] = vals
+        self.last_epoch[uniq] = epoch
+        self.count[uniq] += 1
+
+    def snapshot(self) -> LedgerSnapshot:
+        arrays = [a.copy() for a in (self.last_loss, self.ema, self.last_epoch, self.count)]
+        for a in arrays:
+            a.setflags(write=False)
+        return LedgerSnapshot(*arrays, committed_epoch=self.committed_epoch)
+
+    # ------------------------------------------------------------------------------ persistence
+    def to_bytes(self) -> bytes:
+        header = _HEADER.pack(_MAGIC, _VERSION, self.num_samples, self.ema_decay,
+                              self.committed_epoch)
+        columns = (self.last_loss.astype("<f4"), self.ema.astype("<f4"),
+                   self.last_epoch.astype("<i4"), self.count.astype("<i4"))
+        body = header + b"".join(c.tobytes() for c in columns)
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "Ledger":
+        view = memoryview(data).cast("B")
+        if len(view) < _HEADER.size + 4:
+            raise LedgerFormatError(f"ledger truncated: {len(view)} bytes")
+        magic, version, n, decay, committed = _HEADER.unpack_from(view, 0)
+        if magic != _MAGIC:
+            raise LedgerFormatError(f"not a mixpipe ledger (magic {bytes(magic)!r})")
+        if version != _VERSION:
+            raise LedgerFormatError(f"ledger version {version} not supported (reads {_VERSION})")
+        expected = _HEADER.size + 16 * n + 4
+        if n < 0 or len(view) != expected:
+            raise LedgerFormatError(f"ledger truncated or padded: {len(view)} bytes, expected "
+                                    f"{expected} for {n} samples")
+        (crc,) = struct.unpack_from("<I", view, expected - 4)
+        if zlib.crc32(view[: expected - 4]) != crc:
+            raise LedgerFormatError("ledger corrupted: checksum mismatch")
+        ledger = cls(n, decay)
+        ledger.committed_epoch = int(committed)
+        off = _HEADER.size
+        for name, wire, native in (("last_loss", "<f4", np.float32), ("ema", "<f4", np.float32),
+                                   ("last_epoch", "<i4", np.int32), ("count", "<i4", np.int32)):
+            arr = np.frombuffer(view, dtype=wire, count=n, offset=off)
+            setattr(ledger, name, arr.astype(native, copy=True))
+            off += 4 * n
+        return ledger
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Atomically replace ``path`` with this ledger (write, fsync, rename)."""
+        atomic_write(path, self.to_bytes())
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "Ledger":
+        with open(path, "rb") as f:
+            return cls.from_bytes(f.read())
+
+    def state_dict(self) -> dict:
+        return {"ledger": self.to_bytes()}
+
+    def load_state_dict(self, state: dict) -> None:
+        other = Ledger.from_bytes(state["ledger"])
+        self.__dict__.update(other.__dict__)

@@ -1,0 +1,84 @@
+"""Selection policies: pure functions ``(ledger snapshot, settings, seed, epoch) -> MixPlan``.
+
+Each policy lives in its own module and registers its settings dataclass here. The same inputs
+give a byte-identical plan on every rank and after a restart, so a policy may use randomness only
+through :func:`epoch_rng`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Dict, Type
+
+import numpy as np
+
+from ..ledger import LedgerSnapshot
+from ..plan import MixPlan
+
+__all__ = ["PolicySettings", "register", "make_plan", "settings_from_dict", "epoch_rng",
+           "POLICIES"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySettings:
+    """Base of every policy's frozen settings; subclasses validate in ``__post_init__``."""
+
+    name = "base"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"policy": self.name, **dataclasses.asdict(self)}
+
+
+#: policy name -> (settings class, plan function)
+POLICIES: Dict[str, tuple] = {}
+
+
+def register(settings_cls: Type[PolicySettings]) -> Callable:
+    """Decorator: register ``fn(snapshot, settings, seed, epoch) -> MixPlan`` under the name."""
+
+    def wrap(fn: Callable) -> Callable:
+        POLICIES[settings_cls.name] = (settings_cls, fn)
+        return fn
+
+    return wrap
+
+
+def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
+    """The only source of randomness a policy may use: fixed by (seed, epoch, stream)."""
+    return np.random.Generator(np.random.PCG64([int(seed) & 0xFFFFFFFF, int(epoch), int(stream)]))
+
+
+def _load_builtin() -> None:
+    from . import none  # noqa: F401  (registers itself)
+    for optional in ("random", "mixtrain", "shrink"):
+        try:
+            __import__(f"{__name__}.{optional}")
+        except ModuleNotFoundError as err:  # a policy module not written yet
+            if err.name != f"{__name__}.{optional}":
+                raise
+
+
+def settings_from_dict(d: Dict[str, Any]) -> PolicySettings:
+    """Inverse of ``PolicySettings.to_dict``; unknown policy or field -> ValueError naming it."""
+    _load_builtin()
+    d = dict(d)
+    name = d.pop("policy", None)
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; known: {sorted(POLICIES)}")
+    cls = POLICIES[name][0]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - fields
+    if unknown:
+        raise ValueError(f"policy {name!r} has no setting(s) {sorted(unknown)}; "
+                         f"known: {sorted(fields)}")
+    return cls(**d)
+
+
+def make_plan(snapshot: LedgerSnapshot, settings: PolicySettings, seed: int, epoch: int) -> MixPlan:
+    """Run the policy the settings belong to; the plan is validated before it is returned."""
+    _load_builtin()
+    if settings.name not in POLICIES:
+        raise ValueError(f"unknown policy {settings.name!r}; known: {sorted(POLICIES)}")
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    _, fn = POLICIES[settings.name]
+    return fn(snapshot, settings, int(seed), int(epoch)).validate()
