@@ -7,8 +7,7 @@ works with persistent workers across epochs whose plans differ.
 from __future__ import annotations
 
 import dataclasses
-import warnings
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -18,15 +17,10 @@ from ..core.batch import MixedBatch
 from ..core.compose import compose_slot
 from ..core.layouts import regions
 from ..core.plan import Layout, MixPlan
+from ..core.source import FixedPlans, PlanSource, fetch_plan, warn_fallback
 
 __all__ = ["SlotRef", "PlanSource", "PlanSampler", "MixedDataset", "collate_mixed",
            "MixedLoader", "ConstituentTransform"]
-
-
-class PlanSource(Protocol):
-    """Anything that hands out plans: a SelectionService, or a fixed plan in tests."""
-
-    def plan(self, epoch: int, rank: int = 0, world_size: int = 1) -> MixPlan: ...
 
 
 #: ``transform(image uint8 HWC, (region_h, region_w), rng) -> uint8 HWC`` augments one
@@ -51,49 +45,6 @@ class SlotRef:
                    tuple(float(s) for s in scale), int(layout))
 
 
-class FixedPlans:
-    """A plan source that serves given plans by epoch (the last one repeats); for tests, demos."""
-
-    def __init__(self, *plans: MixPlan) -> None:
-        if not plans:
-            raise ValueError("FixedPlans needs at least one plan")
-        self.plans = plans
-        self.num_samples = plans[0].num_samples
-
-    def plan(self, epoch: int, rank: int = 0, world_size: int = 1) -> MixPlan:
-        chosen = self.plans[min(epoch, len(self.plans) - 1)]
-        plan = MixPlan(chosen.ids, chosen.weights, chosen.loss_scale, chosen.layout,
-                       chosen.skipped, chosen.num_samples, epoch, chosen.seed)
-        return plan if world_size == 1 else plan.shard(rank, world_size)
-
-
-def fetch_plan(source: PlanSource, epoch: int, rank: int, world_size: int,
-               num_samples: int) -> MixPlan:
-    """The epoch's shard; on any failure of the source a no-mixing plan, so training goes on."""
-    try:
-        plan = source.plan(epoch, rank, world_size)
-    except Exception as err:  # noqa: BLE001 - the server must never stop training
-        _warn_once(f"mixpipe: could not fetch the plan for epoch {epoch} ({err!r}); "
-                   "training this epoch without mixing")
-        plan = MixPlan.singles(num_samples, epoch=epoch)
-        if world_size > 1:
-            plan = plan.shard(rank, world_size)
-    if plan.num_samples != num_samples:
-        raise ValueError(f"plan covers {plan.num_samples} samples but the dataset has "
-                         f"{num_samples}: the server was started for another dataset")
-    return plan
-
-
-_warned: set = set()
-
-
-def _warn_once(message: str) -> None:
-    key = message.split("(")[0]
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
 class PlanSampler(Sampler):
     """Yields the current epoch's slots as :class:`SlotRef`, shuffled by (seed, epoch).
 
@@ -109,12 +60,18 @@ class PlanSampler(Sampler):
         self.shuffle, self.seed = shuffle, int(seed)
         self.epoch = -1
         self.plan: Optional[MixPlan] = None
+        self._warned = False
 
     def set_epoch(self, epoch: int) -> MixPlan:
         self.epoch = int(epoch)
         self.plan = fetch_plan(self.source, self.epoch, self.rank, self.world_size,
-                               self.num_samples)
+                               self.num_samples, self._on_failure)
         return self.plan
+
+    def _on_failure(self, epoch: int, err: Exception) -> None:
+        if not self._warned:  # once per loader, not once per epoch
+            self._warned = True
+            warn_fallback(epoch, err)
 
     def __len__(self) -> int:
         return self.plan.num_slots if self.plan is not None else 0
