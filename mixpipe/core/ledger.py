@@ -7,7 +7,6 @@ last loss and EMA (float32), epoch last seen and times seen (int32).
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 import struct
 import tempfile

@@ -17,7 +17,7 @@ from ..core.batch import MixedBatch
 from ..core.compose import compose_slot
 from ..core.layouts import regions
 from ..core.plan import Layout, MixPlan
-from ..core.source import FixedPlans, PlanSource, fetch_plan, warn_fallback
+from ..core.source import PlanSource, fetch_plan, warn_fallback
 
 __all__ = ["SlotRef", "PlanSource", "PlanSampler", "MixedDataset", "collate_mixed",
            "MixedLoader", "ConstituentTransform"]
