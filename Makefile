@@ -1,0 +1,26 @@
+# The two commands a fresh machine needs: `make demo` (the main job) and `make test`.
+# Both first run scripts/setup.sh, which installs what is missing and is a no-op otherwise.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test test-fast bench clean
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m mixpipe demo
+
+test: setup
+	$(PY) -m pytest -q
+
+# Everything but the tests marked slow; for quick iteration.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	$(PY) -m mixpipe bench server --quick
+	$(PY) -m mixpipe bench speedup --quick
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis
