@@ -1,0 +1,235 @@
+"""Client of the network selection service: the same interface as the in-process service.
+
+Reliability follows ZeroMQ's "lazy pirate" pattern: send, wait up to ``timeout`` seconds for the
+reply, and on silence close the socket (dropping whatever it still queues), open a fresh one and
+resend the same request id, up to ``retries`` more times. Replies to an abandoned attempt that
+arrive late are recognised by their request id and discarded.
+
+When the server cannot be reached at all:
+
+* ``plan()`` returns a no-mixing plan (every sample single, in the order the ``none`` policy
+  would use for this seed and epoch, sharded like a server plan) and warns once per client:
+  training goes on, unmixed. This needs ``num_samples``: pass it to :func:`connect`, or it is
+  learned from the first successful call. Without it, ``plan()`` raises :class:`ServerUnavailable`.
+* ``report()``, ``commit()``, ``stats()`` and the state calls raise :class:`ServerUnavailable`
+  (a ``ConnectionError``): losses are not queued here; the trainer decides whether to drop them,
+  buffer them or stop.
+
+Errors the server reports (a refused report, an unknown epoch) are raised here as ``ValueError``
+or ``TypeError`` with the server's message.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import zmq
+
+from ..core.plan import MixPlan
+from ..core.policies import epoch_rng
+from .protocol import Op, ProtocolError, Status, array_meta, decode, encode, state_from_wire, \
+    state_to_wire
+
+__all__ = ["RemoteService", "ServerUnavailable", "ServerUnavailableWarning", "connect",
+           "fallback_plan"]
+
+log = logging.getLogger(__name__)
+
+
+class ServerUnavailable(ConnectionError):
+    """No reply from the selection server within the timeout, after every retry."""
+
+
+class ServerUnavailableWarning(RuntimeWarning):
+    """The selection server is unreachable; plans fall back to no mixing."""
+
+
+def fallback_plan(num_samples: int, epoch: int, seed: int, rank: int = 0,
+                  world_size: int = 1) -> MixPlan:
+    """The plan a client uses when the server is gone: what the ``none`` policy would give.
+
+    Every rank that falls back computes the same global order from (seed, epoch), so the shards
+    still partition the dataset.
+    """
+    order = epoch_rng(seed, epoch).permutation(num_samples)
+    return MixPlan.singles(num_samples, epoch=epoch, seed=seed, order=order).shard(rank,
+                                                                                  world_size)
+
+
+class RemoteService:
+    """:class:`~mixpipe.server.base.SelectionService` over ZeroMQ; see the module docstring.
+
+    One client may be shared by threads (calls are serialised); processes each connect their own.
+    """
+
+    def __init__(self, url: str, timeout: float = 10.0, retries: int = 2,
+                 num_samples: Optional[int] = None, seed: Optional[int] = None,
+                 context: Optional[zmq.Context] = None) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        self.url = url
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self._num_samples = None if num_samples is None else int(num_samples)
+        self._seed = seed
+        self._ctx = context or zmq.Context.instance()
+        self._sock: Optional[zmq.Socket] = None
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._client = uuid.uuid4().hex
+        self._warned = False
+        self.fallbacks = 0
+
+    # ----------------------------------------------------------------------------- transport
+    def _socket(self) -> zmq.Socket:
+        if self._sock is None:
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDTIMEO, int(self.timeout * 1000))
+            sock.connect(self.url)
+            self._sock = sock
+        return self._sock
+
+    def _drop_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop_socket()
+
+    def __enter__(self) -> "RemoteService":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _request(self, op: Op, meta: Dict[str, Any],
+                 buffers: Sequence[Any] = ()) -> Tuple[Dict[str, Any], List[Any]]:
+        with self._lock:
+            request_id = next(self._ids)
+            message = encode(op, request_id, {**meta, "client": self._client}, buffers)
+            for attempt in range(self.retries + 1):
+                reply = self._attempt(message, request_id)
+                if reply is not None:
+                    break
+                self._drop_socket()  # lazy pirate: a fresh socket for the retry
+                log.debug("no reply from %s (attempt %d/%d)", self.url, attempt + 1,
+                          self.retries + 1)
+            else:
+                raise ServerUnavailable(f"selection server {self.url} did not reply within "
+                                        f"{self.timeout:g} s ({self.retries + 1} attempts)")
+        _op, status, _rid, reply_meta, frames = reply
+        if status == Status.ERROR:
+            message_text = reply_meta.get("error", "unknown server error")
+            kind = reply_meta.get("kind")
+            raise (TypeError if kind == "TypeError" else ValueError)(message_text)
+        self._learn(reply_meta)
+        return reply_meta, frames
+
+    def _attempt(self, message: List[Any], request_id: int) -> Optional[tuple]:
+        sock = self._socket()
+        try:
+            sock.send_multipart(message, copy=False)
+        except zmq.Again:
+            return None
+        deadline = time.monotonic() + self.timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1, zmq.POLLIN):
+                return None
+            frames = sock.recv_multipart(copy=False)
+            try:
+                reply = decode([f.buffer for f in frames])
+            except ProtocolError as err:
+                log.warning("ignoring a malformed reply from %s: %s", self.url, err)
+                continue
+            if reply[2] == request_id:
+                return reply
+            # a late reply to an attempt given up on: not ours any more
+
+    def _learn(self, meta: Dict[str, Any]) -> None:
+        if self._num_samples is None and isinstance(meta.get("num_samples"), int):
+            self._num_samples = meta["num_samples"]
+        if self._seed is None and isinstance(meta.get("seed"), int):
+            self._seed = meta["seed"]
+
+    # ----------------------------------------------------------------------------- interface
+    @property
+    def num_samples(self) -> int:
+        if self._num_samples is None:
+            self.hello()
+        return int(self._num_samples)  # type: ignore[arg-type]
+
+    def hello(self) -> Dict[str, Any]:
+        """The server's dataset size, seed, policy settings and committed epoch."""
+        meta, _ = self._request(Op.HELLO, {})
+        return meta
+
+    def report(self, epoch: int, ids: Any, losses: Any, rank: int = 0) -> None:
+        ids_dtype, ids = array_meta(np.asarray(ids))
+        losses_dtype, losses = array_meta(np.asarray(losses))
+        if ids.ndim != 1 or losses.ndim != 1:  # the wire carries flat buffers only
+            raise ValueError(f"ids and losses must be 1-D, got shapes {ids.shape} and "
+                             f"{losses.shape}")
+        self._request(Op.REPORT, {"epoch": epoch, "rank": rank, "ids_dtype": ids_dtype,
+                                  "losses_dtype": losses_dtype}, [ids, losses])
+
+    def commit(self, epoch: int) -> None:
+        self._request(Op.COMMIT, {"epoch": epoch})
+
+    def plan(self, epoch: int, rank: int = 0, world_size: int = 1) -> MixPlan:
+        try:
+            _meta, frames = self._request(Op.PLAN, {"epoch": epoch, "rank": rank,
+                                                    "world_size": world_size})
+        except ServerUnavailable as err:
+            if self._num_samples is None:
+                raise ServerUnavailable(f"{err}; no fallback plan either, since the dataset "
+                                        "size is unknown: pass num_samples= to connect()") \
+                    from None
+            self.fallbacks += 1
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"{err}: training continues without mixing (fallback plans) "
+                              "until it is back", ServerUnavailableWarning, stacklevel=2)
+            return fallback_plan(self._num_samples, epoch, self._seed or 0, rank, world_size)
+        if len(frames) != 1:
+            raise ProtocolError(f"plan reply needs 1 data frame, got {len(frames)}")
+        return MixPlan.from_bytes(frames[0])
+
+    def stats(self) -> Dict[str, Any]:
+        meta, _ = self._request(Op.STATS, {})
+        return meta
+
+    def state_dict(self) -> Dict[str, Any]:
+        meta, frames = self._request(Op.STATE_DICT, {})
+        state = state_from_wire(meta, frames)
+        for item in state["pending"].values():  # own the memory, not the message's
+            item["ids"] = item["ids"].copy()
+            item["losses"] = item["losses"].copy()
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        meta, frames = state_to_wire(state)
+        self._request(Op.LOAD_STATE, {"state": meta}, frames)
+
+
+def connect(url: str, timeout: float = 10.0, retries: int = 2,
+            num_samples: Optional[int] = None, seed: Optional[int] = None) -> RemoteService:
+    """A :class:`RemoteService` for ``url`` (e.g. ``tcp://127.0.0.1:5555``).
+
+    Nothing is sent until the first call. ``num_samples`` (and ``seed``) make the no-mixing
+    fallback plan possible even if the server is never reached; otherwise both are learned from
+    the first reply.
+    """
+    return RemoteService(url, timeout=timeout, retries=retries, num_samples=num_samples,
+                         seed=seed)
