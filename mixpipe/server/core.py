@@ -61,7 +61,8 @@ def prepare_report(num_samples: int, ids: Any, losses: Any,
     losses = np.asarray(losses)
     check_report(num_samples, ids, losses)
     out_ids = ids.astype("<i8", copy=copy, order="C")
-    out_losses = losses.astype("<f4", copy=copy, order="C")
+    with np.errstate(over="ignore"):  # overflow is reported below, as an error
+        out_losses = losses.astype("<f4", copy=copy, order="C")
     if losses.dtype.itemsize > 4 and out_losses.size and not np.isfinite(out_losses).all():
         first = int(np.flatnonzero(~np.isfinite(out_losses))[0])
         raise ValueError(f"loss for id {int(out_ids[first])} ({losses[first]}) overflows float32")

@@ -100,7 +100,9 @@ class SelectionServer:
         request_id = peek_request_id(buffers[0]) if buffers else 0
         op = 0
         try:
-            op, _status, request_id, meta, data = decode(buffers)
+            op, status, request_id, meta, data = decode(buffers)
+            if status != Status.OK or op not in self._handlers:
+                raise ProtocolError(f"op {op} with status {status} is not a request")
             client = meta.get("client")
             remembered = self._replies.get(client) if isinstance(client, str) else None
             if op in _MUTATING and remembered is not None and remembered[0] == request_id:

@@ -79,11 +79,12 @@ def decode(frames: Sequence[Any]) -> Tuple[int, int, int, Dict[str, Any], List[A
     if version != VERSION:
         raise ProtocolError(f"protocol version {version} not supported (this side speaks "
                             f"{VERSION})")
-    if op not in Op._value2member_map_:
-        raise ProtocolError(f"unknown op {op} (known: "
-                            f"{', '.join(f'{o.value}={o.name}' for o in Op)})")
     if status not in Status._value2member_map_:
         raise ProtocolError(f"unknown status {status}")
+    # op 0 only in an error reply to a request whose own op could not be read
+    if op not in Op._value2member_map_ and not (op == 0 and status == Status.ERROR):
+        raise ProtocolError(f"unknown op {op} (known: "
+                            f"{', '.join(f'{o.value}={o.name}' for o in Op)})")
     raw = bytes(head[HEADER.size:])
     try:
         meta = json.loads(raw.decode()) if raw else {}
