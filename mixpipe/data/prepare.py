@@ -1,0 +1,266 @@
+"""Turn a source dataset into the prepared layout every mixpipe loader reads.
+
+Layout (``OUT`` is the output directory; line / row / record i is sample id i everywhere):
+
+- ``OUT/classes.txt``: class name of label i on line i.
+- ``OUT/<split>/<class>/<file>``: the images. Fashion-MNIST: ``<index:06d>.jpg`` written here.
+  A user tree: ``OUT/<split>`` is a symlink to ``SRC/<split>`` (nothing copied; the user's files
+  keep their names), so one ``file_root=OUT`` serves every split.
+- ``OUT/<split>_files.txt``: ``<split>/<class>/<file> <label>``, relative to ``OUT``: DALI's
+  ``fn.readers.file(file_root=OUT, file_list=OUT/<split>_files.txt)`` reads it as is.
+- ``OUT/<split>_arrays.npz``: ``images`` uint8[N, H, W, 3], ``labels`` int64[N]. For
+  Fashion-MNIST these are the padded RGB pixels *before* JPEG encoding (lossless originals).
+- ``OUT/<split>.beton``: FFCV fields ``image`` (RGBImageField, JPEG) and ``label`` (IntField).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import fashion_mnist as fm
+from .artifacts import Artifact, OutputDir
+from .errors import DataError
+from .tree import scan_tree
+from .writers import (check_arrays, check_beton, ffcv_available, iter_chunks, load_rgb,
+                      parallel_map, write_arrays, write_beton, write_file_list, write_jpegs)
+
+__all__ = ["prepare_fashion_mnist", "prepare_tree", "artifact_paths"]
+
+Log = Callable[[str], None]
+#: FFCV page sizes: 2 MiB (its minimum) for 32x32 images, 8 MiB (its default) for photos.
+_SMALL_PAGE, _LARGE_PAGE = 1 << 21, 1 << 23
+
+
+def _positive(name: str, value: Optional[int], low: int = 1, high: Optional[int] = None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
+            high is not None and value > high):
+        span = f"{low}..{high}" if high is not None else f">= {low}"
+        raise DataError(f"{name} must be an integer {span}, got {value!r}")
+
+
+def _workers(workers: Optional[int]) -> int:
+    _positive("workers", workers)
+    return workers if workers is not None else max(1, os.cpu_count() or 1)
+
+
+def _classes_artifact(classes: Sequence[str]) -> Artifact:
+    def build(path: str) -> Dict[str, Any]:
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(f"{name}\n" for name in classes)
+        return {"classes": len(classes)}
+
+    return Artifact("classes", "classes.txt", {"classes": list(classes)}, build)
+
+
+def artifact_paths(out: str, split: str) -> Dict[str, str]:
+    """Where each artifact of ``split`` lives (relative paths, the manifest names' suffixes)."""
+    return {"images": split, "files": f"{split}_files.txt", "arrays": f"{split}_arrays.npz",
+            "beton": f"{split}.beton"}
+
+
+def _result(out: str, splits: Sequence[str]) -> Dict[str, str]:
+    result = {"root": out, "classes": os.path.join(out, "classes.txt")}
+    for split in splits:
+        for kind, rel in artifact_paths(out, split).items():
+            path = os.path.join(out, rel)
+            if os.path.exists(path):
+                result[split if kind == "images" else f"{split}_{kind}"] = path
+    return result
+
+
+class _ArraySource:
+    """Index -> (image, label) over in-memory arrays; what the FFCV writer's workers read."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> Tuple[np.ndarray, int]:
+        return self.images[i], int(self.labels[i])
+
+
+class _FileSource:
+    """Index -> (decoded image, label) over image files."""
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int]) -> None:
+        self.paths, self.labels = list(paths), list(labels)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Tuple[np.ndarray, int]:
+        return load_rgb(self.paths[i]), int(self.labels[i])
+
+
+def _build(write: Callable[[str], Any], samples: int) -> Callable[[str], Dict[str, Any]]:
+    def build(path: str) -> Dict[str, Any]:
+        write(path)
+        return {"samples": samples}
+
+    return build
+
+
+def _beton_step(name: str, relpath: str, recipe: Dict[str, Any], samples: int,
+                dataset: Callable[[], Any], quality: int, max_side: Optional[int],
+                workers: int, page_size: int) -> Artifact:
+    def build(path: str) -> Dict[str, Any]:
+        write_beton(path, dataset(), quality, max_side, workers, page_size)
+        return {"samples": samples}
+
+    return Artifact(name, relpath, recipe, build, check_beton)
+
+
+def prepare_fashion_mnist(out: str, limit: Optional[int] = None, beton: bool = True,
+                          quality: int = 95, *, src: str = fm.DEFAULT_ROOT,
+                          val_limit: Optional[int] = None, workers: Optional[int] = None,
+                          verify: bool = False, log: Log = print) -> Dict[str, str]:
+    """Write Fashion-MNIST (train = 60k, val = the 10k test set) into ``out``; see the module
+    docstring for the layout. ``limit`` keeps the first N samples of each split (``val_limit``
+    overrides it for val). Returns the paths written, keyed ``train``, ``train_files``, ...
+    Complete artifacts from an earlier run with the same settings are kept as they are."""
+    _positive("limit", limit)
+    _positive("val_limit", val_limit)
+    _positive("quality", quality, 1, 100)
+    workers = _workers(workers)
+    out = os.path.abspath(out)
+    limits = {"train": limit, "val": val_limit if val_limit is not None else limit}
+    want_beton = beton and ffcv_available()
+    if beton and not want_beton:
+        log("note: ffcv is not importable, so no .beton is written "
+            "(pip install --no-build-isolation ffcv==1.0.2)")
+    splits = list(fm.SPLIT_FILES)
+    # Read and check the sources before touching the output, so bad input leaves nothing.
+    sources = {}
+    for split in splits:
+        files = fm.source_files(src, split)
+        labels = fm.load_labels(src, split)[:limits[split]]
+        sources[split] = labels, {
+            "dataset": "fashion-mnist", "split": split, "samples": len(labels),
+            "files": {os.path.basename(p): [os.path.getsize(p), os.stat(p).st_mtime_ns]
+                      for p in files.values()}}
+    with OutputDir(out, verify=verify, log=log) as target:
+        target.ensure(_classes_artifact(fm.CLASSES))
+        for split in splits:
+            labels, source = sources[split]
+            n = len(labels)
+            cache: Dict[str, np.ndarray] = {}
+
+            def rgb() -> np.ndarray:
+                if "rgb" not in cache:
+                    images, _ = fm.load_split(src, split, n)
+                    cache["rgb"] = fm.pad_to_rgb(images)
+                return cache["rgb"]
+
+            names = [f"{fm.CLASSES[label]}/{i:06d}.jpg" for i, label in enumerate(labels)]
+            rel = artifact_paths(out, split)
+            # Each artifact is built (if at all) before the loop moves on, so the closures
+            # below see this iteration's values.
+            target.ensure(Artifact(
+                f"{split}.images", rel["images"], {**source, "quality": quality, "pad": fm.PAD},
+                _build(lambda p: write_jpegs(p, rgb(), names, quality, workers), n)))
+            target.ensure(Artifact(
+                f"{split}.files", rel["files"], source,
+                _build(lambda p: write_file_list(p, [f"{split}/{x}" for x in names], labels), n)))
+            target.ensure(Artifact(
+                f"{split}.arrays", rel["arrays"], source,
+                _build(lambda p: write_arrays(p, rgb(), labels), n), check_arrays))
+            beton_recipe = {**source, "quality": quality, "write_mode": "jpg"}
+            if want_beton:
+                target.ensure(_beton_step(
+                    f"{split}.beton", rel["beton"], beton_recipe, n,
+                    lambda: _ArraySource(rgb(), labels), quality, None, workers, _SMALL_PAGE))
+            else:
+                target.discard(f"{split}.beton", rel["beton"], beton_recipe)
+            cache.clear()
+    return _result(out, splits)
+
+
+def _decode_chunk(job: Tuple[List[str], Optional[Tuple[int, int]]]) -> List[np.ndarray]:
+    paths, size = job
+    return [load_rgb(p, size) for p in paths]
+
+
+def _tree_arrays(paths: Sequence[str], size: Optional[int], workers: int) -> np.ndarray:
+    """Decode every image to RGB; one common size is needed for a single array."""
+    shape = None if size is None else (size, size)
+    jobs = [(list(chunk), shape) for chunk in iter_chunks(list(paths))]
+    images = [im for chunk in parallel_map(_decode_chunk, jobs, workers, len(paths), "decode")
+              for im in chunk]
+    first = images[0].shape
+    for path, image in zip(paths, images):
+        if image.shape != first:
+            raise DataError(f"{path} is {image.shape[1]}x{image.shape[0]} but {paths[0]} is "
+                            f"{first[1]}x{first[0]}; arrays need one size: pass --array-size S "
+                            "to resize every image to SxS")
+    return np.stack(images)
+
+
+def _check_disjoint(src: str, out: str) -> None:
+    src_real, out_real = os.path.realpath(src), os.path.realpath(out)
+    if os.path.commonpath([src_real, out_real]) in (src_real, out_real):
+        raise DataError(f"the output {out} and the source tree {src} overlap; "
+                        "the output must be a separate directory")
+
+
+def prepare_tree(src: str, out: str, *, beton: bool = False, max_side: Optional[int] = None,
+                 quality: int = 95, arrays: bool = False, array_size: Optional[int] = None,
+                 workers: Optional[int] = None, verify: bool = False,
+                 log: Log = print) -> Dict[str, str]:
+    """Prepare a user's class-folder tree ``SRC/{train,val}/<class>/<image>`` in ``out``.
+
+    The images are not copied: ``OUT/<split>`` links to ``SRC/<split>`` and the file lists name
+    them relative to ``OUT``. Arrays (``arrays=True``; all images one size, or ``array_size``
+    to resize to a square) and a .beton (``beton=True``; images shrunk so the longer side is at
+    most ``max_side``, re-encoded at ``quality``) are optional."""
+    _positive("max_side", max_side)
+    _positive("array_size", array_size)
+    _positive("quality", quality, 1, 100)
+    workers = _workers(workers)
+    if beton and not ffcv_available():
+        raise DataError("--beton needs ffcv: pip install --no-build-isolation ffcv==1.0.2")
+    out = os.path.abspath(out)
+    _check_disjoint(src, out)
+    listing = scan_tree(src)
+    with OutputDir(out, verify=verify, log=log) as target:
+        target.ensure(_classes_artifact(listing.classes))
+        for split, part in listing.splits.items():
+            labels = np.asarray(part.labels, dtype=np.int64)
+            split_dir = os.path.realpath(os.path.join(listing.root, split))
+            source = {"dataset": "tree", "split": split, "src": split_dir,
+                      "fingerprint": part.fingerprint, "samples": len(labels),
+                      "classes": list(listing.classes)}
+            paths = [os.path.join(split_dir, rel) for rel in part.relpaths]
+            if part.ignored:
+                log(f"note: {part.ignored} non-image file(s) under {split_dir} ignored")
+            rel = artifact_paths(out, split)
+            n = len(labels)
+            target.ensure(Artifact(f"{split}.images", rel["images"], source,
+                                   _build(lambda p: os.symlink(split_dir, p), n)))
+            target.ensure(Artifact(
+                f"{split}.files", rel["files"], source,
+                _build(lambda p: write_file_list(p, [f"{split}/{r}" for r in part.relpaths],
+                                                 labels), n)))
+            array_recipe = {**source, "size": array_size}
+            if arrays:
+                target.ensure(Artifact(
+                    f"{split}.arrays", rel["arrays"], array_recipe,
+                    _build(lambda p: write_arrays(p, _tree_arrays(paths, array_size, workers),
+                                                  labels), n),
+                    check_arrays))
+            else:
+                target.discard(f"{split}.arrays", rel["arrays"], array_recipe)
+            beton_recipe = {**source, "quality": quality, "max_side": max_side,
+                            "write_mode": "jpg"}
+            if beton:
+                target.ensure(_beton_step(
+                    f"{split}.beton", rel["beton"], beton_recipe, n,
+                    lambda: _FileSource(paths, labels), quality, max_side, workers, _LARGE_PAGE))
+            else:
+                target.discard(f"{split}.beton", rel["beton"], beton_recipe)
+    return _result(out, list(listing.splits))

@@ -1,0 +1,90 @@
+"""Scanning a user's ImageNet-style class-folder tree: ``SRC/<split>/<class>/<image>``.
+
+Labels come from the sorted class folder names of the first split found (``train`` normally), so
+the same tree always gives the same labels; every other split must use a subset of those classes.
+Files within a class are sorted by name, which fixes the dataset index of every image.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Dict, List, Sequence, Tuple
+
+from .errors import DataError
+
+__all__ = ["IMAGE_EXTENSIONS", "TREE_SPLITS", "SplitListing", "TreeListing", "scan_tree"]
+
+#: Formats both pillow and DALI's decoder read; anything else in a class folder is ignored.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+                    ".pnm")
+TREE_SPLITS = ("train", "val")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitListing:
+    """One split of the tree in dataset-index order."""
+
+    split: str
+    relpaths: Tuple[str, ...]  # relative to SRC/<split>, e.g. "dog/001.jpg"
+    labels: Tuple[int, ...]
+    fingerprint: str  # changes when any listed file is added, removed, resized or touched
+    ignored: int  # files in class folders that are not images
+
+
+@dataclasses.dataclass(frozen=True)
+class TreeListing:
+    root: str
+    classes: Tuple[str, ...]
+    splits: Dict[str, SplitListing]
+
+
+def _class_dirs(split_dir: str) -> List[str]:
+    return sorted(e.name for e in os.scandir(split_dir)
+                  if e.is_dir() and not e.name.startswith("."))
+
+
+def _scan_split(root: str, split: str, classes: Sequence[str], class_split: str) -> SplitListing:
+    split_dir = os.path.join(root, split)
+    index = {name: i for i, name in enumerate(classes)}
+    relpaths, labels, digest, ignored = [], [], hashlib.sha256(), 0
+    for name in _class_dirs(split_dir):
+        if name not in index:
+            raise DataError(f"{os.path.join(split_dir, name)}: class {name!r} is not among the "
+                            f"classes of {os.path.join(root, class_split)} "
+                            f"({len(classes)} classes); every split must use the same classes")
+        entries = sorted((e for e in os.scandir(os.path.join(split_dir, name))
+                          if not e.name.startswith(".")), key=lambda e: e.name)
+        for entry in entries:
+            if not entry.name.lower().endswith(IMAGE_EXTENSIONS) or not entry.is_file():
+                ignored += 1
+                continue
+            if "\n" in entry.name or "\r" in entry.name:
+                raise DataError(f"{entry.path}: a line break in a file name cannot be written to "
+                                "a file list; rename the file")
+            rel = f"{name}/{entry.name}"
+            st = entry.stat()
+            relpaths.append(rel)
+            labels.append(index[name])
+            digest.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    if not relpaths:
+        raise DataError(f"{split_dir}: no images (extensions {', '.join(IMAGE_EXTENSIONS)}) in "
+                        "its class folders")
+    return SplitListing(split, tuple(relpaths), tuple(labels), digest.hexdigest(), ignored)
+
+
+def scan_tree(root: str) -> TreeListing:
+    """List every image of ``root``'s splits; a clear error for anything that is not a tree."""
+    root = os.path.abspath(root)
+    if not os.path.isdir(root):
+        raise DataError(f"source tree {root} does not exist or is not a directory")
+    present = [s for s in TREE_SPLITS if os.path.isdir(os.path.join(root, s))]
+    if not present:
+        raise DataError(f"{root}: no split folders; expected {' and/or '.join(TREE_SPLITS)}/ "
+                        "each holding one folder per class (ImageNet layout)")
+    classes = tuple(_class_dirs(os.path.join(root, present[0])))
+    if not classes:
+        raise DataError(f"{os.path.join(root, present[0])}: no class folders; expected "
+                        f"{present[0]}/<class>/<image> (ImageNet layout)")
+    splits = {s: _scan_split(root, s, classes, present[0]) for s in present}
+    return TreeListing(root, classes, splits)
