@@ -188,9 +188,22 @@ class SelectionCore:
                 self._fold_through(epoch)
 
     def _fold_through(self, epoch: int) -> None:
+        folded = sorted(e for e in self._pending if e <= epoch)
+        if not folded:  # nothing to fold: only the committed epoch moves
+            previous = self._ledger.committed_epoch
+            self._ledger.committed_epoch = epoch
+            try:
+                if self._store is not None:
+                    self._store.write_ledger(self._ledger)
+                    self._store.wal.drop_through(epoch)
+            except BaseException:
+                self._ledger.committed_epoch = previous
+                raise
+            self._counters["commits"] += 1
+            self._evict_finished_plans(epoch)
+            return
         # Work on a copy so that a failure (disk full while saving) leaves memory as it was.
         ledger = _copy_ledger(self._ledger)
-        folded = sorted(e for e in self._pending if e <= epoch)
         for e in folded:
             chunks = self._pending[e]
             ids = np.concatenate([c[0] for c in chunks]) if len(chunks) > 1 else chunks[0][0]
@@ -204,7 +217,10 @@ class SelectionCore:
         for e in folded:
             del self._pending[e]
         self._counters["commits"] += 1
-        for e in [e for e in self._plans if e < epoch]:  # finished epochs' plans
+        self._evict_finished_plans(epoch)
+
+    def _evict_finished_plans(self, committed: int) -> None:
+        for e in [e for e in self._plans if e < committed]:  # finished epochs' plans
             if len(self._plans) > 1:
                 del self._plans[e]
 

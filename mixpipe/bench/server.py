@@ -1,0 +1,280 @@
+"""``mixpipe bench server``: how fast the selection server plans and ingests, and its memory.
+
+For each dataset size N it measures, side by side in one run:
+
+* ledger memory per sample (ledger bytes / N);
+* plan time: the policy alone (``make_plan`` on a snapshot, validation included) and a cold
+  ``service.plan(e)`` (snapshot + policy), then a cached repeat and a shard for rank 3 of 8;
+* commit time of one epoch's N losses (not a target; it runs once per epoch);
+* report ingest in-process, crash-safe logging on and off, in reports of ``--chunk`` losses;
+* report ingest over loopback ZeroMQ into a ``mixpipe serve`` process (logging on) from 1, 2
+  and 8 concurrent client processes, each sending its share of max(N, ``--min-volume``) losses;
+  all clients connect first, then start on one signal; throughput is all losses over the time
+  from the first client's start to the last one's end.
+
+The plan is the ``mixtrain`` policy when it is installed (else ``none``) on a ledger in which
+every sample has a loss, past the warm-up, so the policy does its full work.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from typing import Any, Dict, List
+
+import numpy as np
+
+from .common import machine_info, write_json
+
+__all__ = ["add_arguments", "run"]
+
+TARGETS = {"plan_1.28M_s": 0.2, "plan_10M_s": 2.0, "ingest_inprocess_losses_per_s": 20e6,
+           "ingest_loopback_8_clients_losses_per_s": 2e6, "bytes_per_sample": 24}
+
+_CLIENT = textwrap.dedent("""
+    import sys, time, numpy as np
+    from mixpipe.server import connect
+    url, epoch, rank, world, n, volume, chunk = sys.argv[1:8]
+    epoch, rank, world, n, volume, chunk = map(int, (epoch, rank, world, n, volume, chunk))
+    ids = np.arange(rank, volume, world, dtype=np.int64) % n
+    losses = np.random.default_rng(rank).random(ids.size).astype(np.float32)
+    client = connect(url, timeout=60, retries=0)
+    client.hello()  # connected before the clock starts
+    print("ready", flush=True)
+    sys.stdin.readline()  # all clients start together
+    t0 = time.time()
+    for lo in range(0, ids.size, chunk):
+        client.report(epoch, ids[lo:lo + chunk], losses[lo:lo + chunk], rank=rank)
+    t1 = time.time()
+    print(t0, t1, ids.size, flush=True)
+""")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="small sizes, fewer repeats")
+    parser.add_argument("--sizes", type=str, default=None,
+                        help="comma-separated dataset sizes (default 50000,1280000,10000000; "
+                             "quick: 50000,200000)")
+    parser.add_argument("--clients", type=str, default="1,2,8", help="loopback client counts")
+    parser.add_argument("--chunk", type=int, default=65536, help="losses per report call")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per measurement "
+                                                                  "(default 5; quick 3)")
+    parser.add_argument("--policy", default=None, help="policy to time (default mixtrain if "
+                                                       "available, else none)")
+    parser.add_argument("--min-volume", type=int, default=None,
+                        help="losses sent per loopback run at least (ids wrap around N), so "
+                             "that small N still measures steady throughput (default 4M; "
+                             "quick 1M)")
+    parser.add_argument("--no-network", action="store_true", help="skip the loopback runs")
+    parser.add_argument("--out", default="results/bench_server.json", help="JSON output path")
+
+
+def _policy_name(requested: Any) -> str:
+    from ..core.policies import POLICIES, _load_builtin
+
+    _load_builtin()
+    if requested:
+        return requested
+    return "mixtrain" if "mixtrain" in POLICIES else "none"
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _bench_plan(n: int, policy: str, repeats: int, state_root: str) -> Dict[str, Any]:
+    from ..core.policies import make_plan
+    from ..server import InProcessService
+
+    rng = np.random.default_rng(0)
+    svc = InProcessService(n, policy, seed=1)
+    ids = np.arange(n, dtype=np.int64)
+    for epoch in (0, 1):  # every sample seen, past a one-epoch warm-up
+        svc.report(epoch, ids, rng.gamma(2.0, 0.5, n).astype(np.float32))
+    start = time.perf_counter()
+    svc.commit(1)
+    commit_s = (time.perf_counter() - start) / 2  # two epochs folded
+    snapshot = svc._ledger.snapshot()
+    policy_s = _median_time(lambda: make_plan(snapshot, svc.settings, 1, 2), repeats)
+    cold = []
+    for e in range(repeats):  # a fresh epoch each time: nothing cached
+        start = time.perf_counter()
+        plan = svc.plan(2 + e)
+        cold.append(time.perf_counter() - start)
+    cached_s = _median_time(lambda: svc.plan(2 + repeats - 1), repeats)
+    shard_s = _median_time(lambda: svc.plan(2 + repeats - 1, 3, 8), repeats)
+    return {"policy": policy, "bytes_per_sample": svc._ledger.nbytes / n,
+            "commit_s_per_epoch": commit_s, "plan_policy_s": policy_s,
+            "plan_service_cold_s": statistics.median(cold), "plan_cached_s": cached_s,
+            "plan_shard_8_s": shard_s, "plan_slots": plan.num_slots,
+            "plan_speedup_bound": plan.speedup_bound}
+
+
+def _bench_ingest_inprocess(n: int, chunk: int, repeats: int, state_root: str) -> Dict[str, Any]:
+    from ..server import InProcessService
+
+    rng = np.random.default_rng(1)
+    ids = rng.permutation(n).astype(np.int64)
+    losses = rng.random(n).astype(np.float32)
+    out = {}
+    for logged in (True, False):
+        state_dir = tempfile.mkdtemp(dir=state_root) if logged else None
+        svc = InProcessService(n, "none", state_dir=state_dir)
+        rates = []
+        for epoch in range(repeats):
+            start = time.perf_counter()
+            for lo in range(0, n, chunk):
+                svc.report(epoch, ids[lo:lo + chunk], losses[lo:lo + chunk])
+            rates.append(n / (time.perf_counter() - start))
+            svc.commit(epoch)  # not timed: keeps pending memory bounded
+        svc.close()
+        if state_dir:
+            shutil.rmtree(state_dir, ignore_errors=True)
+        out["ingest_inprocess_logged" if logged else "ingest_inprocess_unlogged"] = \
+            statistics.median(rates)
+    return out
+
+
+def _start_server(n: int, state_dir: str) -> tuple:
+    proc = subprocess.Popen([sys.executable, "-m", "mixpipe", "serve", "--num-samples", str(n),
+                             "--state-dir", state_dir, "--bind", "tcp://127.0.0.1:*",
+                             "--policy", "none", "--log-level", "WARNING"],
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    if "listening on" not in line:
+        proc.kill()
+        raise RuntimeError(f"mixpipe serve did not start: {line!r}")
+    return proc, line.split("listening on ")[1].split()[0]
+
+
+def _bench_loopback(n: int, clients: List[int], chunk: int, repeats: int, volume: int,
+                    state_root: str) -> Dict[str, Any]:
+    from ..server import connect
+
+    state_dir = tempfile.mkdtemp(dir=state_root)
+    proc, url = _start_server(n, state_dir)
+    out: Dict[str, Any] = {}
+    epoch = 0
+    try:
+        admin = connect(url, timeout=120, retries=0)
+        for c in clients:
+            rates = []
+            for _ in range(repeats):
+                procs = [subprocess.Popen([sys.executable, "-c", _CLIENT, url, str(epoch),
+                                           str(r), str(c), str(n), str(volume), str(chunk)],
+                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          text=True)
+                         for r in range(c)]
+                for p in procs:  # every client connected and warmed up
+                    if p.stdout.readline().strip() != "ready":
+                        raise RuntimeError("a benchmark client failed to start")
+                for p in procs:
+                    p.stdin.write("go\n")
+                    p.stdin.flush()
+                spans = [p.communicate(timeout=600)[0].split() for p in procs]
+                if any(p.returncode for p in procs):
+                    raise RuntimeError("a benchmark client failed")
+                t0 = min(float(s[0]) for s in spans)
+                t1 = max(float(s[1]) for s in spans)
+                total = sum(int(s[2]) for s in spans)
+                rates.append(total / (t1 - t0))
+                admin.commit(epoch)
+                epoch += 1
+            out[f"ingest_loopback_{c}_clients"] = statistics.median(rates)
+        admin.close()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        shutil.rmtree(state_dir, ignore_errors=True)
+    return out
+
+
+def _fmt_rate(v: Any) -> str:
+    return "-" if v is None else f"{v / 1e6:.1f}M/s"
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    quick = args.quick
+    sizes = [int(s) for s in (args.sizes or ("50000,200000" if quick else
+                                             "50000,1280000,10000000")).split(",")]
+    clients = [int(c) for c in args.clients.split(",")]
+    repeats = args.repeats or (3 if quick else 5)
+    policy = _policy_name(args.policy)
+    args.min_volume = args.min_volume or (1_000_000 if quick else 4_000_000)
+    state_root = tempfile.mkdtemp(prefix="mixpipe-bench-server-")
+    settings = {"quick": quick, "sizes": sizes, "clients": clients, "chunk": args.chunk,
+                "repeats": repeats, "policy": policy,
+                "loopback_min_volume": args.min_volume, "network": not args.no_network,
+                "state_dir_filesystem": state_root, "logging": "write-ahead log, no fsync"}
+    rows = []
+    steps = tqdm(total=len(sizes) * (2 if args.no_network else 3), desc="bench server",
+                 unit="step")
+    try:
+        for n in sizes:
+            row: Dict[str, Any] = {"num_samples": n}
+            row.update(_bench_plan(n, policy, repeats, state_root))
+            steps.update()
+            row.update(_bench_ingest_inprocess(n, args.chunk, repeats, state_root))
+            steps.update()
+            if not args.no_network:
+                row.update(_bench_loopback(n, clients, args.chunk, repeats,
+                                           max(n, args.min_volume), state_root))
+                steps.update()
+            rows.append(row)
+    finally:
+        steps.close()
+        shutil.rmtree(state_root, ignore_errors=True)
+
+    by_n = {r["num_samples"]: r for r in rows}
+    checks = {"bytes_per_sample": all(r["bytes_per_sample"] <= TARGETS["bytes_per_sample"]
+                                      for r in rows)}
+    if 1_280_000 in by_n:
+        checks["plan_1.28M"] = by_n[1_280_000]["plan_service_cold_s"] <= TARGETS["plan_1.28M_s"]
+    if 10_000_000 in by_n:
+        checks["plan_10M"] = by_n[10_000_000]["plan_service_cold_s"] <= TARGETS["plan_10M_s"]
+    checks["ingest_inprocess"] = all(r["ingest_inprocess_logged"] >=
+                                     TARGETS["ingest_inprocess_losses_per_s"] for r in rows)
+    if not args.no_network and 8 in clients:
+        checks["ingest_loopback_8"] = all(r["ingest_loopback_8_clients"] >=
+                                          TARGETS["ingest_loopback_8_clients_losses_per_s"]
+                                          for r in rows)
+    payload = {"benchmark": "server", "machine": machine_info(), "settings": settings,
+               "targets": TARGETS, "meets_targets": checks, "results": rows,
+               "note": "medians over repeats; plan times are wall-clock on one process "
+                       "(numpy single-threaded); clients and server share the machine's cores"}
+    write_json(args.out, payload)
+
+    head = ["N", "B/sample", "plan policy", "plan cold", "cached", "shard/8", "commit",
+            "in-proc log", "in-proc nolog"] + \
+        ([f"loop {c}cl" for c in clients] if not args.no_network else [])
+    lines = [head]
+    for r in rows:
+        lines.append([f"{r['num_samples']:,}", f"{r['bytes_per_sample']:.0f}",
+                      f"{r['plan_policy_s']:.3f}s", f"{r['plan_service_cold_s']:.3f}s",
+                      f"{r['plan_cached_s'] * 1e3:.1f}ms", f"{r['plan_shard_8_s'] * 1e3:.1f}ms",
+                      f"{r['commit_s_per_epoch']:.3f}s",
+                      _fmt_rate(r["ingest_inprocess_logged"]),
+                      _fmt_rate(r["ingest_inprocess_unlogged"])] +
+                     ([_fmt_rate(r.get(f"ingest_loopback_{c}_clients")) for c in clients]
+                      if not args.no_network else []))
+    widths = [max(len(str(row[i])) for row in lines) for i in range(len(head))]
+    print(f"\nmixpipe bench server (policy {policy}, reports of {args.chunk} losses, "
+          f"median of {repeats})")
+    for row in lines:
+        print("  ".join(str(v).rjust(w) for v, w in zip(row, widths)))
+    print("targets met: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in checks.items()))
+    print(f"wrote {args.out}")
+    return 0
