@@ -22,7 +22,7 @@ import numpy as np
 from . import fashion_mnist as fm
 from .artifacts import Artifact, OutputDir
 from .errors import DataError
-from .tree import scan_tree
+from .tree import SplitListing, scan_tree
 from .writers import (check_arrays, check_beton, ffcv_available, iter_chunks, load_rgb,
                       parallel_map, write_arrays, write_beton, write_file_list, write_jpegs)
 
@@ -116,6 +116,41 @@ def _beton_step(name: str, relpath: str, recipe: Dict[str, Any], samples: int,
     return Artifact(name, relpath, recipe, build, check_beton)
 
 
+def _optional(target: OutputDir, wanted: bool, art: Artifact) -> None:
+    """Build a requested artifact; drop an unrequested one only if it went stale."""
+    if wanted:
+        target.ensure(art)
+    else:
+        target.discard(art.name, art.relpath, art.recipe)
+
+
+def _fashion_split(target: OutputDir, src: str, split: str, labels: np.ndarray,
+                   source: Dict[str, Any], quality: int, beton: bool, workers: int) -> None:
+    n = len(labels)
+    cache: Dict[str, np.ndarray] = {}
+
+    def rgb() -> np.ndarray:
+        """The padded RGB images, read from the IDX file only if some artifact needs them."""
+        if "rgb" not in cache:
+            cache["rgb"] = fm.pad_to_rgb(fm.load_split(src, split, n)[0])
+        return cache["rgb"]
+
+    names = [f"{fm.CLASSES[label]}/{i:06d}.jpg" for i, label in enumerate(labels)]
+    rel = artifact_paths(target.root, split)
+    target.ensure(Artifact(
+        f"{split}.images", rel["images"], {**source, "quality": quality, "pad": fm.PAD},
+        _build(lambda p: write_jpegs(p, rgb(), names, quality, workers), n)))
+    target.ensure(Artifact(
+        f"{split}.files", rel["files"], source,
+        _build(lambda p: write_file_list(p, [f"{split}/{x}" for x in names], labels), n)))
+    target.ensure(Artifact(
+        f"{split}.arrays", rel["arrays"], source,
+        _build(lambda p: write_arrays(p, rgb(), labels), n), check_arrays))
+    _optional(target, beton, _beton_step(
+        f"{split}.beton", rel["beton"], {**source, "quality": quality, "write_mode": "jpg"}, n,
+        lambda: _ArraySource(rgb(), labels), quality, None, workers, _SMALL_PAGE))
+
+
 def prepare_fashion_mnist(out: str, limit: Optional[int] = None, beton: bool = True,
                           quality: int = 95, *, src: str = fm.DEFAULT_ROOT,
                           val_limit: Optional[int] = None, workers: Optional[int] = None,
@@ -148,36 +183,7 @@ def prepare_fashion_mnist(out: str, limit: Optional[int] = None, beton: bool = T
         target.ensure(_classes_artifact(fm.CLASSES))
         for split in splits:
             labels, source = sources[split]
-            n = len(labels)
-            cache: Dict[str, np.ndarray] = {}
-
-            def rgb() -> np.ndarray:
-                if "rgb" not in cache:
-                    images, _ = fm.load_split(src, split, n)
-                    cache["rgb"] = fm.pad_to_rgb(images)
-                return cache["rgb"]
-
-            names = [f"{fm.CLASSES[label]}/{i:06d}.jpg" for i, label in enumerate(labels)]
-            rel = artifact_paths(out, split)
-            # Each artifact is built (if at all) before the loop moves on, so the closures
-            # below see this iteration's values.
-            target.ensure(Artifact(
-                f"{split}.images", rel["images"], {**source, "quality": quality, "pad": fm.PAD},
-                _build(lambda p: write_jpegs(p, rgb(), names, quality, workers), n)))
-            target.ensure(Artifact(
-                f"{split}.files", rel["files"], source,
-                _build(lambda p: write_file_list(p, [f"{split}/{x}" for x in names], labels), n)))
-            target.ensure(Artifact(
-                f"{split}.arrays", rel["arrays"], source,
-                _build(lambda p: write_arrays(p, rgb(), labels), n), check_arrays))
-            beton_recipe = {**source, "quality": quality, "write_mode": "jpg"}
-            if want_beton:
-                target.ensure(_beton_step(
-                    f"{split}.beton", rel["beton"], beton_recipe, n,
-                    lambda: _ArraySource(rgb(), labels), quality, None, workers, _SMALL_PAGE))
-            else:
-                target.discard(f"{split}.beton", rel["beton"], beton_recipe)
-            cache.clear()
+            _fashion_split(target, src, split, labels, source, quality, want_beton, workers)
     return _result(out, splits)
 
 
@@ -208,6 +214,33 @@ def _check_disjoint(src: str, out: str) -> None:
                         "the output must be a separate directory")
 
 
+def _tree_split(target: OutputDir, root: str, classes: Sequence[str], part: SplitListing, *,
+                beton: bool, max_side: Optional[int], quality: int, arrays: bool,
+                array_size: Optional[int], workers: int) -> None:
+    split = part.split
+    labels = np.asarray(part.labels, dtype=np.int64)
+    n = len(labels)
+    split_dir = os.path.realpath(os.path.join(root, split))
+    source = {"dataset": "tree", "split": split, "src": split_dir,
+              "fingerprint": part.fingerprint, "samples": n, "classes": list(classes)}
+    paths = [os.path.join(split_dir, r) for r in part.relpaths]
+    rel = artifact_paths(target.root, split)
+    target.ensure(Artifact(f"{split}.images", rel["images"], source,
+                           _build(lambda p: os.symlink(split_dir, p), n)))
+    target.ensure(Artifact(
+        f"{split}.files", rel["files"], source,
+        _build(lambda p: write_file_list(p, [f"{split}/{r}" for r in part.relpaths], labels),
+               n)))
+    _optional(target, arrays, Artifact(
+        f"{split}.arrays", rel["arrays"], {**source, "size": array_size},
+        _build(lambda p: write_arrays(p, _tree_arrays(paths, array_size, workers), labels), n),
+        check_arrays))
+    _optional(target, beton, _beton_step(
+        f"{split}.beton", rel["beton"],
+        {**source, "quality": quality, "max_side": max_side, "write_mode": "jpg"}, n,
+        lambda: _FileSource(paths, labels), quality, max_side, workers, _LARGE_PAGE))
+
+
 def prepare_tree(src: str, out: str, *, beton: bool = False, max_side: Optional[int] = None,
                  quality: int = 95, arrays: bool = False, array_size: Optional[int] = None,
                  workers: Optional[int] = None, verify: bool = False,
@@ -222,6 +255,10 @@ def prepare_tree(src: str, out: str, *, beton: bool = False, max_side: Optional[
     _positive("array_size", array_size)
     _positive("quality", quality, 1, 100)
     workers = _workers(workers)
+    if max_side is not None and not beton:
+        raise DataError("max_side (--max-side) only applies to the .beton; add --beton")
+    if array_size is not None and not arrays:
+        raise DataError("array_size (--array-size) only applies to arrays; add --arrays")
     if beton and not ffcv_available():
         raise DataError("--beton needs ffcv: pip install --no-build-isolation ffcv==1.0.2")
     out = os.path.abspath(out)
@@ -230,37 +267,10 @@ def prepare_tree(src: str, out: str, *, beton: bool = False, max_side: Optional[
     with OutputDir(out, verify=verify, log=log) as target:
         target.ensure(_classes_artifact(listing.classes))
         for split, part in listing.splits.items():
-            labels = np.asarray(part.labels, dtype=np.int64)
-            split_dir = os.path.realpath(os.path.join(listing.root, split))
-            source = {"dataset": "tree", "split": split, "src": split_dir,
-                      "fingerprint": part.fingerprint, "samples": len(labels),
-                      "classes": list(listing.classes)}
-            paths = [os.path.join(split_dir, rel) for rel in part.relpaths]
             if part.ignored:
-                log(f"note: {part.ignored} non-image file(s) under {split_dir} ignored")
-            rel = artifact_paths(out, split)
-            n = len(labels)
-            target.ensure(Artifact(f"{split}.images", rel["images"], source,
-                                   _build(lambda p: os.symlink(split_dir, p), n)))
-            target.ensure(Artifact(
-                f"{split}.files", rel["files"], source,
-                _build(lambda p: write_file_list(p, [f"{split}/{r}" for r in part.relpaths],
-                                                 labels), n)))
-            array_recipe = {**source, "size": array_size}
-            if arrays:
-                target.ensure(Artifact(
-                    f"{split}.arrays", rel["arrays"], array_recipe,
-                    _build(lambda p: write_arrays(p, _tree_arrays(paths, array_size, workers),
-                                                  labels), n),
-                    check_arrays))
-            else:
-                target.discard(f"{split}.arrays", rel["arrays"], array_recipe)
-            beton_recipe = {**source, "quality": quality, "max_side": max_side,
-                            "write_mode": "jpg"}
-            if beton:
-                target.ensure(_beton_step(
-                    f"{split}.beton", rel["beton"], beton_recipe, n,
-                    lambda: _FileSource(paths, labels), quality, max_side, workers, _LARGE_PAGE))
-            else:
-                target.discard(f"{split}.beton", rel["beton"], beton_recipe)
+                log(f"note: {part.ignored} non-image file(s) under {listing.root}/{split} "
+                    "ignored")
+            _tree_split(target, listing.root, listing.classes, part, beton=beton,
+                        max_side=max_side, quality=quality, arrays=arrays,
+                        array_size=array_size, workers=workers)
     return _result(out, list(listing.splits))
