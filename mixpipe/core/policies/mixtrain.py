@@ -1,0 +1,195 @@
+"""MixTrain: mix the samples that teach least on their own, weighted towards the harder one.
+
+A composite costs one forward pass but carries K samples, so every mixed group of K saves K - 1
+forward passes. Samples with a low loss are already learned; putting them into composites buys the
+speed-up where it costs the least accuracy, while the hard samples (and any sample the trainer has
+not reported yet) stay single. Inside a composite the harder constituent gets the larger share,
+``w_a = l_a^g / (l_a^g + l_b^g)``, clipped to ``[w_min, 1 - w_min]`` and snapped to the grid of
+stride cells the network can pool separately.
+
+Schedules for the mixed fraction ``f`` of the dataset (``schedule``):
+
+* ``constant``: ``f = fraction``.
+* ``ramp``: linear from ``fraction_start`` (first epoch after warm-up) to ``fraction`` over
+  ``ramp_epochs`` epochs, then constant.
+* ``speedup``: ``f`` set so that the epoch needs ``1 / speedup`` as many forward passes: with
+  groups of K, ``slots = N (1 - f (K - 1) / K)``, so ``f = (1 - 1 / speedup) K / (K - 1)``.
+
+The fraction counts samples of the whole dataset (so the promised speed-up is a speed-up of the
+epoch); when fewer samples have been seen, all seen ones may be mixed and no more. Leftovers that
+do not fill a group stay single.
+
+``grid_cells`` is the composite's width in stride cells: the default 7 is a 224 px input at total
+stride 32 (ResNet, MobileNetV2); use 4 for 32 px inputs at stride 8 (small-image ResNets). With an
+odd number of cells an even split is impossible, so equal losses give shares 4/7 and 3/7.
+
+Example::
+
+    >>> from mixpipe.core.ledger import Ledger
+    >>> from mixpipe.core.policies import make_plan
+    >>> ledger = Ledger(8)
+    >>> ledger.update(0, np.arange(8), np.linspace(0.1, 2.0, 8, dtype=np.float32))
+    >>> plan = make_plan(ledger.snapshot(), MixTrainSettings(fraction=0.5), seed=0, epoch=1)
+    >>> plan.num_slots, sorted(plan.ids[plan.counts == 2].ravel().tolist())
+    (6, [0, 1, 2, 3])
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+
+from ..ledger import LedgerSnapshot
+from ..plan import Layout, MixPlan
+from . import PolicySettings, register
+from ._common import (LAYOUTS, assemble, check_choice, check_float, check_int, group_weights,
+                      groups_for_fraction, resolve_group_size, slot_order)
+
+__all__ = ["MixTrainSettings", "plan_mixtrain", "mixing_fraction", "choose_lowest", "weigher",
+           "statistic", "seen_mask"]
+
+SCHEDULES = ("constant", "ramp", "speedup")
+STATISTICS = ("ema", "last")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixTrainSettings(PolicySettings):
+    """Settings of the mixtrain policy (see the module docstring for the rules).
+
+    Attributes:
+        warmup_epochs: epochs ``0 .. warmup_epochs - 1`` mix nothing (the ledger is empty or thin).
+        schedule: ``constant``, ``ramp`` or ``speedup``: how the mixed fraction is set per epoch.
+        fraction: the mixed fraction of the dataset (constant value, or the ramp's end).
+        fraction_start: the ramp's value in the first epoch after warm-up.
+        ramp_epochs: epochs the ramp takes to reach ``fraction``.
+        speedup: target forward-pass speed-up for ``schedule="speedup"``, in ``[1, group_size]``.
+        statistic: ``ema`` (smoothed, the default) or ``last`` loss to rank and weight samples.
+        gamma: sharpness of the loss-driven shares (0: equal shares).
+        w_min: no constituent gets less than this share; at most ``1 / group_size``.
+        layout: ``halves``, ``quads`` or ``blend`` (blend weights are not snapped).
+        group_size: constituents per composite; None picks the layout's own (2, 4, 2).
+        grid_cells: composite width in stride cells, for snapping spatial shares (>= 2).
+        epochs, final_full_epochs: with the run's length known, its last ``final_full_epochs``
+            epochs mix nothing.
+    """
+
+    name = "mixtrain"
+
+    warmup_epochs: int = 1
+    schedule: str = "constant"
+    fraction: float = 0.5
+    fraction_start: float = 0.0
+    ramp_epochs: int = 5
+    speedup: float = 1.25
+    statistic: str = "ema"
+    gamma: float = 1.0
+    w_min: float = 0.25
+    layout: str = "halves"
+    group_size: Optional[int] = None
+    grid_cells: int = 7
+    epochs: Optional[int] = None
+    final_full_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        resolve_group_size(self)
+        k = self.group_size
+        check_int(self, "warmup_epochs", 0)
+        check_choice(self, "schedule", SCHEDULES)
+        check_float(self, "fraction", 0.0, 1.0)
+        check_float(self, "fraction_start", 0.0, 1.0)
+        check_int(self, "ramp_epochs", 0)
+        check_float(self, "speedup", 1.0, float(k))
+        check_choice(self, "statistic", STATISTICS)
+        check_float(self, "gamma", 0.0, 64.0)
+        check_float(self, "w_min", 0.0, 1.0 / k)
+        check_int(self, "grid_cells", 2)
+        check_int(self, "epochs", 1, optional=True)
+        check_int(self, "final_full_epochs", 0)
+        if self.final_full_epochs and self.epochs is None:
+            raise ValueError("MixTrainSettings.final_full_epochs needs MixTrainSettings.epochs "
+                             "(the run's length) to be set")
+        if self.epochs is not None and self.final_full_epochs > self.epochs:
+            raise ValueError(f"MixTrainSettings.final_full_epochs must lie in [0, epochs="
+                             f"{self.epochs}], got {self.final_full_epochs}")
+
+    @property
+    def layout_code(self) -> Layout:
+        return LAYOUTS[self.layout][0]
+
+
+def mixing_fraction(settings: MixTrainSettings, epoch: int) -> float:
+    """The fraction of the dataset the schedule puts into composites in ``epoch``."""
+    s = settings
+    if epoch < s.warmup_epochs:
+        return 0.0
+    if s.epochs is not None and epoch >= s.epochs - s.final_full_epochs:
+        return 0.0
+    if s.schedule == "constant":
+        return s.fraction
+    if s.schedule == "ramp":
+        done = 1.0 if s.ramp_epochs == 0 else min(1.0, (epoch - s.warmup_epochs) / s.ramp_epochs)
+        return s.fraction_start + (s.fraction - s.fraction_start) * done
+    k = s.group_size
+    return min(1.0, (1.0 - 1.0 / s.speedup) * k / (k - 1))
+
+
+def statistic(snapshot: LedgerSnapshot, name: str) -> np.ndarray:
+    """The per-sample loss a policy ranks by: the EMA or the last reported loss (float32[N])."""
+    return snapshot.ema if name == "ema" else snapshot.last_loss
+
+
+def seen_mask(snapshot: LedgerSnapshot, score: np.ndarray) -> np.ndarray:
+    """Samples with at least one reported (finite) loss: the only ones a policy may act on."""
+    return (snapshot.count > 0) & np.isfinite(score)
+
+
+def choose_lowest(score: np.ndarray, pool_mask: np.ndarray, base: int,
+                  settings: MixTrainSettings, epoch: int) -> Optional[np.ndarray]:
+    """bool[N]: the lowest-``score`` samples of the pool that the epoch's schedule mixes.
+
+    ``pool_mask`` marks the samples that may be mixed (seen, not skipped); ``base`` is the number
+    of samples the fraction counts against. None when nothing is mixed. Ties at the cut are
+    broken by ``np.argpartition`` (deterministic for a given numpy). Shared with ``shrink``.
+    """
+    k = settings.group_size
+    fraction = mixing_fraction(settings, epoch)
+    if fraction <= 0.0:
+        return None
+    available = int(np.count_nonzero(pool_mask))
+    groups = groups_for_fraction(fraction, base, k, available)
+    if groups == 0:
+        return None
+    n = groups * k
+    if n == available:
+        return pool_mask.copy()
+    mask = np.zeros(score.shape[0], dtype=bool)
+    if available == score.shape[0]:
+        mask[np.argpartition(score, n - 1)[:n]] = True
+    else:
+        pool = np.flatnonzero(pool_mask)
+        mask[pool[np.argpartition(score[pool], n - 1)[:n]]] = True
+    return mask
+
+
+def weigher(score: np.ndarray, settings: MixTrainSettings):
+    """``groups -> (groups, weights)`` with the loss-driven, clipped and snapped shares."""
+    s = settings
+
+    def weigh(groups: np.ndarray) -> tuple:
+        return group_weights(groups, score[groups], s.gamma, s.w_min, s.layout_code,
+                             s.grid_cells)
+
+    return weigh
+
+
+@register(MixTrainSettings)
+def plan_mixtrain(snapshot: LedgerSnapshot, settings: MixTrainSettings, seed: int,
+                  epoch: int) -> MixPlan:
+    n = snapshot.num_samples
+    score = statistic(snapshot, settings.statistic)
+    chosen = choose_lowest(score, seen_mask(snapshot, score), n, settings, epoch)
+    order = slot_order(seed, epoch, n)
+    mixed = np.zeros(n, bool) if chosen is None else chosen[order]
+    return assemble(n, order, mixed, settings.group_size, settings.layout_code,
+                    weigher(score, settings), np.empty(0, np.int64), seed, epoch)

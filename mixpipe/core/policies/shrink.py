@@ -1,0 +1,146 @@
+"""Shrink: leave out some easy samples, unbiased, and optionally mix others (InfoBatch-style).
+
+Among the seen samples whose loss is below the mean, a random share ``prune_ratio`` is skipped
+for the epoch. The kept below-mean samples carry ``loss_scale = n / (n - k)`` (``n`` below the
+mean, ``k = floor(prune_ratio * n)`` skipped), so each below-mean sample's expected loss weight,
+P(kept) * scale = ((n - k) / n) * (n / (n - k)), is exactly 1: the expected gradient equals the
+full epoch's. With ``k`` a floor the scale is ``~1 / (1 - prune_ratio)`` and never undefined.
+Samples at or above the mean, and never-seen ones, are always kept with scale 1. In the last
+``anneal_epochs`` of a run of ``epochs`` nothing is skipped, as InfoBatch does, so the final
+epochs see the full data.
+
+With ``mix`` set, the remaining samples then go through the mixtrain rules: the lowest-loss ones
+among the kept seen samples are mixed, and the mix fraction (or speed-up) counts against the kept
+samples, so the epoch's forward passes are ``(N - skipped) / speedup``. A kept below-mean sample
+keeps its raised loss scale inside a composite.
+
+Example::
+
+    >>> from mixpipe.core.ledger import Ledger
+    >>> from mixpipe.core.policies import make_plan
+    >>> ledger = Ledger(8)
+    >>> ledger.update(0, np.arange(8), np.array([1, 1, 1, 1, 3, 3, 3, 3], np.float32))
+    >>> plan = make_plan(ledger.snapshot(), ShrinkSettings(prune_ratio=0.5), seed=0, epoch=1)
+    >>> plan.skipped.size, sorted(set(plan.loss_scale.ravel().tolist()))
+    (2, [1.0, 2.0])
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+from ..ledger import LedgerSnapshot
+from ..plan import MixPlan
+from . import PolicySettings, epoch_rng, register
+from ._common import STREAM_SKIP, assemble, check_choice, check_float, check_int, slot_order
+from .mixtrain import STATISTICS, MixTrainSettings, choose_lowest, seen_mask, statistic, weigher
+
+__all__ = ["ShrinkSettings", "plan_shrink", "skip_easy"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShrinkSettings(PolicySettings):
+    """Settings of the shrink policy.
+
+    Attributes:
+        prune_ratio: share of the below-mean-loss samples skipped each epoch, in [0, 1).
+        statistic: ``ema`` or ``last`` loss to compare with the mean.
+        epochs: the run's length (needed only for annealing).
+        anneal_epochs: the last ``anneal_epochs`` epochs skip nothing.
+        mix: mixtrain settings for the kept samples, or None for skipping only. A dict (as
+            ``to_dict`` writes it) is accepted and turned into :class:`MixTrainSettings`.
+    """
+
+    name = "shrink"
+
+    prune_ratio: float = 0.5
+    statistic: str = "ema"
+    epochs: Optional[int] = None
+    anneal_epochs: int = 0
+    mix: Optional[MixTrainSettings] = None
+
+    def __post_init__(self) -> None:
+        check_float(self, "prune_ratio", 0.0, 1.0, hi_open=True)
+        check_choice(self, "statistic", STATISTICS)
+        check_int(self, "epochs", 1, optional=True)
+        check_int(self, "anneal_epochs", 0)
+        if self.anneal_epochs and self.epochs is None:
+            raise ValueError("ShrinkSettings.anneal_epochs needs ShrinkSettings.epochs (the run's "
+                             "length) to be set")
+        if self.epochs is not None and self.anneal_epochs > self.epochs:
+            raise ValueError(f"ShrinkSettings.anneal_epochs must lie in [0, epochs="
+                             f"{self.epochs}], got {self.anneal_epochs}")
+        object.__setattr__(self, "mix", _mix_settings(self.mix))
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = super().to_dict()
+        d["mix"] = None if self.mix is None else self.mix.to_dict()
+        return d
+
+
+def _mix_settings(mix: Any) -> Optional[MixTrainSettings]:
+    if mix is None or isinstance(mix, MixTrainSettings):
+        return mix
+    if not isinstance(mix, dict):
+        raise ValueError(f"ShrinkSettings.mix must be MixTrainSettings, a dict of its fields or "
+                         f"None, got {type(mix).__name__}")
+    d = dict(mix)
+    policy = d.pop("policy", MixTrainSettings.name)
+    if policy != MixTrainSettings.name:
+        raise ValueError(f"ShrinkSettings.mix must hold {MixTrainSettings.name!r} settings, "
+                         f"got policy {policy!r}")
+    known = {f.name for f in dataclasses.fields(MixTrainSettings)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"ShrinkSettings.mix has no setting(s) {unknown}; known: {sorted(known)}")
+    return MixTrainSettings(**d)
+
+
+def _annealed(settings: ShrinkSettings, epoch: int) -> bool:
+    return settings.epochs is not None and epoch >= settings.epochs - settings.anneal_epochs
+
+
+def skip_easy(score: np.ndarray, seen: np.ndarray, settings: ShrinkSettings, seed: int,
+              epoch: int) -> tuple:
+    """(skip mask bool[N], per-sample loss scale float32[N] or None) for one epoch."""
+    n_all = score.shape[0]
+    skip = np.zeros(n_all, dtype=bool)
+    if settings.prune_ratio == 0.0 or _annealed(settings, epoch) or not seen.any():
+        return skip, None
+    seen_ids = np.flatnonzero(seen)
+    seen_score = score[seen_ids]
+    below = seen_ids[seen_score < seen_score.mean(dtype=np.float64)]
+    n = below.size
+    k = int(math.floor(settings.prune_ratio * n))
+    if k == 0:
+        return skip, None
+    epoch_rng(seed, epoch, STREAM_SKIP).shuffle(below)
+    skip[below[:k]] = True
+    scale = np.ones(n_all, dtype=np.float32)
+    scale[below[k:]] = np.float32(n / (n - k))
+    return skip, scale
+
+
+@register(ShrinkSettings)
+def plan_shrink(snapshot: LedgerSnapshot, settings: ShrinkSettings, seed: int,
+                epoch: int) -> MixPlan:
+    n = snapshot.num_samples
+    score = statistic(snapshot, settings.statistic)
+    skip, scale = skip_easy(score, seen_mask(snapshot, score), settings, seed, epoch)
+    skipped = np.flatnonzero(skip)
+    order = slot_order(seed, epoch, n)
+    if skipped.size:
+        order = order[~skip[order]]
+    mix = settings.mix
+    if mix is None:
+        return assemble(n, order, np.zeros(order.size, bool), 1, 0, None, skipped, seed, epoch,
+                        scale)
+    mix_score = statistic(snapshot, mix.statistic)
+    chosen = choose_lowest(mix_score, seen_mask(snapshot, mix_score) & ~skip, order.size, mix,
+                           epoch)
+    mixed = np.zeros(order.size, bool) if chosen is None else chosen[order]
+    return assemble(n, order, mixed, mix.group_size, mix.layout_code, weigher(mix_score, mix),
+                    skipped, seed, epoch, scale)
