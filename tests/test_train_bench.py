@@ -1,0 +1,65 @@
+"""The speed-up benchmark's bookkeeping: matched arms, seed-by-seed ratios, time to baseline."""
+import numpy as np
+import pytest
+
+from mixpipe.bench.speedup import SpeedupSettings, format_table, policy_settings, summarise, \
+    time_to_reach
+from mixpipe.core.ledger import Ledger
+from mixpipe.core.policies import make_plan
+
+
+def _history(policy, seed, seconds, inputs, top1):
+    epochs = [{"train_seconds": s, "forward_inputs": i, "top1": t, "data_wait_seconds": 0.1}
+              for s, i, t in zip(seconds, inputs, top1)]
+    return {"policy": policy, "seed": seed, "epochs": epochs, "train_seconds": sum(seconds),
+            "forward_inputs": sum(inputs), "final_top1": top1[-1]}
+
+
+def test_time_to_reach_counts_training_time_up_to_the_first_good_epoch():
+    h = _history("x", 0, [10, 20, 30], [5, 5, 5], [0.5, 0.8, 0.7])
+    assert time_to_reach(h, 0.8) == 30
+    assert time_to_reach(h, 0.5) == 10
+    assert time_to_reach(h, 0.9) is None
+
+
+def test_summary_ratios_are_taken_seed_by_seed():
+    s = SpeedupSettings(epochs=2, policies=("none", "mixtrain"), seeds=(0, 1))
+    runs = [_history("none", 0, [10, 10], [100, 100], [0.8, 0.9]),
+            _history("mixtrain", 0, [10, 5], [100, 50], [0.8, 0.88]),
+            _history("none", 1, [20, 20], [100, 100], [0.8, 0.9]),
+            _history("mixtrain", 1, [20, 20], [100, 100], [0.85, 0.92])]
+    summary = summarise(s, runs, num_samples=100)
+    mix = summary["mixtrain"]
+    assert mix["speedup"] == pytest.approx(np.mean([20 / 15, 40 / 40]))
+    assert mix["bound"] == pytest.approx(np.mean([200 / 150, 1.0]))
+    assert mix["bound_efficiency"] == pytest.approx(mix["speedup"] / mix["bound"])
+    assert mix["top1_delta_pts"] == pytest.approx(np.mean([-2.0, 2.0]))
+    assert mix["reached_baseline"] == 1  # seed 0 never reached 0.9, seed 1 did at 40 s
+    assert mix["time_to_baseline_top1"] == pytest.approx(40)
+    assert summary["none"]["speedup"] == pytest.approx(1.0)
+    table = format_table(s, summary)
+    assert "mixtrain" in table and "1.17x" in table
+
+
+def test_random_arm_gets_mixtrains_forward_inputs_over_the_run():
+    n, epochs = 1000, 6
+    s = SpeedupSettings(epochs=epochs, fraction=0.8, warmup_epochs=1, final_full_epochs=1)
+    ledger = Ledger(n)
+    ledger.update(0, np.arange(n), np.random.default_rng(0).random(n).astype(np.float32))
+    snap = ledger.snapshot()
+    total = {}
+    for arm in ("random", "mixtrain"):
+        settings = policy_settings(arm, s)
+        total[arm] = sum(make_plan(snap, settings, seed=0, epoch=e).num_slots
+                         for e in range(epochs))
+    assert total["mixtrain"] < n * epochs
+    assert abs(total["random"] - total["mixtrain"]) <= epochs  # rounding of the pair counts
+
+
+def test_settings_are_validated_with_the_field_named():
+    with pytest.raises(ValueError, match="policies"):
+        SpeedupSettings(policies=("none", "bogus"))
+    with pytest.raises(ValueError, match="fraction"):
+        SpeedupSettings(fraction=1.5)
+    with pytest.raises(ValueError, match="final_full_epochs"):
+        SpeedupSettings(epochs=3, warmup_epochs=1, final_full_epochs=3)
