@@ -30,7 +30,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.splitlines()[0]
+    parser.description = ("Write a dataset in the layout the mixpipe loaders read: a JPEG tree, "
+                          "file lists, arrays and FFCV .beton files. Re-running skips complete "
+                          "artifacts and rebuilds interrupted ones.")
     sources = parser.add_subparsers(dest="source", metavar="SOURCE")
     sources.required = True
     fm = sources.add_parser("fashion-mnist", help="Fashion-MNIST from the Debian package "
