@@ -231,9 +231,15 @@ def test_plan_is_the_policy_on_the_ledger_before_the_epoch_and_is_cached(policy)
     assert plan.equals(expected)
     assert svc.plan(2).equals(plan)
     assert svc.stats()["plans_computed"] == 1
-    # the returned plan is a copy: scribbling on it does not reach the cache
-    plan.ids[:] = -7
+    # callers cannot alter the cached plan: its arrays are read-only, its fields are their own
+    with pytest.raises(ValueError, match="read-only"):
+        plan.ids[:] = -7
+    plan.epoch = 99
+    plan.ids = plan.ids[::-1]
     assert svc.plan(2).equals(expected)
+    shard = svc.plan(2, 0, 2)
+    shard.ids[:] = -7  # a shard is a copy
+    assert svc.plan(2, 0, 2).equals(expected.shard(0, 2))
 
 
 @pytest.mark.parametrize("policy", _policies())
@@ -400,3 +406,12 @@ def test_concurrent_reporters_and_planners_lose_nothing():
     np.testing.assert_array_equal(got.count, (np.bincount(every_id, minlength=N) > 0))
     for i in np.flatnonzero(got.count)[:50]:  # the kept loss is one this id was reported with
         assert got.last_loss[i] in every_loss[every_id == i]
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import mixpipe.server.inprocess as module
+
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0

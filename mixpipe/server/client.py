@@ -11,6 +11,9 @@ When the server cannot be reached at all:
   would use for this seed and epoch, sharded like a server plan) and warns once per client:
   training goes on, unmixed. This needs ``num_samples``: pass it to :func:`connect`, or it is
   learned from the first successful call. Without it, ``plan()`` raises :class:`ServerUnavailable`.
+  Every rank that falls back gets its shard of the same no-mixing plan; if only some ranks lose
+  the server in one epoch, their shards and the server's overlap for that epoch (a sample may be
+  seen twice or not at all), which costs accuracy noise, never a crash.
 * ``report()``, ``commit()``, ``stats()`` and the state calls raise :class:`ServerUnavailable`
   (a ``ConnectionError``): losses are not queued here; the trainer decides whether to drop them,
   buffer them or stop.
@@ -166,6 +169,12 @@ class RemoteService:
     # ----------------------------------------------------------------------------- interface
     @property
     def num_samples(self) -> int:
+        """The dataset size: given to :func:`connect`, or asked of the server once.
+
+        If it was not given and the server is unreachable this raises
+        :class:`ServerUnavailable`, also from ``isinstance(client, SelectionService)`` on Python
+        < 3.12 (whose protocol check reads the attribute).
+        """
         if self._num_samples is None:
             self.hello()
         return int(self._num_samples)  # type: ignore[arg-type]

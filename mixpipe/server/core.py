@@ -15,7 +15,8 @@ Semantics (the contract every transport inherits):
   commits them first: **asking for epoch e's plan closes reporting for every earlier epoch.**
   This makes the plan a function of the sequence of calls alone, the same on every rank and after
   a restart. The global plan is computed once per epoch and cached; other ranks and repeated calls
-  cut their shard from the cached plan. A plan for an epoch that is already committed can only
+  cut their shard from the cached plan. The arrays of a returned global plan (world_size 1) are
+  the cache's own and read-only; shards are copies. A plan for an epoch that is already committed can only
   come from the cache (the ledger it was derived from is gone); otherwise it is refused.
 
 Thread-safe: one re-entrant lock serialises state changes. Validation of a report's arrays runs
@@ -237,7 +238,12 @@ class SelectionCore:
             plan = self._plans.get(epoch)
             if plan is None:
                 plan = self._compute_plan(epoch)
-        return plan.shard(rank, world_size)  # a copy: callers cannot alter the cached plan
+        if world_size == 1:
+            # a lookup: a new MixPlan over the cached arrays, which are read-only, so neither
+            # a field reassignment nor an in-place write can alter the cache
+            return MixPlan(plan.ids, plan.weights, plan.loss_scale, plan.layout, plan.skipped,
+                           plan.num_samples, plan.epoch, plan.seed)
+        return plan.shard(rank, world_size)  # fancy indexing: a copy
 
     def _compute_plan(self, epoch: int) -> MixPlan:
         committed = self._ledger.committed_epoch
@@ -251,6 +257,8 @@ class SelectionCore:
         plan = make_plan(self._ledger.snapshot(), self.settings, self.seed, epoch)
         self._counters["last_plan_seconds"] = time.perf_counter() - start
         self._counters["plans_computed"] += 1
+        for arr in (plan.ids, plan.weights, plan.loss_scale, plan.layout, plan.skipped):
+            arr.setflags(write=False)
         self._plans[epoch] = plan
         while len(self._plans) > self.plan_cache_size:
             del self._plans[min(self._plans)]

@@ -127,7 +127,7 @@ class SelectionServer:
             log.debug("reply dropped: %s", err)
 
     def _remember(self, client: str, request_id: int, reply: List[Any]) -> None:
-        # keep only the small header frame: a retry of a report needs no data back
+        # replies to state-changing ops are one small header frame: cheap to keep
         self._replies[client] = (request_id, reply)
         self._replies.move_to_end(client)
         while len(self._replies) > _REMEMBERED_CLIENTS:
