@@ -415,3 +415,48 @@ def test_docstring_examples_run():
 
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_reports_go_on_while_a_plan_is_computed_and_it_is_computed_once():
+    import dataclasses
+
+    from mixpipe.core.policies import PolicySettings, register
+    from mixpipe.core.policies.none import plan_none
+
+    entered, release = threading.Event(), threading.Event()
+
+    @dataclasses.dataclass(frozen=True)
+    class GatedSettings(PolicySettings):
+        name = "gated-test-policy"
+
+    def gated(snapshot, settings, seed, epoch):
+        entered.set()
+        assert release.wait(30)
+        return plan_none(snapshot, settings, seed, epoch)
+
+    register(GatedSettings)(gated)
+    try:
+        svc = InProcessService(N, GatedSettings(), seed=2)
+        svc.report(0, np.array([1]), np.array([0.5], np.float32))
+        results = []
+        planners = [threading.Thread(target=lambda: results.append(svc.plan(1)))
+                    for _ in range(3)]
+        planners[0].start()
+        assert entered.wait(30)
+        for t in planners[1:]:
+            t.start()
+        # the policy is running: epoch 0 is closed already, epoch 1 takes reports at once
+        with pytest.raises(ValueError, match="behind the committed epoch 0"):
+            svc.report(0, np.array([2]), np.array([0.5], np.float32))
+        svc.report(1, np.array([2]), np.array([0.5], np.float32))
+        assert svc.stats()["pending_losses"] == 1
+        release.set()
+        for t in planners:
+            t.join(30)
+        assert len(results) == 3 and all(p.equals(results[0]) for p in results)
+        assert svc.stats()["plans_computed"] == 1
+        reference = InProcessService(N, "none", seed=2)
+        reference.report(0, np.array([1]), np.array([0.5], np.float32))
+        assert results[0].equals(reference.plan(1))
+    finally:
+        del POLICIES[GatedSettings.name]

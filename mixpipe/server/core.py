@@ -20,7 +20,8 @@ Semantics (the contract every transport inherits):
   come from the cache (the ledger it was derived from is gone); otherwise it is refused.
 
 Thread-safe: one re-entrant lock serialises state changes. Validation of a report's arrays runs
-before the lock is taken, so concurrent reporters overlap their checks.
+before the lock is taken, so concurrent reporters overlap their checks, and a policy runs on a
+snapshot outside the lock, so reporting goes on while the next epoch's plan is computed.
 """
 from __future__ import annotations
 
@@ -112,6 +113,8 @@ class SelectionCore:
         self._ledger = Ledger(self.num_samples, ema_decay)
         self._pending: Dict[int, List[Tuple[np.ndarray, np.ndarray]]] = {}
         self._plans: "OrderedDict[int, MixPlan]" = OrderedDict()
+        self._inflight: Dict[int, threading.Event] = {}  # epochs whose plan is being computed
+        self._generation = 0  # bumped by load_state_dict: plans computed before are stale
         self._counters = {"reports_received": 0, "losses_received": 0, "reports_refused": 0,
                           "commits": 0, "plans_computed": 0, "plan_requests": 0,
                           "last_plan_seconds": None}
@@ -235,9 +238,7 @@ class SelectionCore:
                              f"world_size={world_size}")
         with self._lock:
             self._counters["plan_requests"] += 1
-            plan = self._plans.get(epoch)
-            if plan is None:
-                plan = self._compute_plan(epoch)
+        plan = self._global_plan(epoch)
         if world_size == 1:
             # a lookup: a new MixPlan over the cached arrays, which are read-only, so neither
             # a field reassignment nor an in-place write can alter the cache
@@ -245,24 +246,54 @@ class SelectionCore:
                            plan.num_samples, plan.epoch, plan.seed)
         return plan.shard(rank, world_size)  # fancy indexing: a copy
 
-    def _compute_plan(self, epoch: int) -> MixPlan:
-        committed = self._ledger.committed_epoch
-        if epoch <= committed:
-            raise ValueError(f"the plan for epoch {epoch} is not cached and cannot be rebuilt: "
-                             f"epoch {committed} is already committed, and a plan is derived "
-                             f"from the losses of the epochs before its own only")
-        if committed < epoch - 1:
-            self._fold_through(epoch - 1)  # closes reporting for the earlier epochs
-        start = time.perf_counter()
-        plan = make_plan(self._ledger.snapshot(), self.settings, self.seed, epoch)
-        self._counters["last_plan_seconds"] = time.perf_counter() - start
-        self._counters["plans_computed"] += 1
-        for arr in (plan.ids, plan.weights, plan.loss_scale, plan.layout, plan.skipped):
-            arr.setflags(write=False)
-        self._plans[epoch] = plan
-        while len(self._plans) > self.plan_cache_size:
-            del self._plans[min(self._plans)]
-        return plan
+    def _global_plan(self, epoch: int) -> MixPlan:
+        """The cached global plan, computing it if needed.
+
+        The policy runs outside the lock on a snapshot, so reports (and stats) go on meanwhile;
+        a second caller for the same epoch waits for the first one's result instead of
+        computing it again. The ledger state the plan depends on is fixed under the lock before
+        the lock is released (earlier epochs committed, snapshot taken), so the result is the
+        same as if everything had run under the lock.
+        """
+        while True:
+            with self._lock:
+                plan = self._plans.get(epoch)
+                if plan is not None:
+                    return plan
+                waiting = self._inflight.get(epoch)
+                if waiting is None:
+                    committed = self._ledger.committed_epoch
+                    if epoch <= committed:
+                        raise ValueError(
+                            f"the plan for epoch {epoch} is not cached and cannot be rebuilt: "
+                            f"epoch {committed} is already committed, and a plan is derived "
+                            f"from the losses of the epochs before its own only")
+                    if committed < epoch - 1:
+                        self._fold_through(epoch - 1)  # closes reporting for earlier epochs
+                    snapshot = self._ledger.snapshot()
+                    settings, seed, generation = self.settings, self.seed, self._generation
+                    done = self._inflight[epoch] = threading.Event()
+            if waiting is not None:
+                waiting.wait()
+                continue  # the result is in the cache now, or the computation failed: retry
+            try:
+                start = time.perf_counter()
+                plan = make_plan(snapshot, settings, seed, epoch)
+                seconds = time.perf_counter() - start
+                for arr in (plan.ids, plan.weights, plan.loss_scale, plan.layout, plan.skipped):
+                    arr.setflags(write=False)
+                with self._lock:
+                    if generation == self._generation:  # no state was loaded meanwhile
+                        self._counters["last_plan_seconds"] = seconds
+                        self._counters["plans_computed"] += 1
+                        self._plans[epoch] = plan
+                        while len(self._plans) > self.plan_cache_size:
+                            del self._plans[min(self._plans)]
+                        return plan
+            finally:
+                with self._lock:
+                    del self._inflight[epoch]
+                done.set()
 
     def stats(self) -> Dict[str, Any]:
         """JSON-serialisable counters and sizes, for monitoring and the benchmark."""
@@ -346,6 +377,7 @@ class SelectionCore:
             self._ledger = ledger
             self._pending = pending
             self._plans.clear()
+            self._generation += 1
 
     # ----------------------------------------------------------------------------- testing aids
     def ledger_bytes(self) -> bytes:
