@@ -300,11 +300,37 @@ def test_serve_killed_after_acks_restarts_with_every_acknowledged_report(tmp_pat
     assert proc.returncode == 0
 
 
-def test_serve_refuses_an_unknown_policy(tmp_path):
+@pytest.mark.parametrize("args,message", [
+    (["--policy", "nosuch"], "unknown policy 'nosuch'"),
+    (["--policy", "none", "--policy-json", '{"no_such_field": 1}'], "no_such_field"),
+    (["--policy", "none", "--policy-json", "{oops"], "not valid JSON"),
+])
+def test_serve_refuses_bad_policy_settings(args, message):
     out = subprocess.run([PY, "-m", "mixpipe", "serve", "--num-samples", "10", "--bind",
-                          f"tcp://127.0.0.1:{free_port()}", "--policy", "nosuch"],
+                          f"tcp://127.0.0.1:{free_port()}", *args],
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "unknown policy 'nosuch'" in out.stderr
+    assert out.returncode == 2 and message in out.stderr
+
+
+def test_serve_takes_policy_settings_as_json(tmp_path):
+    if mixing_policy() != "mixtrain":
+        pytest.skip("needs the mixtrain policy")
+    port = free_port()
+    proc = subprocess.Popen([PY, "-m", "mixpipe", "serve", "--num-samples", str(N), "--bind",
+                             f"tcp://127.0.0.1:{port}", "--policy", "mixtrain", "--policy-json",
+                             '{"fraction": 0.3, "warmup_epochs": 2}', "--seed", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening on" in proc.stdout.readline()
+        client = connect(f"tcp://127.0.0.1:{port}", timeout=10)
+        expected = settings_from_dict({"policy": "mixtrain", "fraction": 0.3,
+                                       "warmup_epochs": 2}).to_dict()
+        assert client.hello()["settings"] == json.loads(json.dumps(expected))
+        assert client.hello()["seed"] == 4
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 CLIENT = textwrap.dedent("""

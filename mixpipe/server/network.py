@@ -4,6 +4,10 @@ One thread owns the socket and serves requests one at a time, so the core sees t
 sequence of calls an in-process caller would make. Many clients (DEALER or REQ sockets) can be
 connected at once; their requests are interleaved message by message.
 
+The loop also runs the policy when a plan is first asked for, so other requests wait that long
+(``mixpipe bench server`` measures it): client timeouts must be longer than the largest plan's
+computation.
+
 A request that does not parse, or that the core refuses, gets an error reply naming the problem;
 no input can stop the loop. A report is acknowledged only after the core has logged it.
 
