@@ -477,8 +477,9 @@ def test_bad_settings_are_refused_naming_the_field(factory, field):
 
 
 def test_settings_are_frozen_and_normalised():
+    assert MixTrainSettings().w_min == 0.25 and MixTrainSettings(layout="quads").w_min == 0.125
     s = MixTrainSettings(fraction=1, layout="quads", w_min=0)
-    assert s.group_size == 4 and isinstance(s.fraction, float)
+    assert s.group_size == 4 and isinstance(s.fraction, float) and s.w_min == 0.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.fraction = 0.2  # type: ignore[misc]
     assert hash(ShrinkSettings(mix=s)) == hash(ShrinkSettings(mix=dict(s.to_dict())))

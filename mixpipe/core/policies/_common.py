@@ -104,29 +104,39 @@ def groups_for_fraction(fraction: float, base: int, k: int, pool: int) -> int:
 
 
 # ------------------------------------------------------------------------------ weights
-def loss_shares(losses: np.ndarray, gamma: float) -> np.ndarray:
-    """Row shares proportional to ``loss ** gamma`` (float64[G, K]).
+# Weights are computed column by column (one 1-D array per constituent position): numpy reduces
+# across a narrow axis (K = 2 or 4) an order of magnitude slower than it adds two columns.
+def _add(cols: list) -> np.ndarray:
+    total = cols[0] + cols[1]
+    for c in cols[2:]:
+        total += c
+    return total
 
-    Rows are divided by their largest loss first, so a large ``gamma`` cannot overflow; a row of
-    zero losses (nothing to tell the constituents apart) gets equal shares.
+
+def loss_shares(losses: list, gamma: float) -> list:
+    """Per-position shares proportional to ``loss ** gamma`` (float64 columns).
+
+    Losses are divided by their group's largest first, so a large ``gamma`` cannot overflow; a
+    group of zero losses (nothing to tell the constituents apart) gets equal shares.
     """
-    losses = np.asarray(losses, dtype=np.float64)
-    k = losses.shape[1]
+    k = len(losses)
+    cols = [np.asarray(c, dtype=np.float64) for c in losses]
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        if gamma == 1.0:  # the common case: no power, no overflow to guard against
-            power = losses
-        else:
-            power = losses / losses.max(axis=1, keepdims=True)
-            power **= gamma
-        total = power.sum(axis=1, keepdims=True)
-        shares = power / total
-    flat = ~(total[:, 0] > 0) | ~np.isfinite(total[:, 0])
+        if gamma != 1.0:  # gamma 1, the default, needs neither the power nor the guard
+            top = cols[0]
+            for c in cols[1:]:
+                top = np.maximum(top, c)
+            cols = [(c / top) ** gamma for c in cols]
+        total = _add(cols)
+        shares = [c / total for c in cols]
+    flat = ~(total > 0) | ~np.isfinite(total)
     if flat.any():
-        shares[flat] = 1.0 / k
+        for c in shares:
+            c[flat] = 1.0 / k
     return shares
 
 
-def floor_shares(shares: np.ndarray, w_min: float) -> np.ndarray:
+def floor_shares(shares: list, w_min: float) -> list:
     """Lift every share to at least ``w_min``, taking the difference from the shares above it.
 
     For pairs this is exactly the clip ``w_a -> clip(w_a, w_min, 1 - w_min)``. For K constituents
@@ -134,34 +144,53 @@ def floor_shares(shares: np.ndarray, w_min: float) -> np.ndarray:
     got ``w_min``; the order of the shares is kept and none ends above ``1 - (K - 1) w_min``.
     Needs ``w_min <= 1 / K``.
     """
-    k = shares.shape[1]
-    excess = np.maximum(shares - w_min, 0.0)
-    total = excess.sum(axis=1, keepdims=True)
+    k = len(shares)
+    if w_min == 0.0:
+        return shares
+    excess = [np.maximum(c - w_min, 0.0) for c in shares]
+    total = _add(excess)
     with np.errstate(divide="ignore", invalid="ignore"):
-        out = w_min + excess * ((1.0 - k * w_min) / total)
-    out[total[:, 0] <= 0] = 1.0 / k
+        factor = (1.0 - k * w_min) / total
+    out = [w_min + e * factor for e in excess]
+    flat = ~(total > 0)
+    if flat.any():
+        for c in out:
+            c[flat] = 1.0 / k
     return out
 
 
 def _snap_split(share: np.ndarray, cells: int) -> np.ndarray:
     """Vector form of ``layouts.split_position(share, cells, 1) / cells``."""
     c = np.floor(share * cells + 0.5)
-    return np.clip(c, 1, cells - 1) / cells
+    return np.clip(c, 1, cells - 1, out=c) / cells
+
+
+def _snap_columns(layout: Layout, w: list, cells: int) -> np.ndarray:
+    total = _add(w)
+    w = [c / total for c in w]  # as snap_weights does: the shares of the normalised row
+    if layout == Layout.HALVES:
+        a = _snap_split(w[0], cells)
+        cols = [a, 1.0 - a]
+    elif layout == Layout.QUADS:
+        a = _snap_split(w[0] + w[2], cells)  # left column
+        b = _snap_split(w[0] + w[1], cells)  # top row
+        cols = [a * b, (1 - a) * b, a * (1 - b), (1 - a) * (1 - b)]
+    else:
+        cols = w
+    out = np.empty((cols[0].size, len(cols)), dtype=np.float32)
+    for i, c in enumerate(cols):
+        out[:, i] = c
+    return out
 
 
 def snap_shares(layout: Layout, weights: np.ndarray, cells: int) -> np.ndarray:
     """Row-wise :func:`mixpipe.core.layouts.snap_weights`, for every composite at once."""
     w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum(axis=1, keepdims=True)
-    if layout == Layout.HALVES:
-        a = _snap_split(w[:, 0], cells)
-        return np.stack([a, 1.0 - a], axis=1).astype(np.float32)
-    if layout == Layout.QUADS:
-        a = _snap_split(w[:, 0] + w[:, 2], cells)  # left column
-        b = _snap_split(w[:, 0] + w[:, 1], cells)  # top row
-        return np.stack([a * b, (1 - a) * b, a * (1 - b), (1 - a) * (1 - b)],
-                        axis=1).astype(np.float32)
-    return w.astype(np.float32)
+    return _snap_columns(Layout(layout), [w[:, i] for i in range(w.shape[1])], cells)
+
+
+# compare-exchange pairs of a sorting network for four items
+_NET4 = ((0, 1), (2, 3), (0, 2), (1, 3), (1, 2))
 
 
 def group_weights(groups: np.ndarray, losses: np.ndarray, gamma: float, w_min: float,
@@ -170,15 +199,20 @@ def group_weights(groups: np.ndarray, losses: np.ndarray, gamma: float, w_min: f
 
     QUADS cells are products of one column split and one row split, so four free shares cannot be
     met exactly. Putting the largest share top-left and the smallest bottom-right (the ids are
-    sorted by loss, descending, which sorts the shares too and breaks their ties by loss) gives
-    the grid its best chance, and the snapped areas keep the order of the losses.
+    sorted by loss, descending, which sorts the shares too) gives the grid its best chance, and
+    the snapped areas keep the order of the losses.
     """
-    shares = floor_shares(loss_shares(losses, gamma), w_min)
+    k = groups.shape[1]
+    ids = [groups[:, i] for i in range(k)]
+    loss = [np.asarray(losses[:, i], dtype=np.float64) for i in range(k)]
     if layout == Layout.QUADS and len(groups):
-        order = np.argsort(-np.asarray(losses, np.float64), axis=1, kind="stable")
-        groups = np.take_along_axis(groups, order, axis=1)
-        shares = np.take_along_axis(shares, order, axis=1)
-    return groups, snap_shares(layout, shares, cells)
+        for i, j in _NET4:  # vectorised sorting network, descending by loss
+            swap = loss[j] > loss[i]
+            loss[i], loss[j] = np.where(swap, loss[j], loss[i]), np.where(swap, loss[i], loss[j])
+            ids[i], ids[j] = np.where(swap, ids[j], ids[i]), np.where(swap, ids[i], ids[j])
+        groups = np.stack(ids, axis=1)
+    shares = floor_shares(loss_shares(loss, gamma), w_min)
+    return groups, _snap_columns(layout, shares, cells)
 
 
 # ------------------------------------------------------------------------------ assembly
@@ -201,8 +235,8 @@ def spread(count: int, total: int) -> np.ndarray:
 
 
 def assemble(num_samples: int, order: np.ndarray, mixed: np.ndarray, k: int, layout: Layout,
-             weigh: Callable[[np.ndarray], tuple], skipped: np.ndarray, seed: int, epoch: int,
-             scale: Optional[np.ndarray] = None) -> MixPlan:
+             weigh: Optional[Callable[[np.ndarray], tuple]], skipped: np.ndarray, seed: int,
+             epoch: int, scale: Optional[np.ndarray] = None) -> MixPlan:
     """Turn a random walk over the samples into a plan, with streaming passes only.
 
     ``order`` lists every sample that gets a slot, in a (seed, epoch)-random order; ``mixed``
@@ -215,32 +249,38 @@ def assemble(num_samples: int, order: np.ndarray, mixed: np.ndarray, k: int, lay
     reorder ids within a group). ``scale`` is an optional per-sample float32[N] loss multiplier;
     padding entries get weight and loss scale 0.
     """
-    mixed = np.asarray(mixed, dtype=bool)
-    g = int(np.count_nonzero(mixed)) // k
-    if g * k != int(np.count_nonzero(mixed)):
-        raise ValueError(f"{int(np.count_nonzero(mixed))} mixed samples do not fill groups of {k}")
-    width = k if g else 1
+    at_mixed = np.flatnonzero(mixed)
+    g = at_mixed.size // k
+    if g * k != at_mixed.size:
+        raise ValueError(f"{at_mixed.size} mixed samples do not fill groups of {k}")
+    if g == 0:
+        ids = order.reshape(-1, 1)
+        loss_scale = np.ones(ids.shape, np.float32) if scale is None else scale[ids]
+        return MixPlan(ids, np.ones(ids.shape, np.float32), loss_scale,
+                       np.zeros(ids.shape[0], np.uint8), skipped, num_samples, epoch, seed)
     starts = ~mixed
-    starts[np.flatnonzero(mixed)[::k]] = True
+    starts[at_mixed[::k]] = True
     composite = mixed[starts]  # bool[M]: which slots are composites
-    single = ~composite
-    m = composite.size
-    singles = order[~mixed]
-    ids = np.full((m, width), -1, dtype=np.int64)
-    w = np.zeros((m, width), dtype=np.float32)
-    loss_scale = np.zeros((m, width), dtype=np.float32)
-    if g:
-        groups, weights = weigh(order[mixed].reshape(g, k))
-        _set_rows(ids, composite, groups)
-        _set_rows(w, composite, weights)
-        _set_rows(loss_scale, composite,
-                  np.ones((g, k), np.float32) if scale is None else scale[groups])
-    ids[single, 0] = singles
-    w[single, 0] = 1.0
-    loss_scale[single, 0] = 1.0 if scale is None else scale[singles]
-    lay = np.where(composite, np.uint8(layout), np.uint8(Layout.SINGLE)).astype(np.uint8)
-    return MixPlan(ids, w, loss_scale, lay, np.asarray(skipped, dtype=np.int64), num_samples,
-                   epoch, seed)
+    first = order[starts]  # the single, or the first member of the composite, of every slot
+    m = first.size
+    groups, weights = weigh(order[at_mixed].reshape(g, k))
+    ids = np.empty((m, k), dtype=np.int64)
+    ids[:, 0] = first
+    ids[:, 1:] = -1
+    _set_rows(ids, composite, groups)
+    w = np.zeros((m, k), dtype=np.float32)
+    w[:, 0] = 1.0
+    _set_rows(w, composite, weights)
+    loss_scale = np.empty((m, k), dtype=np.float32)
+    if scale is None:
+        loss_scale[:, 0] = 1.0
+        loss_scale[:, 1:] = composite[:, None]
+    else:
+        loss_scale[:, 0] = scale[first]
+        loss_scale[:, 1:] = 0.0
+        _set_rows(loss_scale, composite, scale[groups])
+    lay = composite.view(np.uint8) * np.uint8(layout)
+    return MixPlan(ids, w, loss_scale, lay, skipped, num_samples, epoch, seed)
 
 
 def slot_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:

@@ -15,6 +15,17 @@ Schedules for the mixed fraction ``f`` of the dataset (``schedule``):
 * ``speedup``: ``f`` set so that the epoch needs ``1 / speedup`` as many forward passes: with
   groups of K, ``slots = N (1 - f (K - 1) / K)``, so ``f = (1 - 1 / speedup) K / (K - 1)``.
 
+Groups of four (``quads``, or ``blend`` with ``group_size=4``): shares proportional to ``l^g``;
+each share below ``w_min`` is lifted to it and the difference is taken from the shares above
+``w_min`` in proportion to their excess (for pairs this is exactly the clip above). A 2x2 grid
+cannot give four free areas (its cells are products of one column and one row split), so the
+constituents are placed by loss, hardest top-left and easiest bottom-right, and the shares are
+snapped with :func:`mixpipe.core.layouts.snap_weights`; the areas keep the order of the losses.
+
+Pairing: one (seed, epoch)-random walk over the samples decides everything random: consecutive
+mixed samples along the walk form a group, and each slot sits where its (first) sample stands, so
+composites and singles interleave through the epoch.
+
 The fraction counts samples of the whole dataset (so the promised speed-up is a speed-up of the
 epoch); when fewer samples have been seen, all seen ones may be mixed and no more. Leftovers that
 do not fill a group stay single.
@@ -66,7 +77,8 @@ class MixTrainSettings(PolicySettings):
         speedup: target forward-pass speed-up for ``schedule="speedup"``, in ``[1, group_size]``.
         statistic: ``ema`` (smoothed, the default) or ``last`` loss to rank and weight samples.
         gamma: sharpness of the loss-driven shares (0: equal shares).
-        w_min: no constituent gets less than this share; at most ``1 / group_size``.
+        w_min: no constituent gets less than this share, in ``[0, 1 / group_size]``; None picks
+            ``0.5 / group_size`` (0.25 for pairs, 0.125 for quads).
         layout: ``halves``, ``quads`` or ``blend`` (blend weights are not snapped).
         group_size: constituents per composite; None picks the layout's own (2, 4, 2).
         grid_cells: composite width in stride cells, for snapping spatial shares (>= 2).
@@ -84,7 +96,7 @@ class MixTrainSettings(PolicySettings):
     speedup: float = 1.25
     statistic: str = "ema"
     gamma: float = 1.0
-    w_min: float = 0.25
+    w_min: Optional[float] = None
     layout: str = "halves"
     group_size: Optional[int] = None
     grid_cells: int = 7
@@ -102,6 +114,8 @@ class MixTrainSettings(PolicySettings):
         check_float(self, "speedup", 1.0, float(k))
         check_choice(self, "statistic", STATISTICS)
         check_float(self, "gamma", 0.0, 64.0)
+        if self.w_min is None:
+            object.__setattr__(self, "w_min", 0.5 / k)
         check_float(self, "w_min", 0.0, 1.0 / k)
         check_int(self, "grid_cells", 2)
         check_int(self, "epochs", 1, optional=True)
