@@ -218,7 +218,8 @@ def run(args: argparse.Namespace) -> int:
     settings = {"quick": quick, "sizes": sizes, "clients": clients, "chunk": args.chunk,
                 "repeats": repeats, "policy": policy,
                 "loopback_min_volume": args.min_volume, "network": not args.no_network,
-                "state_dir_filesystem": state_root, "logging": "write-ahead log, no fsync"}
+                "state_dir": state_root, "logging": "write-ahead log, no fsync",
+                "loadavg_start": os.getloadavg()}
     rows = []
     steps = tqdm(total=len(sizes) * (2 if args.no_network else 3), desc="bench server",
                  unit="step")
@@ -238,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
         steps.close()
         shutil.rmtree(state_root, ignore_errors=True)
 
+    settings["loadavg_end"] = os.getloadavg()  # other work on the machine skews the figures
     by_n = {r["num_samples"]: r for r in rows}
     checks = {"bytes_per_sample": all(r["bytes_per_sample"] <= TARGETS["bytes_per_sample"]
                                       for r in rows)}
