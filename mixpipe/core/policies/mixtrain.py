@@ -163,8 +163,9 @@ def choose_lowest(score: np.ndarray, pool_mask: np.ndarray, base: int,
     """bool[N]: the lowest-``score`` samples of the pool that the epoch's schedule mixes.
 
     ``pool_mask`` marks the samples that may be mixed (seen, not skipped); ``base`` is the number
-    of samples the fraction counts against. None when nothing is mixed. Ties at the cut are
-    broken by ``np.argpartition`` (deterministic for a given numpy). Shared with ``shrink``.
+    of samples the fraction counts against. None when nothing is mixed. Samples tied with the
+    cut-off loss are taken in id order, so the choice does not depend on how numpy partitions.
+    Shared with ``shrink``.
     """
     k = settings.group_size
     fraction = mixing_fraction(settings, epoch)
@@ -177,12 +178,16 @@ def choose_lowest(score: np.ndarray, pool_mask: np.ndarray, base: int,
     n = groups * k
     if n == available:
         return pool_mask.copy()
-    mask = np.zeros(score.shape[0], dtype=bool)
-    if available == score.shape[0]:
-        mask[np.argpartition(score, n - 1)[:n]] = True
-    else:
-        pool = np.flatnonzero(pool_mask)
-        mask[pool[np.argpartition(score[pool], n - 1)[:n]]] = True
+    everyone = available == score.shape[0]
+    # the n-th lowest loss of the pool (partitioning values, not indices: half the memory)
+    cut = np.partition(score if everyone else score[pool_mask], n - 1)[n - 1]
+    mask = score < cut
+    tied = score == cut
+    if not everyone:
+        mask &= pool_mask
+        tied &= pool_mask
+    need = n - int(np.count_nonzero(mask))
+    mask[np.flatnonzero(tied)[:need]] = True
     return mask
 
 
