@@ -1,0 +1,349 @@
+"""``python -m mixpipe.bench.local``: LoCal+SGD against plain SGD, side by side in one run.
+
+Arms: ``sgd`` (plain), ``static`` and ``dynamic`` (:func:`mixpipe.train.local.from_kind`), all
+through :func:`mixpipe.train.fit` with the torch loader and no input mixing, the same initial
+weights, optimiser, schedule and data order per seed; seeds are the outer loop.
+
+Recorded:
+* per arm and epoch: training wall-clock (evaluation excluded), top-1, the transition index;
+* per transition index, on one fixed batch: the median time of a full training step (forward,
+  loss, backward, optimiser step; the local updates included) over ``step_repeats`` steps, so the
+  saving of each boundary position is seen without the noise of whole epochs;
+* activation memory: the bytes autograd saves for the backward pass during one training forward
+  (``torch.autograd.graph.saved_tensors_hooks`` sees every tensor an op keeps; counted once per
+  storage, parameters excluded). That is the memory that training holds between forward and
+  backward and that LoCal removes for the local blocks; it leaves out transient workspace (which
+  backprop and the local rule both free at once) and is exact and repeatable, unlike process RSS.
+  Per arm: the mean over epochs (each epoch at its own boundary) and the peak.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+__all__ = ["LocalBenchSettings", "saved_activation_bytes", "run_benchmark", "add_arguments",
+           "run"]
+
+ARMS = ("sgd", "static", "dynamic")
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalBenchSettings:
+    """What defines a run; recorded in the JSON beside the results."""
+
+    data_root: str = "data/fashion-mnist"
+    model: str = "resnet-tiny"
+    epochs: int = 6
+    arms: Tuple[str, ...] = ARMS
+    seeds: Tuple[int, ...] = (0,)
+    limit: Optional[int] = 12000
+    val_limit: Optional[int] = 2000
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    local_lr: float = 0.01
+    threads: Optional[int] = None
+    step_repeats: int = 15
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, field: str, allowed: str) -> None:
+            if not cond:
+                raise ValueError(f"local bench setting {field}={getattr(self, field)!r}: must be "
+                                 f"{allowed}")
+        need(self.epochs >= 2, "epochs", ">= 2")
+        need(len(self.arms) >= 1 and all(a in ARMS for a in self.arms), "arms",
+             f"a non-empty list drawn from {ARMS}")
+        need(len(self.seeds) >= 1, "seeds", "at least one seed")
+        need(self.limit is None or self.limit >= self.batch_size, "limit", ">= batch_size or None")
+        need(self.batch_size >= 2, "batch_size", ">= 2")
+        need(self.lr > 0, "lr", "> 0")
+        need(0 <= self.local_lr <= 1, "local_lr", "in [0, 1]")
+        need(self.step_repeats >= 3, "step_repeats", ">= 3")
+
+
+def saved_activation_bytes(step: Callable[[], Any], exclude=()) -> int:
+    """Bytes of the tensors autograd saves while ``step()`` runs (each storage once), leaving out
+    the storages of ``exclude`` (the parameters: weights saved for backward are not activations)."""
+    import torch
+
+    skip = {p.untyped_storage().data_ptr() for p in exclude}
+    seen: Dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in skip:
+            seen[ptr] = max(seen.get(ptr, 0), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
+    return int(sum(seen.values()))
+
+
+def _speedup_settings(s: LocalBenchSettings):
+    from mixpipe.bench.speedup import SpeedupSettings
+
+    return SpeedupSettings(model=s.model, epochs=s.epochs, policies=("none",), seeds=s.seeds,
+                           batch_size=s.batch_size, lr=s.lr, momentum=s.momentum,
+                           weight_decay=s.weight_decay, limit=s.limit, val_limit=s.val_limit,
+                           data_root=s.data_root, augment="flip", channels_last=True,
+                           warmup_epochs=0, progress=s.progress)
+
+
+def _optimizer(model, s: LocalBenchSettings):
+    import torch
+
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return torch.optim.SGD([{"params": decay, "weight_decay": s.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}], lr=s.lr,
+                           momentum=s.momentum, nesterov=s.momentum > 0)
+
+
+def _local(arm: str, model, optimizer, s: LocalBenchSettings):
+    from mixpipe.train.local import from_kind
+    from mixpipe.train.local_rule import OjaRule
+
+    if arm == "sgd":
+        return None
+    return from_kind(arm, model, optimizer, s.epochs, rule=OjaRule(lr=s.local_lr))
+
+
+def per_transition(s: LocalBenchSettings, num_classes: int, images, labels) -> List[Dict]:
+    """Step time and saved activation bytes for each boundary position, on one fixed batch."""
+    import torch
+    import torch.nn.functional as F
+
+    from mixpipe.train import Normalize, build_model
+    from mixpipe.train.local import LocalSGD, split_blocks
+    from mixpipe.train.local_rule import OjaRule
+
+    torch.manual_seed(0)
+    base = build_model(s.model, num_classes)
+    x = Normalize(channels_last=True)(images)
+    rows = []
+    for t in range(len(split_blocks(base))):
+        model = copy.deepcopy(base).to(memory_format=torch.channels_last).train()
+        opt = _optimizer(model, s)
+        local = LocalSGD(model, transition=t, rule=OjaRule(lr=s.local_lr), optimizer=opt)
+
+        def step():
+            loss = F.cross_entropy(model(x), labels)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        saved = saved_activation_bytes(lambda: F.cross_entropy(model(x), labels),
+                                       exclude=list(model.parameters()))
+        for _ in range(3):
+            step()
+        times = []
+        for _ in range(s.step_repeats):
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        rows.append({"transition": t, "local_blocks": [b.name for b in local.local_blocks()],
+                     "step_seconds_median": statistics.median(times),
+                     "saved_activation_bytes": saved})
+        local.remove()
+    base_time = rows[0]["step_seconds_median"]
+    base_bytes = rows[0]["saved_activation_bytes"]
+    for row in rows:
+        row["step_speedup"] = base_time / row["step_seconds_median"]
+        row["activation_ratio"] = row["saved_activation_bytes"] / base_bytes
+    return rows
+
+
+def train_arm(s: LocalBenchSettings, arm: str, seed: int, train, val_batches, num_classes: int):
+    import torch
+
+    from mixpipe.bench.speedup import make_loader, policy_settings
+    from mixpipe.server import InProcessService
+    from mixpipe.train import Normalize, Schedule, build_model, fit
+
+    ss = _speedup_settings(s)
+    torch.manual_seed(seed)
+    model = build_model(s.model, num_classes)
+    optimizer = _optimizer(model, s)
+    local = _local(arm, model, optimizer, s)
+    service = InProcessService(len(train), policy=policy_settings("none", ss), seed=seed)
+    loader = make_loader(ss, train, service, seed)
+    history = fit(model, loader, optimizer, s.epochs, Schedule("cosine"), eval_loader=val_batches,
+                  service=service, stride=8, prepare=Normalize(channels_last=True),
+                  progress=s.progress, desc=f"{arm} seed {seed}",
+                  on_epoch=local.on_epoch if local is not None else None)
+    history.update(arm=arm, seed=seed, local=local.history if local is not None else None)
+    return history
+
+
+def summarise(s: LocalBenchSettings, runs: List[Dict], rows: List[Dict]) -> Dict[str, Any]:
+    by = {(r["arm"], r["seed"]): r for r in runs}
+    saved = {row["transition"]: row["saved_activation_bytes"] for row in rows}
+    summary: Dict[str, Any] = {}
+    for arm in s.arms:
+        mine = [by[(arm, seed)] for seed in s.seeds if (arm, seed) in by]
+        transitions = [[e.get("local_transition", 0) for e in r["epochs"]] for r in mine]
+        per_epoch_bytes = [[saved[t] for t in ts] for ts in transitions]
+        row: Dict[str, Any] = {
+            "train_seconds": statistics.fmean(r["train_seconds"] for r in mine),
+            "seconds_per_epoch": statistics.fmean(r["train_seconds"] / s.epochs for r in mine),
+            "final_top1": statistics.fmean(r["final_top1"] for r in mine),
+            "transitions_per_epoch": transitions,
+            "activation_bytes_mean": statistics.fmean(statistics.fmean(b)
+                                                      for b in per_epoch_bytes),
+            "activation_bytes_peak": max(max(b) for b in per_epoch_bytes),
+            "activation_bytes_last_epoch": statistics.fmean(b[-1] for b in per_epoch_bytes),
+        }
+        if "sgd" in s.arms and arm != "sgd":
+            pairs = [(by[("sgd", r["seed"])], r) for r in mine if ("sgd", r["seed"]) in by]
+            row["speedup"] = statistics.fmean(b["train_seconds"] / r["train_seconds"]
+                                              for b, r in pairs)
+            row["top1_delta_pts"] = statistics.fmean(100 * (r["final_top1"] - b["final_top1"])
+                                                     for b, r in pairs)
+        summary[arm] = row
+    base = summary.get("sgd")
+    if base is not None:
+        for row in summary.values():
+            row["activation_mean_ratio"] = row["activation_bytes_mean"] / \
+                base["activation_bytes_mean"]
+    return summary
+
+
+def format_table(s: LocalBenchSettings, summary: Dict[str, Any], rows: List[Dict]) -> str:
+    lines = [f"{'t':>2} {'local blocks':<28} {'step ms':>8} {'step x':>7} {'saved act KiB':>14} "
+             f"{'ratio':>6}"]
+    for r in rows:
+        lines.append(f"{r['transition']:>2} {','.join(r['local_blocks']) or '-':<28} "
+                     f"{1000 * r['step_seconds_median']:>8.1f} {r['step_speedup']:>6.2f}x "
+                     f"{r['saved_activation_bytes'] / 1024:>14.0f} {r['activation_ratio']:>6.2f}")
+    lines.append("")
+    head = (f"{'arm':<8} {'s/epoch':>8} {'speed-up':>9} {'top-1 %':>8} {'Δ pts':>7} "
+            f"{'act mean KiB':>13} {'act ratio':>9}  transitions")
+    lines += [head, "-" * len(head)]
+    for arm, row in summary.items():
+        sp = row.get("speedup")
+        delta = row.get("top1_delta_pts")
+        lines.append(f"{arm:<8} {row['seconds_per_epoch']:>8.1f} "
+                     f"{'-' if sp is None else f'{sp:.2f}x':>9} {100 * row['final_top1']:>8.2f} "
+                     f"{'-' if delta is None else f'{delta:+.2f}':>7} "
+                     f"{row['activation_bytes_mean'] / 1024:>13.0f} "
+                     f"{row.get('activation_mean_ratio', 1.0):>9.2f}  "
+                     f"{row['transitions_per_epoch'][0]}")
+    lines.append(f"({len(s.seeds)} seed(s), {s.epochs} epochs, {s.model}, batch {s.batch_size}; "
+                 "speed-up and Δ against sgd seed by seed; act = bytes saved for backward per "
+                 "training forward at the epoch's boundary, batch as above)")
+    return "\n".join(lines)
+
+
+def run_benchmark(s: LocalBenchSettings, out: Optional[str] = None, log=print) -> Dict[str, Any]:
+    import torch
+
+    from mixpipe.bench.common import machine_info, write_json
+    from mixpipe.bench.speedup import load_data
+    from mixpipe.train import EvalBatches
+
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    train, val, num_classes = load_data(_speedup_settings(s), log)
+    val_batches = EvalBatches(val, batch_size=512)
+    n = min(s.batch_size, len(train))
+    images = torch.stack([torch.from_numpy(train[i][0].copy()).permute(2, 0, 1)
+                          for i in range(n)])
+    labels = torch.tensor([int(train[i][1]) for i in range(n)])
+    started = time.time()
+    rows = per_transition(s, num_classes, images, labels)
+    runs = []
+    for seed in s.seeds:
+        for arm in s.arms:
+            history = train_arm(s, arm, seed, train, val_batches, num_classes)
+            runs.append(history)
+            log(f"  {arm:<8} seed {seed}: {history['train_seconds']:.1f}s, final top-1 "
+                f"{100 * history['final_top1']:.2f}%")
+    summary = summarise(s, runs, rows)
+    table = format_table(s, summary, rows)
+    payload = {"benchmark": "local", "machine_info": machine_info(),
+               "settings": dataclasses.asdict(s), "num_train": len(train), "num_val": len(val),
+               "wall_seconds": time.time() - started, "per_transition": rows,
+               "summary": summary, "runs": runs, "table": table,
+               "memory_method": "bytes of tensors saved for backward during one training forward "
+                                "(saved_tensors_hooks), one count per storage, parameters "
+                                "excluded"}
+    if out:
+        write_json(out, payload)
+        log(f"wrote {out}")
+    print(table, flush=True)
+    return payload
+
+
+QUICK = dict(limit=3000, val_limit=1000, epochs=3, step_repeats=5)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = LocalBenchSettings()
+    parser.add_argument("--data-root", default=d.data_root)
+    parser.add_argument("--model", default=d.model)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--arms", default=",".join(d.arms), help=f"comma list from {ARMS}")
+    parser.add_argument("--seeds", default="0", help="comma list of seeds")
+    parser.add_argument("--limit", type=int, default=None,
+                        help=f"train on the first N samples (default {d.limit}; 0 = all)")
+    parser.add_argument("--val-limit", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--local-lr", type=float, default=d.local_lr)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--out", default=None, help="JSON path (default results/bench_local.json"
+                                                    " or results/bench_local-quick.json)")
+
+
+def settings_from_args(args: argparse.Namespace) -> LocalBenchSettings:
+    d = LocalBenchSettings()
+    quick = dict(QUICK) if args.quick else {}
+
+    def pick(value, key, default):
+        return value if value is not None else quick.get(key, default)
+
+    limit = pick(args.limit, "limit", d.limit)
+    val_limit = pick(args.val_limit, "val_limit", d.val_limit)
+    return LocalBenchSettings(
+        data_root=args.data_root, model=args.model, epochs=pick(args.epochs, "epochs", d.epochs),
+        arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
+        seeds=tuple(int(x) for x in args.seeds.split(",") if x.strip()),
+        limit=limit or None, val_limit=val_limit or None, batch_size=args.batch_size,
+        lr=args.lr, local_lr=args.local_lr, threads=args.threads,
+        step_repeats=quick.get("step_repeats", d.step_repeats), progress=not args.no_progress)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        s = settings_from_args(args)
+    except ValueError as err:
+        print(f"local bench: {err}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join("results", "bench_local-quick.json" if args.quick
+                                   else "bench_local.json")
+    run_benchmark(s, out)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mixpipe.bench.local",
+                                     description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
