@@ -13,7 +13,6 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from mixpipe.core.ledger import Ledger
-from mixpipe.core.plan import MixPlan
 from mixpipe.core.policies import POLICIES, _load_builtin, make_plan, settings_from_dict
 from mixpipe.server import InProcessService, SelectionService
 from mixpipe.server.wal import RECORD_HEADER, WriteAheadLog
@@ -93,7 +92,8 @@ BAD_REPORTS = [
     (0, np.array([0, 1]), np.array([1e300, 1.0]), ValueError, "overflows float32"),
     (0, np.array([0, 1]), np.array([-0.5, 1.0], np.float32), ValueError, "negative"),
     (0, np.array([0, 1, 2]), np.array([1.0, 1.0], np.float32), ValueError, "length mismatch"),
-    (0, np.array([0.0, 1.0]), np.array([1.0, 1.0], np.float32), TypeError, "ids must be an integer"),
+    (0, np.array([0.0, 1.0]), np.array([1.0, 1.0], np.float32), TypeError,
+     "ids must be an integer"),
     (0, np.array([0, 1]), np.array([1, 1]), TypeError, "losses must be a float"),
     (0, np.array([[0, 1]]), np.array([[1.0, 1.0]], np.float32), ValueError, "1-D"),
     (-1, np.array([0]), np.array([1.0], np.float32), ValueError, "epoch must be >= 0"),

@@ -3,13 +3,11 @@ messages, crash and restart of a `mixpipe serve` process, concurrent clients, cl
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import time
 import warnings
 
 import numpy as np
@@ -18,7 +16,7 @@ import pytest
 zmq = pytest.importorskip("zmq")
 
 from mixpipe.core.ledger import Ledger  # noqa: E402
-from mixpipe.core.policies import POLICIES, _load_builtin, make_plan, settings_from_dict  # noqa
+from mixpipe.core.policies import POLICIES, _load_builtin, settings_from_dict  # noqa: E402,E501
 from mixpipe.server import (InProcessService, SelectionServer, SelectionService,  # noqa: E402
                             ServerUnavailable, ServerUnavailableWarning, connect)
 from mixpipe.server.protocol import HEADER, MAGIC, VERSION, Op, Status, decode, encode  # noqa

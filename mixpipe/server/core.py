@@ -16,8 +16,9 @@ Semantics (the contract every transport inherits):
   This makes the plan a function of the sequence of calls alone, the same on every rank and after
   a restart. The global plan is computed once per epoch and cached; other ranks and repeated calls
   cut their shard from the cached plan. The arrays of a returned global plan (world_size 1) are
-  the cache's own and read-only; shards are copies. A plan for an epoch that is already committed can only
-  come from the cache (the ledger it was derived from is gone); otherwise it is refused.
+  the cache's own and read-only; shards are copies. A plan for an epoch that is already
+  committed can only come from the cache (the ledger it was derived from is gone); otherwise it
+  is refused.
 
 Thread-safe: one re-entrant lock serialises state changes. Validation of a report's arrays runs
 before the lock is taken, so concurrent reporters overlap their checks, and a policy runs on a
