@@ -1,0 +1,236 @@
+"""The plan-driven source: a per-sample callback for ``fn.external_source``.
+
+One call = one slot of the epoch's walk. The callback does all the *decisions* in Python (which
+files, each constituent's region from :func:`mixpipe.core.layouts.regions`, its crop window and
+flip from :func:`mixpipe.core.augment.random_resized_crop_box`), and ships them as small
+per-sample tensors; the DALI graph (:mod:`mixpipe.dali.ops`) only executes them. So the geometry
+is the core's, bit for bit, and nothing is re-derived in DALI.
+
+The callback is picklable and keeps no state a worker needs to share: it reads the walk of
+``SampleInfo.epoch_idx`` from a :class:`~mixpipe.dali.plans.PlanBoard` and caches it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import struct
+from typing import Callable, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+from ..core.augment import RandomResizedCropFlip, random_resized_crop_box
+from ..core.layouts import regions
+from ..core.plan import Layout, MixPlan
+from .files import EncodedImages
+from .plans import PlanBoard
+
+__all__ = ["PlanSource", "RandomView", "FixedView", "GEOMETRY_FIELDS", "image_size"]
+
+#: Columns of the per-constituent ``geometry`` output (int32[K, 7]).
+GEOMETRY_FIELDS = ("crop_top", "crop_left", "crop_height", "crop_width", "region_height",
+                   "region_width", "flip")
+
+#: ``view(height, width, (region_h, region_w), rng) -> (top, left, crop_h, crop_w, flip)``
+ViewFn = Callable[[int, int, Tuple[int, int], np.random.Generator],
+                  Tuple[int, int, int, int, bool]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RandomView:
+    """Random resized crop straight to the region's aspect, and a coin-flip mirror.
+
+    Draws exactly what the torch adapter's :class:`~mixpipe.core.augment.RandomResizedCropFlip`
+    draws, in the same order, so the same plan and seed give the same crop windows in both.
+    """
+
+    settings: RandomResizedCropFlip = RandomResizedCropFlip()
+
+    def __call__(self, height: int, width: int, region: Tuple[int, int],
+                 rng: np.random.Generator) -> Tuple[int, int, int, int, bool]:
+        rh, rw = region
+        aspect = rw / rh
+        ratio = (self.settings.ratio[0] * aspect, self.settings.ratio[1] * aspect)
+        top, left, ch, cw = random_resized_crop_box(height, width, self.settings.scale, ratio,
+                                                    rng)
+        flip = bool(self.settings.flip and rng.random() < 0.5)
+        return top, left, ch, cw, flip
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedView:
+    """The whole image, mirrored when ``flip``: the deterministic view (tests, validation)."""
+
+    flip: bool = False
+
+    def __call__(self, height: int, width: int, region: Tuple[int, int],
+                 rng: np.random.Generator) -> Tuple[int, int, int, int, bool]:
+        return 0, 0, height, width, self.flip
+
+
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def image_size(encoded: np.ndarray) -> Tuple[int, int]:
+    """(height, width) of an encoded image from its header, without decoding it.
+
+    JPEG is parsed directly (the common case, a few microseconds); other formats go through
+    pillow, which also reads only the header.
+    """
+    data = encoded.tobytes() if isinstance(encoded, np.ndarray) else bytes(encoded)
+    if data[:2] == b"\xff\xd8":
+        pos = 2
+        n = len(data)
+        while pos + 4 <= n:
+            if data[pos] != 0xFF:
+                pos += 1
+                continue
+            marker = data[pos + 1]
+            if marker == 0xFF:
+                pos += 1
+                continue
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+                pos += 2
+                continue
+            (length,) = struct.unpack_from(">H", data, pos + 2)
+            if marker in _SOF_MARKERS and pos + 9 <= n:
+                height, width = struct.unpack_from(">HH", data, pos + 5)
+                return int(height), int(width)
+            pos += 2 + length
+        raise ValueError("JPEG without a frame header (SOF): truncated or corrupt file")
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        width, height = img.size
+    return int(height), int(width)
+
+
+class SourceOutputs(NamedTuple):
+    """Indices of the callback's outputs (``num_outputs = K + 7``)."""
+
+    encoded: Tuple[int, ...]
+    geometry: int
+    targets: int
+    weights: int
+    ids: int
+    loss_scale: int
+    layout: int
+    count: int
+
+
+class PlanSource:
+    """``fn.external_source`` callback (``batch=False``, ``parallel=True`` capable).
+
+    Per slot it returns, in this order: the encoded bytes of each of up to ``max_constituents``
+    constituents (an empty array where the slot has fewer: those are never decoded), then
+    ``geometry`` int32[K, 7] (see :data:`GEOMETRY_FIELDS`), ``targets`` int64[K], ``weights``
+    float32[K], ``ids`` int64[K], ``loss_scale`` float32[K] (-1 / 0 where absent), ``layout``
+    uint8 and ``count`` int32 scalars. After the walk's last slot it raises ``StopIteration``.
+
+    Args:
+        images: encoded images and labels by dataset index.
+        board: where the trainer publishes each epoch's walk.
+        size: (height, width) of the composite the pipeline outputs.
+        stride: the network's total stride; spatial splits are snapped to it.
+        max_constituents: K, the number of constituent streams the pipeline is built with.
+        view: crop window and flip per constituent (:class:`RandomView` or :class:`FixedView`).
+        seed: seeds each slot's views together with the plan's epoch and the slot's ids.
+    """
+
+    def __init__(self, images: EncodedImages, board: PlanBoard, size: Tuple[int, int],
+                 stride: int = 1, max_constituents: int = 4,
+                 view: Optional[ViewFn] = None, seed: int = 0) -> None:
+        height, width = (int(size[0]), int(size[1]))
+        if height < 1 or width < 1:
+            raise ValueError(f"size must be positive (height, width), got {size}")
+        if stride < 1:
+            raise ValueError(f"stride must be >= 1, got {stride}")
+        if not 1 <= max_constituents <= 64:
+            raise ValueError(f"max_constituents must be in [1, 64], got {max_constituents}")
+        self.images = images
+        self.board = board
+        self.size = (height, width)
+        self.stride = int(stride)
+        self.max_constituents = int(max_constituents)
+        self.view = view if view is not None else RandomView()
+        self.seed = int(seed)
+        self._cache: dict = {}
+
+    # Worker copies start with an empty cache: the cached walk belongs to one process.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_cache"] = {}
+        return state
+
+    @property
+    def num_outputs(self) -> int:
+        return self.max_constituents + 7
+
+    @property
+    def outputs(self) -> SourceOutputs:
+        k = self.max_constituents
+        return SourceOutputs(tuple(range(k)), k, k + 1, k + 2, k + 3, k + 4, k + 5, k + 6)
+
+    def check_plan(self, plan: MixPlan) -> None:
+        """Refuse a plan this source cannot deliver, naming the fix."""
+        if plan.num_samples != len(self.images):
+            raise ValueError(f"plan covers {plan.num_samples} samples but the source has "
+                             f"{len(self.images)} images: plan and dataset do not belong together")
+        if plan.max_constituents > self.max_constituents and (
+                plan.counts.max(initial=0) > self.max_constituents):
+            raise ValueError(f"plan has slots of {int(plan.counts.max())} constituents but the "
+                             f"pipeline was built with max_constituents={self.max_constituents}; "
+                             "build the PlanSource with a larger max_constituents")
+        h, w = self.size
+        spatial = np.isin(plan.layout, [Layout.HALVES, Layout.QUADS])
+        if spatial.any():
+            needs = {Layout.HALVES: (1, 2), Layout.QUADS: (2, 2)}
+            for code, (rows, cols) in needs.items():
+                if (plan.layout == code).any() and (h < rows * self.stride or
+                                                    w < cols * self.stride):
+                    raise ValueError(f"{Layout(code).name} slots need the composite to span at "
+                                     f"least two stride cells per split side; size {self.size} "
+                                     f"at stride {self.stride} is too small")
+
+    def _walk(self, round_index: int) -> MixPlan:
+        walk = self._cache.get(round_index)
+        if walk is None:
+            walk = self.board.read(round_index)
+            self.check_plan(walk)
+            self._cache = {round_index: walk}  # rounds only move forward
+        return walk
+
+    def slot_arrays(self, walk: MixPlan, row: int) -> tuple:
+        """The callback's outputs for one row of a walk (also handy to inspect a slot)."""
+        k = self.max_constituents
+        ids, weights, scale, layout = walk.slot(row)
+        n = len(ids)
+        height, width = self.size
+        regs = regions(layout, weights.tolist(), height, width, self.stride)
+        geometry = np.zeros((k, len(GEOMETRY_FIELDS)), np.int32)
+        geometry[:, 4] = height
+        geometry[:, 5] = width
+        encoded = []
+        targets = np.full(k, -1, np.int64)
+        rng = np.random.default_rng([self.seed, walk.epoch, *ids.tolist()])
+        for i, (sample, reg) in enumerate(zip(ids.tolist(), regs)):
+            data = self.images.encoded(sample)
+            img_h, img_w = image_size(data)
+            top, left, ch, cw, flip = self.view(img_h, img_w, (reg.height, reg.width), rng)
+            geometry[i] = (top, left, ch, cw, reg.height, reg.width, int(flip))
+            encoded.append(data)
+            targets[i] = self.images.label(sample)
+        empty = np.empty(0, np.uint8)
+        encoded.extend([empty] * (k - n))
+        pad = k - n
+        return (*encoded, geometry, targets,
+                np.concatenate([weights, np.zeros(pad, np.float32)]),
+                np.concatenate([ids, np.full(pad, -1, np.int64)]),
+                np.concatenate([scale, np.zeros(pad, np.float32)]),
+                np.array(int(layout), np.uint8), np.array(n, np.int32))
+
+    def __call__(self, sample_info) -> tuple:
+        walk = self._walk(int(sample_info.epoch_idx))
+        row = int(sample_info.idx_in_epoch)
+        if row >= walk.num_slots:
+            raise StopIteration
+        return self.slot_arrays(walk, row)
