@@ -377,7 +377,7 @@ def test_file_list_reads_the_prepared_layout_and_reports_bad_lines(tmp_path):
     (tmp_path / "train" / "a").mkdir(parents=True)
     data = jpeg(smooth_image(10, 12, 0))
     (tmp_path / "train" / "a" / "000000.jpg").write_bytes(data)
-    (tmp_path / "train_files.txt").write_text("a/000000.jpg 3\n")
+    (tmp_path / "train_files.txt").write_text("train/a/000000.jpg 3\n")
     files = pickle.loads(pickle.dumps(FileList.for_split(str(tmp_path), "train")))
     assert len(files) == 1 and files.label(0) == 3
     assert files.encoded(0).tobytes() == data

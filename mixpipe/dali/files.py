@@ -69,7 +69,12 @@ class FileList(EncodedImages):
     @classmethod
     def for_split(cls, prepared: str, split: str = "train") -> "FileList":
         """The split of a tree written by ``mixpipe data prepare`` (``OUT/<split>_files.txt``)."""
-        return cls(os.path.join(prepared, f"{split}_files.txt"), os.path.join(prepared, split))
+        files = cls(os.path.join(prepared, f"{split}_files.txt"), prepared)
+        # Lines are relative to OUT ("train/<class>/<n>.jpg"); accept lists relative to the split.
+        if not os.path.exists(files.path(0)) and os.path.exists(
+                os.path.join(prepared, split, files._paths[0])):
+            files.root = os.path.abspath(os.path.join(prepared, split))
+        return files
 
     def _load(self) -> None:
         if self._paths is None:

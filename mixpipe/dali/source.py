@@ -202,8 +202,11 @@ class PlanSource:
     def slot_arrays(self, walk: MixPlan, row: int) -> tuple:
         """The callback's outputs for one row of a walk (also handy to inspect a slot)."""
         k = self.max_constituents
-        ids, weights, scale, layout = walk.slot(row)
-        n = len(ids)
+        # (MixPlan.slot() recounts the whole plan per call: O(M) per sample, so not used here)
+        present = walk.ids[row] >= 0
+        n = int(present.sum())
+        ids, weights, scale = walk.ids[row, :n], walk.weights[row, :n], walk.loss_scale[row, :n]
+        layout = Layout(int(walk.layout[row]))
         height, width = self.size
         regs = regions(layout, weights.tolist(), height, width, self.stride)
         geometry = np.zeros((k, len(GEOMETRY_FIELDS)), np.int32)

@@ -1,0 +1,1 @@
+"""Ready-made DALI and FFCV pipelines with mixing (see each module)."""
