@@ -1,0 +1,22 @@
+"""FFCV adapter: a plan-driven loader and decoders that compose mixed inputs in compiled code.
+
+Typical use::
+
+    from mixpipe.ffcv import MixLoader, RandomResizedCropMixDecoder, MixLabelDecoder
+    loader = MixLoader("train.beton", 256, service, pipelines={
+        "image": [RandomResizedCropMixDecoder((224, 224), stride=32), ToTensor(), ...],
+        "label": [MixLabelDecoder(), ToTensor()]})
+    for epoch in range(epochs):
+        for batch in loader.mixed():      # MixedBatch
+            ...
+
+Importing this package needs ffcv (``pip install mixpipe[ffcv]``).
+"""
+from .decoders import (CenterCropMixDecoder, MixImageDecoder, MixLabelDecoder,
+                       RandomResizedCropMixDecoder, SimpleMixDecoder, unpack_labels)
+from .loader import MixedBatches, MixLoader, PlanOrder, PlanProvider
+from .tables import PlanTables
+
+__all__ = ["MixLoader", "MixedBatches", "PlanOrder", "PlanProvider", "PlanTables",
+           "MixImageDecoder", "SimpleMixDecoder", "RandomResizedCropMixDecoder",
+           "CenterCropMixDecoder", "MixLabelDecoder", "unpack_labels"]

@@ -1,0 +1,267 @@
+"""Pixel kernels the FFCV mixing decoder calls per constituent, written for numba.
+
+They reproduce :mod:`mixpipe.core.compose` inside FFCV's compiled pipeline, where numpy's
+``tensordot`` is not available per pixel:
+
+* :func:`filter_taps` computes the same 1-D antialiased bilinear weights as
+  :func:`mixpipe.core.compose.resize_weights` (float64 maths, numpy's pairwise summation for the
+  normaliser, then float32), stored sparsely as (first tap, tap count, weights) per output pixel;
+* :func:`paste_window` resizes a crop window of a decoded image to a region (rows first, then
+  columns, as the reference does), rounds half up and writes it into the composite;
+* :func:`blend_window` adds ``weight * resized window`` to a float32 accumulator and
+  :func:`round_into` rounds the accumulator into the composite (BLEND).
+
+A pass whose input and output sizes agree is the identity in the reference (weights exactly 1 and
+0), so it is skipped here: a constituent already at its region's size is copied untouched.
+
+Accuracy against the reference: the filter weights are bit-identical; each resize pass sums in
+float64 in tap order and rounds to float32, where the reference sums in float32 with BLAS (other
+order, fused multiply-adds), so a resized pixel can differ by a few float32 ulps and, where the
+exact value sits on a .5 rounding boundary, the uint8 result by 1 (tests allow at most 1 level on
+at most 1% of a composite's pixels). Copies, pastes and blends without a resize are bit-exact.
+
+The functions are plain Python first; :func:`compiled` returns numba versions compiled WITHOUT
+fastmath (FFCV compiles its own stage code with fastmath, which would reorder these sums), or the
+plain functions when FFCV's ``Compiler`` is disabled.
+"""
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+__all__ = ["filter_taps", "paste_window", "blend_window", "round_into", "compiled"]
+
+_HALF = np.float32(0.5)
+_ZERO = np.float32(0.0)
+_MAX = np.float32(255.0)
+
+
+def _block_sum(values, start, count):
+    """numpy's pairwise sum of a block of at most 128 float64 values (8 partial sums)."""
+    if count < 8:
+        total = 0.0
+        for i in range(count):
+            total += values[start + i]
+        return total
+    r0 = values[start]
+    r1 = values[start + 1]
+    r2 = values[start + 2]
+    r3 = values[start + 3]
+    r4 = values[start + 4]
+    r5 = values[start + 5]
+    r6 = values[start + 6]
+    r7 = values[start + 7]
+    full = count - count % 8
+    for i in range(8, full, 8):
+        r0 += values[start + i]
+        r1 += values[start + i + 1]
+        r2 += values[start + i + 2]
+        r3 += values[start + i + 3]
+        r4 += values[start + i + 4]
+        r5 += values[start + i + 5]
+        r6 += values[start + i + 6]
+        r7 += values[start + i + 7]
+    total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    for i in range(full, count):
+        total += values[start + i]
+    return total
+
+
+def _pairwise_sum(values, start, count):
+    """numpy's float64 ``add.reduce`` on a contiguous run, in the same association order.
+
+    numpy splits runs longer than 128 in two (the first half rounded down to a multiple of 8) and
+    adds the halves' sums; this walks that tree with an explicit stack (numba's disk cache cannot
+    hold recursive functions).
+    """
+    if count <= 128:
+        return _block_sum(values, start, count)
+    starts = np.empty(128, np.int64)
+    counts = np.empty(128, np.int64)
+    combine = np.empty(128, np.bool_)
+    partial = np.empty(128, np.float64)
+    sp = 0
+    vp = 0
+    starts[0], counts[0], combine[0] = start, count, False
+    sp = 1
+    while sp > 0:
+        sp -= 1
+        s, c, merge = starts[sp], counts[sp], combine[sp]
+        if merge:
+            partial[vp - 2] = partial[vp - 2] + partial[vp - 1]
+            vp -= 1
+        elif c <= 128:
+            partial[vp] = _block_sum(values, s, c)
+            vp += 1
+        else:
+            half = c // 2
+            half -= half % 8
+            starts[sp], counts[sp], combine[sp] = s, c, True
+            starts[sp + 1], counts[sp + 1], combine[sp + 1] = s + half, c - half, False
+            starts[sp + 2], counts[sp + 2], combine[sp + 2] = s, half, False
+            sp += 3
+    return partial[0]
+
+
+def filter_taps(in_size, out_size):
+    """(first tap int64[out], tap count int64[out], weights float32[out, max taps]).
+
+    Row ``i`` of :func:`mixpipe.core.compose.resize_weights` is ``weights[i, :count[i]]`` placed
+    at columns ``first[i]:first[i] + count[i]``.
+    """
+    scale = in_size / out_size
+    support = max(scale, 1.0)
+    max_taps = int(math.ceil(2.0 * support)) + 2
+    first = np.zeros(out_size, np.int64)
+    count = np.zeros(out_size, np.int64)
+    weights = np.zeros((out_size, max_taps), np.float32)
+    raw = np.zeros(max_taps, np.float64)
+    for i in range(out_size):
+        center = (i + 0.5) * scale
+        lo = max(int(center - support + 0.5), 0)
+        hi = min(int(center + support + 0.5), in_size)
+        n = hi - lo
+        for t in range(n):
+            w = 1.0 - abs(((lo + t) - center + 0.5) / support)
+            raw[t] = w if w > 0.0 else 0.0
+        total = _pairwise_sum(raw, 0, n)
+        first[i] = lo
+        count[i] = n
+        for t in range(n):
+            weights[i, t] = np.float32(raw[t] / total) if total > 0.0 else _ZERO
+    return first, count, weights
+
+
+def _resample(image, top, left, height, width, flip, out_h, out_w):
+    """float32[out_h, out_w, C]: the window resized, rows first then columns.
+
+    Each product is of two float32 values, hence exact in float64, and the sums are float64,
+    rounded to float32 after each pass (the reference keeps float32 between its passes). That
+    makes the result independent of whether LLVM fuses multiply-adds, which it does or not
+    depending on the calling context (checked: the same kernel gave 1-level differences called
+    from Python and from FFCV's fastmath stage code before this).
+    """
+    channels = image.shape[2]
+    rows = np.empty((out_h, width, channels), np.float32)
+    if out_h == height:
+        for y in range(out_h):
+            for x in range(width):
+                for c in range(channels):
+                    rows[y, x, c] = np.float32(image[top + y, left + x, c])
+    else:
+        r_first, r_count, r_w = filter_taps(height, out_h)
+        line = np.empty((width, channels), np.float64)
+        for y in range(out_h):
+            for x in range(width):
+                for c in range(channels):
+                    line[x, c] = 0.0
+            for t in range(r_count[y]):
+                w = np.float64(r_w[y, t])
+                src_y = top + r_first[y] + t
+                for x in range(width):
+                    for c in range(channels):
+                        line[x, c] += w * np.float64(image[src_y, left + x, c])
+            for x in range(width):
+                for c in range(channels):
+                    rows[y, x, c] = np.float32(line[x, c])
+    out = np.empty((out_h, out_w, channels), np.float32)
+    if out_w == width:
+        for y in range(out_h):
+            for x in range(out_w):
+                src_x = width - 1 - x if flip else x
+                for c in range(channels):
+                    out[y, x, c] = rows[y, src_x, c]
+        return out
+    c_first, c_count, c_w = filter_taps(width, out_w)
+    for y in range(out_h):
+        for x in range(out_w):
+            for c in range(channels):
+                acc = 0.0
+                for t in range(c_count[x]):
+                    src_x = c_first[x] + t
+                    if flip:
+                        src_x = width - 1 - src_x
+                    acc += np.float64(c_w[x, t]) * np.float64(rows[y, src_x, c])
+                out[y, x, c] = np.float32(acc)
+    return out
+
+
+def _round_u8(value):
+    v = math.floor(value + _HALF)
+    if v < _ZERO:
+        v = _ZERO
+    if v > _MAX:
+        v = _MAX
+    return np.uint8(v)
+
+
+def paste_window(image, top, left, height, width, flip, dest, r_top, r_left, r_h, r_w):
+    """Resize ``image[top:top+height, left:left+width]`` to the region and write it to ``dest``.
+
+    A window already of the region's size is copied untouched (mirrored if ``flip``).
+    """
+    channels = image.shape[2]
+    if height == r_h and width == r_w:
+        for y in range(r_h):
+            for x in range(r_w):
+                src_x = width - 1 - x if flip else x
+                for c in range(channels):
+                    dest[r_top + y, r_left + x, c] = image[top + y, left + src_x, c]
+        return
+    resized = _resample(image, top, left, height, width, flip, r_h, r_w)
+    for y in range(r_h):
+        for x in range(r_w):
+            for c in range(channels):
+                dest[r_top + y, r_left + x, c] = _round_u8(resized[y, x, c])
+
+
+def blend_window(image, top, left, height, width, flip, weight, acc):
+    """``acc += weight * resize(window, acc size)`` in float32, as the reference BLEND does."""
+    out_h, out_w, channels = acc.shape
+    resized = _resample(image, top, left, height, width, flip, out_h, out_w)
+    w = np.float64(np.float32(weight))
+    for y in range(out_h):
+        for x in range(out_w):
+            for c in range(channels):
+                # float32 product (exact in float64, rounded once), then a float32 add: the
+                # reference's ``acc += w * image``, immune to multiply-add fusion
+                acc[y, x, c] += np.float32(w * np.float64(resized[y, x, c]))
+
+
+def round_into(acc, dest):
+    """Round a float32 accumulator half up into the uint8 composite."""
+    out_h, out_w, channels = acc.shape
+    for y in range(out_h):
+        for x in range(out_w):
+            for c in range(channels):
+                dest[y, x, c] = _round_u8(acc[y, x, c])
+
+
+# ------------------------------------------------------------------------------ compilation
+_jit = numba.njit(nogil=True, cache=True)
+# Inner helpers are always compiled: with FFCV's Compiler disabled the public kernels below run
+# as Python (loops, control flow, table reads) and call these for the arithmetic, which gives the
+# same float32 results either way.
+_block_sum = _jit(_block_sum)
+_pairwise_sum = _jit(_pairwise_sum)
+filter_taps = _jit(filter_taps)
+_resample = _jit(_resample)
+_round_u8 = _jit(_round_u8)
+
+_PUBLIC = {f.__name__: f for f in (paste_window, blend_window, round_into)}
+_COMPILED: dict = {}
+
+
+def compiled(enabled: bool) -> dict:
+    """name -> kernel: numba dispatchers when ``enabled``, else the plain Python functions.
+
+    Dispatchers are made once per process (and cached on disk by numba), so building many loaders
+    does not recompile them.
+    """
+    if not enabled:
+        return dict(_PUBLIC)
+    if not _COMPILED:
+        _COMPILED.update({name: _jit(fn) for name, fn in _PUBLIC.items()})
+    return dict(_COMPILED)
