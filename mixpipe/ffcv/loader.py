@@ -16,7 +16,7 @@ FFCV 1.0.2 traps this handles (see DESIGN.md, Known traps):
 from __future__ import annotations
 
 import queue
-from typing import Any, Dict, Iterator, Mapping, Optional, Protocol, Sequence, Type
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Type
 
 import numpy as np
 import torch
@@ -30,16 +30,15 @@ from ffcv.traversal_order.base import TraversalOrder
 
 from ..core.batch import MixedBatch
 from ..core.plan import MixPlan
+from ..core.source import PlanSource, fetch_plan
 from .decoders import MixImageDecoder, MixLabelDecoder, unpack_labels
 from .tables import PlanTables
 
 __all__ = ["PlanProvider", "PlanOrder", "MixLoader", "MixedBatches"]
 
 
-class PlanProvider(Protocol):
-    """Anything with the SelectionService ``plan`` method (in-process service, network client)."""
-
-    def plan(self, epoch: int, rank: int = 0, world_size: int = 1) -> MixPlan: ...
+#: Anything with the SelectionService ``plan`` method (in-process service, network client).
+PlanProvider = PlanSource
 
 
 class PlanOrder(TraversalOrder):
@@ -61,18 +60,17 @@ class PlanOrder(TraversalOrder):
     def plan(self, epoch: int) -> MixPlan:
         """This rank's plan for ``epoch``, fetched once and checked against the dataset."""
         if epoch not in self._cache:
-            plan = self.plans.plan(epoch, self.rank, self.world_size)
+            # an unreachable server gives a no-mixing plan and one warning (core.source)
+            plan = fetch_plan(self.plans, epoch, self.rank, self.world_size, self.num_samples)
             if not isinstance(plan, MixPlan):
                 raise TypeError(f"plan provider returned {type(plan).__name__}, not a MixPlan")
-            if plan.num_samples != self.num_samples:
-                raise ValueError(f"plan for epoch {epoch} covers {plan.num_samples} samples, the "
-                                 f".beton holds {self.num_samples}")
             if (plan.rank, plan.world_size) != (self.rank, self.world_size):
                 raise ValueError(f"plan for epoch {epoch} is shard {plan.rank}/{plan.world_size}"
                                  f", this loader is rank {self.rank} of {self.world_size}")
             if plan.epoch != epoch:
                 raise ValueError(f"asked for the plan of epoch {epoch}, got epoch {plan.epoch}")
             plan.validate()
+            self.tables.check(plan)
             self._cache = {e: p for e, p in self._cache.items() if e >= epoch - 1}
             self._cache[epoch] = plan
         return self._cache[epoch]

@@ -97,11 +97,8 @@ class PlanTables:
         self._extra.append((table, fill))
         return table
 
-    def load(self, plan: MixPlan) -> None:
-        """Write ``plan`` into the tables in place (the compiled code sees it on its next batch).
-
-        Only call this while no epoch is being decoded: the tables are shared with the decoders.
-        """
+    def check(self, plan: MixPlan) -> None:
+        """Raise if ``plan`` does not fit these tables."""
         m, k = plan.ids.shape
         if m > self.capacity:
             raise ValueError(f"plan has {m} slots but the tables hold at most {self.capacity} "
@@ -109,6 +106,14 @@ class PlanTables:
         if k > self.max_constituents:
             raise ValueError(f"plan has slots of up to {k} constituents but the loader was built "
                              f"with max_constituents={self.max_constituents}; raise it")
+
+    def load(self, plan: MixPlan) -> None:
+        """Write ``plan`` into the tables in place (the compiled code sees it on its next batch).
+
+        Only call this while no epoch is being decoded: the tables are shared with the decoders.
+        """
+        self.check(plan)
+        m, k = plan.ids.shape
         self.ids[:m, :k] = plan.ids
         self.ids[:m, k:] = -1
         self.weights[:m, :k] = plan.weights
