@@ -265,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
     num_generated = args.num_generated or (512 if quick else 2048)
     progress = not args.no_progress
     notes: List[str] = []
+    load_before = os.getloadavg()
     datasets: Dict[str, Dict] = {}
     tmp: Optional[tempfile.TemporaryDirectory] = None
     gen_dir = args.generated
@@ -304,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
         "datasets": {k: v for k, v in datasets.items()},
         "targets": {k: _targets(v) for k, v in datasets.items()},
         "notes": notes,
+        "load_average_before_after": [load_before, os.getloadavg()],
     }
     write_json(args.out, payload)
     for key, result in datasets.items():

@@ -104,6 +104,38 @@ def image_size(encoded: np.ndarray) -> Tuple[int, int]:
     return int(height), int(width)
 
 
+_EMPTY = np.empty(0, np.uint8)
+
+
+class _WalkRows:
+    """A walk's per-slot arrays padded to K once, so a sample only indexes rows.
+
+    (``MixPlan.slot()`` would recount the whole plan per call, O(M) per sample.)
+    """
+
+    def __init__(self, walk: MixPlan, k: int, images: EncodedImages) -> None:
+        self.walk = walk
+        m, kp = walk.ids.shape
+        width = max(k, kp)
+        self.ids = np.full((m, width), -1, np.int64)
+        self.ids[:, :kp] = walk.ids
+        self.weights = np.zeros((m, width), np.float32)
+        self.weights[:, :kp] = walk.weights
+        self.scale = np.zeros((m, width), np.float32)
+        self.scale[:, :kp] = walk.loss_scale
+        self.counts = (self.ids >= 0).sum(axis=1)
+        labels = getattr(images, "labels", None)
+        if labels is not None:
+            labels = np.asarray(labels, np.int64)
+            self.targets = np.where(self.ids >= 0, labels[np.maximum(self.ids, 0)], -1)
+        else:
+            self.targets = np.vectorize(lambda i: images.label(int(i)) if i >= 0 else -1,
+                                        otypes=[np.int64])(self.ids)
+        # only the first k columns travel (check_plan refused plans with more constituents)
+        self.ids, self.weights = self.ids[:, :k], self.weights[:, :k]
+        self.scale, self.targets = self.scale[:, :k], self.targets[:, :k]
+
+
 class SourceOutputs(NamedTuple):
     """Indices of the callback's outputs (``num_outputs = K + 7``)."""
 
@@ -199,37 +231,40 @@ class PlanSource:
             self._cache = {round_index: walk}  # rounds only move forward
         return walk
 
+    def _rows(self, walk: MixPlan) -> "_WalkRows":
+        rows = self.__dict__.get("_rows_cache")
+        if rows is None or rows.walk is not walk:
+            rows = _WalkRows(walk, self.max_constituents, self.images)
+            self.__dict__["_rows_cache"] = rows
+        return rows
+
     def slot_arrays(self, walk: MixPlan, row: int) -> tuple:
         """The callback's outputs for one row of a walk (also handy to inspect a slot)."""
         k = self.max_constituents
-        # (MixPlan.slot() recounts the whole plan per call: O(M) per sample, so not used here)
-        present = walk.ids[row] >= 0
-        n = int(present.sum())
-        ids, weights, scale = walk.ids[row, :n], walk.weights[row, :n], walk.loss_scale[row, :n]
+        rows = self._rows(walk)
+        n = int(rows.counts[row])
+        ids = rows.ids[row, :n].tolist()
         layout = Layout(int(walk.layout[row]))
         height, width = self.size
-        regs = regions(layout, weights.tolist(), height, width, self.stride)
+        if layout in (Layout.SINGLE, Layout.BLEND):
+            shapes = [(height, width)] * n
+        else:
+            shapes = [(r.height, r.width) for r in regions(
+                layout, rows.weights[row, :n].tolist(), height, width, self.stride)]
         geometry = np.zeros((k, len(GEOMETRY_FIELDS)), np.int32)
         geometry[:, 4] = height
         geometry[:, 5] = width
         encoded = []
-        targets = np.full(k, -1, np.int64)
-        rng = np.random.default_rng([self.seed, walk.epoch, *ids.tolist()])
-        for i, (sample, reg) in enumerate(zip(ids.tolist(), regs)):
+        rng = np.random.default_rng([self.seed, walk.epoch, *ids])
+        for i, (sample, shape) in enumerate(zip(ids, shapes)):
             data = self.images.encoded(sample)
             img_h, img_w = image_size(data)
-            top, left, ch, cw, flip = self.view(img_h, img_w, (reg.height, reg.width), rng)
-            geometry[i] = (top, left, ch, cw, reg.height, reg.width, int(flip))
+            top, left, ch, cw, flip = self.view(img_h, img_w, shape, rng)
+            geometry[i] = (top, left, ch, cw, shape[0], shape[1], int(flip))
             encoded.append(data)
-            targets[i] = self.images.label(sample)
-        empty = np.empty(0, np.uint8)
-        encoded.extend([empty] * (k - n))
-        pad = k - n
-        return (*encoded, geometry, targets,
-                np.concatenate([weights, np.zeros(pad, np.float32)]),
-                np.concatenate([ids, np.full(pad, -1, np.int64)]),
-                np.concatenate([scale, np.zeros(pad, np.float32)]),
-                np.array(int(layout), np.uint8), np.array(n, np.int32))
+        encoded.extend([_EMPTY] * (k - n))
+        return (*encoded, geometry, rows.targets[row], rows.weights[row], rows.ids[row],
+                rows.scale[row], np.array(int(layout), np.uint8), np.array(n, np.int32))
 
     def __call__(self, sample_info) -> tuple:
         walk = self._walk(int(sample_info.epoch_idx))
