@@ -101,15 +101,17 @@ def test_linear_local_layer_changes_exactly_by_oja_and_gets_no_grad():
     assert [b.name for b in local.local_blocks()] == ["0"]
 
 
-@pytest.mark.parametrize("cin,cout,k,stride,pad,groups,bias", [
-    (2, 3, 3, 2, 1, 1, True),
-    (4, 4, 3, 1, 1, 2, False),
-    (3, 3, 3, 1, 1, 3, False),    # depthwise, as in MobileNetV2
-    (3, 5, 1, 1, 0, 1, False),
+@pytest.mark.parametrize("cin,cout,k,stride,pad,groups,bias,dil", [
+    (2, 3, 3, 2, 1, 1, True, 1),
+    (4, 4, 3, 1, 1, 2, False, 1),
+    (3, 3, 3, 1, 1, 3, False, 1),    # depthwise, as in MobileNetV2
+    (3, 5, 1, 1, 0, 1, False, 1),
+    (3, 2, 3, 2, 0, 1, False, 1),    # the last input column is in no window
+    (2, 3, 3, 1, 2, 1, False, 2),    # dilated
 ])
-def test_conv_local_update_matches_numpy_reference(cin, cout, k, stride, pad, groups, bias):
+def test_conv_local_update_matches_numpy_reference(cin, cout, k, stride, pad, groups, bias, dil):
     torch.manual_seed(1)
-    conv = nn.Conv2d(cin, cout, k, stride, pad, groups=groups, bias=bias)
+    conv = nn.Conv2d(cin, cout, k, stride, pad, dilation=dil, groups=groups, bias=bias)
     model = nn.Sequential(conv, nn.ReLU(), nn.Conv2d(cout, 2, 1))
     w0 = conv.weight.detach().clone()
     LocalSGD(model, transition=1, rule=NO_CLIP, weak=WeakSupervision(enabled=False))
@@ -430,3 +432,12 @@ def test_fit_takes_the_wrapper_through_on_epoch():
     assert [r["transition"] for r in local.history] == want
     assert all(r["train_steps"] == 2 for r in local.history)
     assert local.history[-1]["local_updates"] > 0  # the last epoch had local blocks
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import mixpipe.train.local as module
+
+    result = doctest.testmod(module)
+    assert result.attempted >= 5 and result.failed == 0

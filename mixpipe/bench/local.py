@@ -7,8 +7,9 @@ weights, optimiser, schedule and data order per seed; seeds are the outer loop.
 Recorded:
 * per arm and epoch: training wall-clock (evaluation excluded), top-1, the transition index;
 * per transition index, on one fixed batch: the median time of a full training step (forward,
-  loss, backward, optimiser step; the local updates included) over ``step_repeats`` steps, so the
-  saving of each boundary position is seen without the noise of whole epochs;
+  loss, backward, optimiser step; the local updates included) over ``step_repeats`` steps taken
+  round robin over the positions, so the saving of each boundary position is seen without the
+  noise of whole epochs on a shared machine;
 * activation memory: the bytes autograd saves for the backward pass during one training forward
   (``torch.autograd.graph.saved_tensors_hooks`` sees every tensor an op keeps; counted once per
   storage, parameters excluded). That is the memory that training holds between forward and
@@ -131,13 +132,13 @@ def per_transition(s: LocalBenchSettings, num_classes: int, images, labels) -> L
     torch.manual_seed(0)
     base = build_model(s.model, num_classes)
     x = Normalize(channels_last=True)(images)
-    rows = []
+    arms = []
     for t in range(len(split_blocks(base))):
         model = copy.deepcopy(base).to(memory_format=torch.channels_last).train()
         opt = _optimizer(model, s)
         local = LocalSGD(model, transition=t, rule=OjaRule(lr=s.local_lr), optimizer=opt)
 
-        def step():
+        def step(model=model, opt=opt):
             loss = F.cross_entropy(model(x), labels)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -147,11 +148,15 @@ def per_transition(s: LocalBenchSettings, num_classes: int, images, labels) -> L
                                        exclude=list(model.parameters()))
         for _ in range(3):
             step()
-        times = []
-        for _ in range(s.step_repeats):
+        arms.append((t, local, step, saved, []))
+    # round robin: a change of machine load falls on every boundary position alike
+    for _ in range(s.step_repeats):
+        for t, local, step, saved, times in arms:
             t0 = time.perf_counter()
             step()
             times.append(time.perf_counter() - t0)
+    rows = []
+    for t, local, step, saved, times in arms:
         rows.append({"transition": t, "local_blocks": [b.name for b in local.local_blocks()],
                      "step_seconds_median": statistics.median(times),
                      "saved_activation_bytes": saved})

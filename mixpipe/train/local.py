@@ -121,6 +121,19 @@ class LocalSGD:
     weak: the weak supervision; optimizer: the user's optimiser, read for its learning-rate
     schedule (and to drop stale state); max_transition: the deepest boundary (default: all blocks
     but the last); start: the dynamic rule's first boundary (default 0 = plain SGD).
+
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> local = LocalSGD(model, transition=StaticTransition(lambda epoch: min(epoch, 1)),
+    ...                  optimizer=opt)
+    >>> local.transition, [b.name for b in local.blocks]
+    (0, ['0', '1', '2'])
+    >>> local.end_epoch(0, train_loss=1.0)      # epoch 1: block '0' learns locally
+    1
+    >>> model[0].weight.requires_grad, model[2].weight.requires_grad
+    (False, True)
+    >>> len(list(local.trainable_parameters()))  # what SGD still trains
+    2
     """
 
     def __init__(self, model: nn.Module, blocks: Optional[Sequence[Block]] = None,

@@ -25,7 +25,7 @@ only the within-group part of ``⟨y yᵀ⟩`` (a row only sees its own group's 
 from __future__ import annotations
 
 import dataclasses
-from typing import Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +77,32 @@ def _pair(v) -> Tuple[int, int]:
     return (v, v) if isinstance(v, int) else tuple(v)  # type: ignore[return-value]
 
 
+_COVER: Dict[tuple, torch.Tensor] = {}
+
+
+def _coverage(in_size: Tuple[int, int], out_size: Tuple[int, int], conv: nn.Conv2d,
+              device) -> torch.Tensor:
+    """[H, W]: how many of the conv's windows cover each input pixel (padding excluded); cached
+    per geometry, it turns the patch power into one reduction instead of a convolution."""
+    key = (in_size, out_size, _pair(conv.kernel_size), _pair(conv.stride), _pair(conv.padding),
+           _pair(conv.dilation), str(device))
+    cover = _COVER.get(key)
+    if cover is None:
+        kh, kw = _pair(conv.kernel_size)
+        ones = torch.ones(1, 1, *out_size, dtype=torch.float64)
+        full = F.conv_transpose2d(ones, torch.ones(1, 1, kh, kw, dtype=torch.float64),
+                                  stride=conv.stride, dilation=conv.dilation)
+        ph, pw = _pair(conv.padding)
+        cover = full[0, 0, ph:ph + in_size[0], pw:pw + in_size[1]]
+        if cover.shape != in_size:  # input rows/cols no window reaches get zero coverage
+            padded = torch.zeros(in_size, dtype=torch.float64)
+            padded[:cover.shape[0], :cover.shape[1]] = cover
+            cover = padded
+        cover = cover.to(torch.float32).to(device)
+        _COVER[key] = cover
+    return cover
+
+
 def oja_conv_delta(x: torch.Tensor, y: torch.Tensor, conv: nn.Conv2d, lr: float,
                    eps: float = 1e-6) -> torch.Tensor:
     """ΔW for a Conv2d: x [B, Cin, H, W] its input, y [B, Cout, H', W'] its output minus bias."""
@@ -89,18 +115,18 @@ def oja_conv_delta(x: torch.Tensor, y: torch.Tensor, conv: nn.Conv2d, lr: float,
     p = yf.shape[0] * yf.shape[2] * yf.shape[3]
     hebb = conv2d_weight(xf, weight.shape, yf, conv.stride, conv.padding, conv.dilation,
                          conv.groups) / p
-    ys = yf.transpose(0, 1).reshape(cout, -1)
-    cyy = ys @ ys.t() / p
+    # rows of y per output position; a free view when y is channels_last (as fit makes it)
+    ys = yf.permute(0, 2, 3, 1).reshape(-1, cout)
+    cyy = ys.t() @ ys / p
     if conv.groups > 1:
         cyy = cyy * _group_mask(cout, conv.groups, cyy.device)
     decay = (cyy @ weight.float().reshape(cout, -1)).reshape(weight.shape)
-    # ⟨‖x‖²⟩ over the patches one output row sees: a sum-pool of x² over the window and channels,
-    # divided by the groups (each row sees Cin/groups channels; the mean over groups is exact).
-    kh, kw = _pair(conv.kernel_size)
-    energy = xf.pow(2).sum(dim=1, keepdim=True)
-    window = torch.ones(1, 1, kh, kw, device=xf.device, dtype=xf.dtype)
-    power = F.conv2d(energy, window, None, conv.stride, conv.padding, conv.dilation).mean() \
-        / conv.groups
+    # ⟨‖x‖²⟩ over the patches one output row sees: every input pixel's energy (summed over the
+    # batch and channels) times the number of windows that cover it, divided by the groups (each
+    # row sees Cin/groups channels; the mean over groups is exact).
+    energy = torch.linalg.vector_norm(xf, ord=2, dim=(0, 1)).pow(2)
+    cover = _coverage(tuple(xf.shape[-2:]), tuple(yf.shape[-2:]), conv, xf.device)
+    power = (energy * cover).sum() / (p * conv.groups)
     return (lr / (eps + power)) * (hebb - decay)
 
 
