@@ -134,10 +134,7 @@ class Ledger:
             return
         ids = ids.astype(np.int64, copy=False)
         losses = losses.astype(np.float32, copy=False)
-        # keep the last occurrence of a repeated id (np.unique on the reversed array)
-        rev_ids = ids[::-1]
-        uniq, first_in_rev = np.unique(rev_ids, return_index=True)
-        vals = losses[::-1][first_in_rev]
+        uniq, vals = self._last_per_id(ids, losses)
         old = self.ema[uniq]
         fresh = self.count[uniq] == 0
         d = np.float32(self.ema_decay)
@@ -145,6 +142,21 @@ class Ledger:
         self.last_loss[uniq] = vals
         self.last_epoch[uniq] = epoch
         self.count[uniq] += 1
+
+    def _last_per_id(self, ids: np.ndarray, losses: np.ndarray) -> tuple:
+        """(distinct ids, the loss of each id's last occurrence).
+
+        Reports almost never repeat an id, so first test for repeats without sorting: mark ids
+        in a bool table (cheap when the report is a large share of the dataset) and compare the
+        count. Only when ids do repeat, or the report is small, sort.
+        """
+        if ids.size * 8 >= self.num_samples:
+            marked = np.zeros(self.num_samples, bool)
+            marked[ids] = True
+            if int(np.count_nonzero(marked)) == ids.size:
+                return ids, losses
+        uniq, first_in_rev = np.unique(ids[::-1], return_index=True)
+        return uniq, losses[::-1][first_in_rev]
 
     def snapshot(self) -> LedgerSnapshot:
         arrays = [a.copy() for a in (self.last_loss, self.ema, self.last_epoch, self.count)]
