@@ -18,7 +18,7 @@ from mixpipe.core.layouts import regions  # noqa: E402
 from mixpipe.core.plan import Layout, MixPlan  # noqa: E402
 from mixpipe.dali import (FileList, FixedPlans, FixedView, InMemoryImages, MixIterator,  # noqa: E402
                           PlanBoard, PlanNotPublished, PlanSource, RandomView, close_pipeline,
-                          epoch_walk, image_size, mix, plan_inputs)
+                          epoch_walk, image_size, mix, plan_inputs, unpack_meta)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -166,21 +166,24 @@ def test_geometry_comes_from_core_regions_and_random_view_stays_inside_the_image
                         (64, 96), stride=16, view=RandomView())
     plan = MixPlan.from_slots([(ids, w, lay) for ids, w, lay in ALL_LAYOUTS], len(SIZES))
     for row in range(plan.num_slots):
-        out = source.slot_arrays(plan, row)
-        geometry, count = out[4], int(out[-1])
+        blob, meta = source.slot_arrays(plan, row)
+        m = unpack_meta(meta)
         ids, weights, _, layout = plan.slot(row)
-        assert count == len(ids)
+        assert m["count"] == len(ids) and m["layout"] == layout
         for i, reg in enumerate(regions(layout, weights.tolist(), 64, 96, 16)):
-            top, left, ch, cw, rh, rw, flip = geometry[i]
+            top, left, ch, cw, rh, rw, flip = m["geometry"][i]
             h, w = SIZES[ids[i]]
             assert (rh, rw) == (reg.height, reg.width)
             assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch > 0
             assert flip in (0, 1)
-        for i in range(count, 4):
-            assert out[i].size == 0  # absent constituents ship no bytes, so are never decoded
+            start, length = m["byte_offset"][i], m["byte_length"][i]
+            assert blob[start:start + length].tobytes() == encoded[ids[i]]
+        assert blob.size == sum(len(encoded[i]) for i in ids)
+        # absent constituents ship no bytes (so are never decoded) and no id, weight or target
+        assert (m["byte_length"][len(ids):] == 0).all() and (m["ids"][len(ids):] == -1).all()
+        assert (m["weights"][len(ids):] == 0).all() and (m["targets"][len(ids):] == -1).all()
     # the same slot, epoch and seed give the same views (reproducible augmentation)
-    again = source.slot_arrays(plan, 4)
-    np.testing.assert_array_equal(again[4], source.slot_arrays(plan, 4)[4])
+    np.testing.assert_array_equal(source.slot_arrays(plan, 4)[1], source.slot_arrays(plan, 4)[1])
 
 
 def test_image_size_reads_jpeg_headers_like_pillow():

@@ -20,11 +20,13 @@ See ``pipelines/dali_imagenet.py`` for the complete recipe.
 """
 from .files import EncodedImages, FileList, InMemoryImages, ListedFiles, read_file_list
 from .iterator import OUTPUT_NAMES, FixedPlans, MixIterator, close_pipeline
-from .ops import MixInputs, compose, decode_view, mix, plan_inputs
+from .ops import (MixInputs, compose, constituent_bytes, constituent_geometry, decode_view, mix,
+                  plan_inputs)
 from .plans import PlanBoard, PlanNotPublished, epoch_walk
-from .source import FixedView, PlanSource, RandomView, image_size
+from .source import META_FIELDS, FixedView, PlanSource, RandomView, image_size, unpack_meta
 
 __all__ = ["EncodedImages", "FileList", "InMemoryImages", "ListedFiles", "read_file_list",
            "OUTPUT_NAMES", "FixedPlans", "MixIterator", "close_pipeline", "MixInputs", "compose",
            "decode_view", "mix", "plan_inputs", "PlanBoard", "PlanNotPublished", "epoch_walk",
-           "FixedView", "PlanSource", "RandomView", "image_size"]
+           "FixedView", "PlanSource", "RandomView", "image_size", "constituent_bytes",
+           "constituent_geometry", "META_FIELDS", "unpack_meta"]

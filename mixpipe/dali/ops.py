@@ -10,31 +10,41 @@ normalisation::
 Where things run: the source (file reads, plan rows, crop windows) is host work in DALI's worker
 processes. With ``device="mixed"`` the decoder hands GPU images to ``resize``/``flip``/``cat`` and
 the blend arithmetic, so every mixing operator runs on the GPU; the only host-side additions are
-the per-sample predicates of the conditionals (a comparison on a scalar) and slicing the small
-``geometry`` rows, which are CPU argument inputs either way. On a CPU-only pipeline
-(``device="cpu"``) the same graph runs on the CPU.
+the per-sample predicates of the conditionals (a comparison on a scalar), unpacking the small
+``meta`` rows (subscripts and casts on a few numbers per sample; they are CPU argument inputs
+of the GPU operators either way) and cutting each file out of the slot's byte blob, which a
+mixed decoder reads on the host anyway. On a CPU-only pipeline (``device="cpu"``) the same
+graph runs on the CPU.
 
 Per-sample conditionals route each slot: a SINGLE slot decodes one image, a pair two, a quad four.
-Constituent streams beyond a slot's count are empty byte arrays and never reach a decoder.
+A constituent's bytes are cut out inside the branches that use it, so absent ones are never
+touched.
 """
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 from nvidia.dali import fn, types
 import nvidia.dali.math as dmath
 
 from ..core.plan import Layout
-from .source import PlanSource
+from .source import GEOMETRY_FIELDS, META, PlanSource
 
-__all__ = ["MixInputs", "plan_inputs", "decode_view", "mix", "compose"]
+__all__ = ["MixInputs", "plan_inputs", "constituent_bytes", "constituent_geometry",
+           "decode_view", "mix", "compose"]
 
 
 class MixInputs(NamedTuple):
-    """The DataNodes of one :class:`PlanSource` stream (see its docstring for shapes)."""
+    """The source's two outputs and the per-slot tensors unpacked from ``meta`` (CPU nodes).
 
-    encoded: List
-    geometry: object
+    ``targets``/``ids`` int64[K], ``weights``/``loss_scale`` float32[K], ``layout`` uint8 and
+    ``count`` int32 per slot. Per-constituent pieces (bytes, view geometry, weight) are cut out
+    lazily by :func:`constituent_bytes` and friends, inside the branches that need them.
+    """
+
+    blob: object
+    meta: object
+    max_constituents: int
     targets: object
     weights: object
     ids: object
@@ -45,30 +55,47 @@ class MixInputs(NamedTuple):
 
 def plan_inputs(source: PlanSource, parallel: bool = True, prefetch_queue_depth: int = 2,
                 name: Optional[str] = None) -> MixInputs:
-    """``fn.external_source`` over ``source`` in per-sample mode; its outputs as :class:`MixInputs`.
+    """``fn.external_source`` over ``source`` in per-sample mode, unpacked as :class:`MixInputs`.
 
     With ``parallel=True`` the callback runs in the pipeline's ``py_num_workers`` processes
     (pass ``py_start_method="spawn"`` to the pipeline when CUDA is initialised in the parent).
     """
     extra = {"prefetch_queue_depth": prefetch_queue_depth} if parallel else {}
-    outs = fn.external_source(source=source, num_outputs=source.num_outputs, batch=False,
-                              parallel=parallel, name=name, **extra)
-    idx = source.outputs
-    return MixInputs([outs[i] for i in idx.encoded], outs[idx.geometry], outs[idx.targets],
-                     outs[idx.weights], outs[idx.ids], outs[idx.loss_scale], outs[idx.layout],
-                     outs[idx.count])
+    blob, meta = fn.external_source(source=source, num_outputs=source.num_outputs, batch=False,
+                                    parallel=parallel, name=name, **extra)
+    column = lambda field, dtype: fn.cast(meta[:, META[field]], dtype=dtype)  # noqa: E731
+    return MixInputs(blob, meta, source.max_constituents,
+                     column("target", types.INT64), column("weight", types.FLOAT),
+                     column("id", types.INT64), column("loss_scale", types.FLOAT),
+                     fn.cast(meta[0, META["layout"]], dtype=types.UINT8),
+                     fn.cast(meta[0, META["count"]], dtype=types.INT32))
 
 
-def decode_view(encoded, geometry, index: int, device: str = "cpu"):
+def constituent_bytes(inputs: MixInputs, index: int):
+    """Constituent ``index``'s encoded file, cut out of the slot's blob (no copy in Python)."""
+    start = fn.cast(inputs.meta[index, META["byte_offset"]:META["byte_offset"] + 1],
+                    dtype=types.INT32)
+    length = fn.cast(inputs.meta[index, META["byte_length"]:META["byte_length"] + 1],
+                     dtype=types.INT32)
+    return fn.slice(inputs.blob, start, length, axes=[0], normalized_anchor=False,
+                    normalized_shape=False)
+
+
+def constituent_geometry(inputs: MixInputs, index: int):
+    """int32[7] view geometry of constituent ``index`` (see ``GEOMETRY_FIELDS``)."""
+    return fn.cast(inputs.meta[index, 0:len(GEOMETRY_FIELDS)], dtype=types.INT32)
+
+
+def decode_view(inputs: MixInputs, index: int, device: str = "cpu"):
     """Decode constituent ``index`` inside its crop window, resize to its region, mirror.
 
     ROI decoding (``decoders.image_slice``) decodes only the crop; the resize is antialiased
     bilinear like the reference composer's. EXIF orientation is ignored because the crop window
     was computed on the stored pixel grid.
     """
-    row = geometry[index]
-    image = fn.decoders.image_slice(encoded, row[0:2], row[2:4], axis_names="HW",
-                                    device=device, output_type=types.RGB,
+    row = constituent_geometry(inputs, index)
+    image = fn.decoders.image_slice(constituent_bytes(inputs, index), row[0:2], row[2:4],
+                                    axis_names="HW", device=device, output_type=types.RGB,
                                     adjust_orientation=False)
     image = fn.resize(image, size=fn.cast(row[4:6], dtype=types.FLOAT), antialias=True,
                       interp_type=types.INTERP_LINEAR)
@@ -76,7 +103,7 @@ def decode_view(encoded, geometry, index: int, device: str = "cpu"):
 
 
 def _weight(inputs: MixInputs, index: int, image):
-    w = inputs.weights[index]
+    w = fn.cast(inputs.meta[index, META["weight"]], dtype=types.FLOAT)
     return w.gpu() if image.device == "gpu" else w
 
 
@@ -102,18 +129,19 @@ def compose(constituents: list, inputs: MixInputs, layout: Layout):
     raise ValueError(f"compose() takes BLEND, HALVES or QUADS, got {Layout(layout).name}")
 
 
-ViewFn = Callable[[object, object, int, str], object]
+ViewFn = Callable[[MixInputs, int, str], object]
 
 
 def mix(inputs: MixInputs, view: ViewFn = decode_view, device: str = "cpu"):
     """Per-slot composite (HWC uint8) of the source's constituents; needs conditionals enabled.
 
-    ``view(encoded, geometry, index, device)`` turns constituent ``index`` into an HWC image of
-    its region's size (default :func:`decode_view`); it is called only inside the branches whose
+    ``view(inputs, index, device)`` turns constituent ``index`` into an HWC image of its
+    region's size (default :func:`decode_view`; use :func:`constituent_bytes` and
+    :func:`constituent_geometry` in your own); it is called only inside the branches whose
     slots have that constituent, so a SINGLE slot pays for one decode.
     """
-    k = len(inputs.encoded)
-    first = view(inputs.encoded[0], inputs.geometry, 0, device)
+    k = inputs.max_constituents
+    first = view(inputs, 0, device)
     out = first
     if k >= 2:
         out = _mixed(inputs, view, device, first, k)
@@ -124,7 +152,7 @@ def _mixed(inputs: MixInputs, view: ViewFn, device: str, first, k: int):
     # Split off so that the conditionals below see only statically known Python values of k.
     out = first
     if inputs.count > 1:
-        second = view(inputs.encoded[1], inputs.geometry, 1, device)
+        second = view(inputs, 1, device)
         if inputs.layout == int(Layout.HALVES):
             out = compose([first, second], inputs, Layout.HALVES)
         else:
@@ -136,8 +164,8 @@ def _blend_or_quads(inputs: MixInputs, view: ViewFn, device: str, first, second,
     if k < 4:
         return _blend(inputs, view, device, [first, second], k)
     if inputs.layout == int(Layout.QUADS):
-        third = view(inputs.encoded[2], inputs.geometry, 2, device)
-        fourth = view(inputs.encoded[3], inputs.geometry, 3, device)
+        third = view(inputs, 2, device)
+        fourth = view(inputs, 3, device)
         out = compose([first, second, third, fourth], inputs, Layout.QUADS)
     else:
         out = _blend(inputs, view, device, [first, second], k)
@@ -153,6 +181,6 @@ def _blend(inputs: MixInputs, view: ViewFn, device: str, images: list, k: int):
 
 def _add_if_present(inputs: MixInputs, view: ViewFn, device: str, acc, index: int):
     if inputs.count > index:
-        image = view(inputs.encoded[index], inputs.geometry, index, device)
+        image = view(inputs, index, device)
         acc = acc + image * _weight(inputs, index, image)
     return acc

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import struct
-from typing import Callable, NamedTuple, Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -24,11 +24,19 @@ from ..core.plan import Layout, MixPlan
 from .files import EncodedImages
 from .plans import PlanBoard
 
-__all__ = ["PlanSource", "RandomView", "FixedView", "GEOMETRY_FIELDS", "image_size"]
+__all__ = ["PlanSource", "RandomView", "FixedView", "GEOMETRY_FIELDS", "META_FIELDS", "META",
+           "image_size", "unpack_meta"]
 
-#: Columns of the per-constituent ``geometry`` output (int32[K, 7]).
+#: Columns of the per-constituent view geometry (the first columns of ``meta``).
 GEOMETRY_FIELDS = ("crop_top", "crop_left", "crop_height", "crop_width", "region_height",
                    "region_width", "flip")
+
+#: Columns of the per-slot ``meta`` output, float64[K, len(META_FIELDS)]: one row per
+#: constituent stream. float64 holds every field exactly (ids below 2**53, float32 weights).
+#: ``layout`` and ``count`` are per slot and repeated on every row.
+META_FIELDS = GEOMETRY_FIELDS + ("target", "id", "weight", "loss_scale", "byte_offset",
+                                 "byte_length", "layout", "count")
+META = {name: i for i, name in enumerate(META_FIELDS)}
 
 #: ``view(height, width, (region_h, region_w), rng) -> (top, left, crop_h, crop_w, flip)``
 ViewFn = Callable[[int, int, Tuple[int, int], np.random.Generator],
@@ -104,9 +112,6 @@ def image_size(encoded: np.ndarray) -> Tuple[int, int]:
     return int(height), int(width)
 
 
-_EMPTY = np.empty(0, np.uint8)
-
-
 class _WalkRows:
     """A walk's per-slot arrays padded to K once, so a sample only indexes rows.
 
@@ -136,27 +141,30 @@ class _WalkRows:
         self.scale, self.targets = self.scale[:, :k], self.targets[:, :k]
 
 
-class SourceOutputs(NamedTuple):
-    """Indices of the callback's outputs (``num_outputs = K + 7``)."""
-
-    encoded: Tuple[int, ...]
-    geometry: int
-    targets: int
-    weights: int
-    ids: int
-    loss_scale: int
-    layout: int
-    count: int
+def unpack_meta(meta: np.ndarray) -> dict:
+    """The ``meta`` output as named arrays with their MixedBatch dtypes (tests, debugging)."""
+    meta = np.asarray(meta)
+    col = lambda name: meta[..., META[name]]  # noqa: E731
+    return {"geometry": meta[..., :len(GEOMETRY_FIELDS)].astype(np.int32),
+            "targets": col("target").astype(np.int64), "ids": col("id").astype(np.int64),
+            "weights": col("weight").astype(np.float32),
+            "loss_scale": col("loss_scale").astype(np.float32),
+            "byte_offset": col("byte_offset").astype(np.int64),
+            "byte_length": col("byte_length").astype(np.int64),
+            "layout": col("layout")[..., 0].astype(np.uint8),
+            "count": col("count")[..., 0].astype(np.int32)}
 
 
 class PlanSource:
     """``fn.external_source`` callback (``batch=False``, ``parallel=True`` capable).
 
-    Per slot it returns, in this order: the encoded bytes of each of up to ``max_constituents``
-    constituents (an empty array where the slot has fewer: those are never decoded), then
-    ``geometry`` int32[K, 7] (see :data:`GEOMETRY_FIELDS`), ``targets`` int64[K], ``weights``
-    float32[K], ``ids`` int64[K], ``loss_scale`` float32[K] (-1 / 0 where absent), ``layout``
-    uint8 and ``count`` int32 scalars. After the walk's last slot it raises ``StopIteration``.
+    Per slot it returns two arrays: ``blob``, the slot's constituents' encoded files back to
+    back (uint8), and ``meta`` float64[K, len(META_FIELDS)], one row per constituent stream
+    (see :data:`META_FIELDS`; rows beyond the slot's count have id -1, weight 0 and length 0).
+    :func:`mixpipe.dali.ops.plan_inputs` unpacks them in the graph. Two outputs, not one per
+    field: each external-source output costs about 20 us of CPU per sample (measured here:
+    11 outputs 242 us, 1 output 22 us), more than the Python that fills it.
+    After the walk's last slot it raises ``StopIteration``.
 
     Args:
         images: encoded images and labels by dataset index.
@@ -193,14 +201,7 @@ class PlanSource:
         state["_cache"] = {}
         return state
 
-    @property
-    def num_outputs(self) -> int:
-        return self.max_constituents + 7
-
-    @property
-    def outputs(self) -> SourceOutputs:
-        k = self.max_constituents
-        return SourceOutputs(tuple(range(k)), k, k + 1, k + 2, k + 3, k + 4, k + 5, k + 6)
+    num_outputs = 2  #: blob, meta
 
     def check_plan(self, plan: MixPlan) -> None:
         """Refuse a plan this source cannot deliver, naming the fix."""
@@ -251,20 +252,29 @@ class PlanSource:
         else:
             shapes = [(r.height, r.width) for r in regions(
                 layout, rows.weights[row, :n].tolist(), height, width, self.stride)]
-        geometry = np.zeros((k, len(GEOMETRY_FIELDS)), np.int32)
-        geometry[:, 4] = height
-        geometry[:, 5] = width
+        meta = np.zeros((k, len(META_FIELDS)), np.float64)
+        meta[:, META["region_height"]] = height
+        meta[:, META["region_width"]] = width
+        meta[:, META["target"]] = rows.targets[row]
+        meta[:, META["id"]] = rows.ids[row]
+        meta[:, META["weight"]] = rows.weights[row]
+        meta[:, META["loss_scale"]] = rows.scale[row]
+        meta[:, META["layout"]] = int(layout)
+        meta[:, META["count"]] = n
         encoded = []
+        offset = 0
         rng = np.random.default_rng([self.seed, walk.epoch, *ids])
         for i, (sample, shape) in enumerate(zip(ids, shapes)):
             data = self.images.encoded(sample)
             img_h, img_w = image_size(data)
             top, left, ch, cw, flip = self.view(img_h, img_w, shape, rng)
-            geometry[i] = (top, left, ch, cw, shape[0], shape[1], int(flip))
+            meta[i, :len(GEOMETRY_FIELDS)] = (top, left, ch, cw, shape[0], shape[1], int(flip))
+            meta[i, META["byte_offset"]] = offset
+            meta[i, META["byte_length"]] = data.size
+            offset += data.size
             encoded.append(data)
-        encoded.extend([_EMPTY] * (k - n))
-        return (*encoded, geometry, rows.targets[row], rows.weights[row], rows.ids[row],
-                rows.scale[row], np.array(int(layout), np.uint8), np.array(n, np.int32))
+        blob = encoded[0] if n == 1 else np.concatenate(encoded)
+        return blob, meta
 
     def __call__(self, sample_info) -> tuple:
         walk = self._walk(int(sample_info.epoch_idx))
