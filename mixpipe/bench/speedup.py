@@ -203,6 +203,8 @@ def make_loader(s: SpeedupSettings, train, service, seed: int):
                            stride=s.stride, num_workers=s.workers, seed=seed,
                            constituent_transform=constituent_transform(s),
                            persistent_workers=s.workers > 0)
+    if s.loader == "ffcv":
+        return _ffcv_loader(s, train, service)
     try:
         module = __import__(f"mixpipe.{s.loader}", fromlist=["speedup_loader"])
     except ImportError as err:
@@ -211,21 +213,83 @@ def make_loader(s: SpeedupSettings, train, service, seed: int):
     factory = getattr(module, "speedup_loader", None)
     if factory is None:
         raise SystemExit(f"--loader {s.loader}: mixpipe.{s.loader} has no speedup_loader(settings,"
-                         " dataset, service, seed) entry point yet; use --loader torch")
+                         " dataset, service, seed) entry point yet; use --loader torch or ffcv")
     return factory(s, train, service, seed)
 
 
+class _FfcvEpochs:
+    """A :class:`mixpipe.ffcv.MixLoader` seen through the ``set_epoch`` / ``len`` / iterate
+    protocol of :func:`mixpipe.train.fit` (FFCV counts epochs itself, one per iteration)."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.batches = loader.mixed()
+
+    def set_epoch(self, epoch: int):
+        if epoch != self.loader.next_epoch:
+            raise RuntimeError(f"the FFCV loader is at epoch {self.loader.next_epoch}, fit asked "
+                               f"for {epoch}: epochs must run in order")
+        return self.loader.plan(epoch)
+
+    @property
+    def plan(self):
+        return self.loader.plan()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def _ffcv_loader(s: SpeedupSettings, train, service):
+    try:
+        from ffcv.transforms import ToTensor, ToTorchImage
+
+        from mixpipe.ffcv import MixLabelDecoder, MixLoader, SimpleMixDecoder
+    except ImportError as err:
+        raise SystemExit(f"--loader ffcv: cannot import ffcv / mixpipe.ffcv ({err})") from err
+    from mixpipe.data import find_prepared
+
+    if s.limit is not None and s.limit < len(train.base):
+        raise SystemExit("--loader ffcv reads the whole .beton: --limit / --quick subsets are "
+                         "for the torch loader")
+    root = s.data_root if s.data == FASHION else s.data
+    beton = find_prepared(root).path("train", "beton")
+    pipelines = {
+        "image": [SimpleMixDecoder((s.image_size, s.image_size), stride=s.stride,
+                                   flip_prob=0.5 if s.augment != "none" else 0.0),
+                  ToTensor(), ToTorchImage()],
+        "label": [MixLabelDecoder(), ToTensor()],
+    }
+    loader = MixLoader(beton, s.batch_size, service, pipelines=pipelines,
+                       num_workers=max(1, s.workers))
+    return _FfcvEpochs(loader)
+
+
 # ------------------------------------------------------------------------------------- runs
+def _build(name: str, num_classes: int):
+    if name.startswith("tv:"):
+        try:
+            import torchvision
+        except ImportError as err:
+            raise SystemExit(f"--model {name}: torchvision is not installed ({err})") from err
+        return getattr(torchvision.models, name[3:])(num_classes=num_classes)
+    from mixpipe.train import build_model
+
+    return build_model(name, num_classes)
+
+
 def train_arm(s: SpeedupSettings, policy: str, seed: int, train, val_batches, num_classes: int,
               log=print) -> Dict[str, Any]:
     """One (policy, seed) run; returns its history with the arm's identity."""
     import torch
 
     from mixpipe.server import InProcessService
-    from mixpipe.train import Normalize, Schedule, build_model, fit
+    from mixpipe.train import Normalize, Schedule, fit
 
     torch.manual_seed(seed)
-    model = build_model(s.model, num_classes)
+    model = _build(s.model, num_classes)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.ndim <= 1 else decay).append(p)
@@ -409,12 +473,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where Fashion-MNIST is prepared (default %(default)s)")
     parser.add_argument("--loader", choices=LOADERS, default=d.loader)
     parser.add_argument("--model", default=d.model,
-                        help="resnet-tiny | resnet-small | resnet-wide | vit-small")
+                        help="resnet-tiny | resnet-small | resnet-wide | vit-small, or tv:NAME "
+                             "for torchvision.models.NAME (e.g. tv:resnet50) when installed")
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--policies", default=",".join(d.policies),
                         help="comma list of arms from none,random,mixtrain,shrink")
     parser.add_argument("--seeds", default=None,
-                        help="comma list of seeds, or a count N for 0..N-1 (default 0,1)")
+                        help="comma list of seeds (default 0,1)")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--lr", type=float, default=d.lr)
     parser.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -423,6 +488,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fraction", type=float, default=d.fraction,
                         help="share of the dataset mixtrain mixes per epoch after warm-up")
     parser.add_argument("--gamma", type=float, default=d.gamma)
+    parser.add_argument("--w-min", type=float, default=d.w_min,
+                        help="smallest share a constituent gets (0.5 halves: always equal)")
     parser.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
     parser.add_argument("--final-full-epochs", type=int, default=d.final_full_epochs)
     parser.add_argument("--limit", type=int, default=None, help="train on the first N samples")
@@ -430,6 +497,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=d.workers, help="loader worker processes")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--augment", choices=AUGMENTS, default=d.augment)
+    parser.add_argument("--image-size", type=int, default=d.image_size,
+                        help="composite side in px (224 for ImageNet-style models)")
+    parser.add_argument("--stride", type=int, default=d.stride,
+                        help="the network's total stride: region boundaries snap to it")
     parser.add_argument("--quick", action="store_true",
                         help=f"a subset in a few minutes: {QUICK} unless given explicitly")
     parser.add_argument("--no-progress", action="store_true")
@@ -443,8 +514,6 @@ def settings_from_args(args: argparse.Namespace) -> SpeedupSettings:
     seeds: Tuple[int, ...]
     if args.seeds is None:
         seeds = quick.get("seeds", SpeedupSettings().seeds)
-    elif "," not in args.seeds and args.seeds.strip().isdigit() and int(args.seeds) < 100:
-        seeds = tuple(range(int(args.seeds)))
     else:
         seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
     return SpeedupSettings(
@@ -452,11 +521,12 @@ def settings_from_args(args: argparse.Namespace) -> SpeedupSettings:
         epochs=args.epochs if args.epochs is not None else quick.get("epochs", 10),
         policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()), seeds=seeds,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        schedule=args.schedule, layout=args.layout, fraction=args.fraction, gamma=args.gamma,
+        schedule=args.schedule, layout=args.layout, fraction=args.fraction, gamma=args.gamma, w_min=args.w_min,
         warmup_epochs=args.warmup_epochs, final_full_epochs=args.final_full_epochs,
         limit=args.limit if args.limit is not None else quick.get("limit"),
         val_limit=args.val_limit if args.val_limit is not None else quick.get("val_limit"),
         workers=args.workers, threads=args.threads, augment=args.augment,
+        image_size=args.image_size, stride=args.stride,
         progress=not args.no_progress)
 
 
