@@ -17,6 +17,7 @@ from torch import nn
 from mixpipe.core.plan import Layout
 
 from .adapt import adapt
+from .distributed import agree_steps, wrap_model, world
 from .evaluate import Normalize, evaluate
 from .loss import batch_loss
 from .reporter import LossReporter
@@ -39,8 +40,9 @@ def _barrier() -> None:
 def fit(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs: int,
         schedule: Union[Schedule, str] = "cosine", eval_loader: Optional[Iterable] = None,
         service=None, *, device: Union[str, torch.device] = "cpu",
-        prepare: Normalize = Normalize(), stride: Optional[int] = None, rank: int = 0,
-        commit: Optional[bool] = None, progress: bool = True, reporter_chunk: int = 8192,
+        prepare: Normalize = Normalize(), stride: Optional[int] = None,
+        rank: Optional[int] = None, commit: Optional[bool] = None, start_epoch: int = 0,
+        progress: bool = True, reporter_chunk: int = 8192,
         on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None,
         desc: str = "train") -> Dict[str, Any]:
     """Train ``model`` for ``epochs`` epochs of ``loader``; return the history.
@@ -53,12 +55,24 @@ def fit(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs: int,
     progress through the run. ``commit`` defaults to rank 0 (after a barrier when
     ``torch.distributed`` is initialised, so every rank's reports are in).
 
+    Under ``torch.distributed`` (see :mod:`mixpipe.train.distributed`) ``rank`` defaults to the
+    process rank, the adapted model is wrapped in DDP, every rank takes the same number of steps
+    (the smallest of the ranks' loaders) and all ranks meet at a barrier after flushing their
+    losses, before anyone commits or asks for the next plan. Only rank 0 prints.
+    ``start_epoch`` resumes a run at that epoch (restore the model, optimizer and selection
+    service from a checkpoint first).
+
     The history holds per-epoch records (``train_seconds`` = data wait + compute + plan fetch,
     ``eval_seconds`` kept apart, ``forward_inputs``, ``constituents``, ``train_loss``, ``top1``,
     ``speedup_bound``, layout counts) and the totals.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if not 0 <= start_epoch < epochs:
+        raise ValueError(f"start_epoch must be in [0, epochs={epochs}), got {start_epoch}")
+    if rank is None:
+        rank = world()[0]
+    progress = progress and rank == 0
     if not (hasattr(loader, "set_epoch") and hasattr(loader, "__len__")):
         raise TypeError("loader must have set_epoch(epoch) and len() (e.g. mixpipe.torch."
                         "MixedLoader)")
@@ -68,6 +82,7 @@ def fit(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs: int,
     net = adapt(model, stride=stride).to(device)
     if prepare.channels_last:
         net = net.to(memory_format=torch.channels_last)
+    net = wrap_model(net, device)
     if service is None:  # the loader's own plan source, if it takes reports
         source = getattr(loader, "service", None) or \
             getattr(getattr(loader, "sampler", None), "source", None)
@@ -83,12 +98,12 @@ def fit(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs: int,
         tqdm = None
     failed = True
     try:
-        for epoch in range(epochs):
+        for epoch in range(start_epoch, epochs):
             net.train()
             t0 = time.perf_counter()
             plan = loader.set_epoch(epoch)
             plan = plan if plan is not None else getattr(loader, "plan", None)
-            steps = len(loader)
+            steps = agree_steps(len(loader))
             plan_seconds = time.perf_counter() - t0
             wait = compute = 0.0
             loss_sum = 0.0
@@ -98,6 +113,9 @@ def fit(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs: int,
             tick = time.perf_counter()
             step = -1
             for step, batch in enumerate(loader):
+                if step >= steps:  # another rank has fewer: all must take the same steps
+                    step -= 1
+                    break
                 got = time.perf_counter()
                 wait += got - tick
                 factor = schedule.factor((epoch + step / max(steps, 1)) / epochs)
@@ -127,8 +145,7 @@ def fit(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs: int,
             t_report = time.perf_counter()
             if reporter is not None:
                 reporter.flush()
-                if commit:
-                    _barrier()
+                _barrier()  # every rank, so no one asks for the next plan before all reported
                 reporter.end_epoch(epoch, commit=commit)
             report_seconds = time.perf_counter() - t_report
             train_seconds = time.perf_counter() - t0

@@ -1,0 +1,348 @@
+"""Multi-rank training: ``torchrun`` + DDP, with one selection server for the whole job.
+
+What DDP needs from mixpipe, and why it is arranged this way:
+
+* **One server.** Every rank must get its shard of *one* global plan, so every rank talks to the
+  same :class:`~mixpipe.server.core.SelectionCore`. Either the user runs ``mixpipe serve`` beside
+  the job and passes ``--server tcp://host:port``, or rank 0 serves its own embedded service on a
+  network port (a background thread) and broadcasts the address; every rank, rank 0 included,
+  then talks to it through :func:`mixpipe.server.connect`, so all ranks see the same transport.
+* **Equal steps.** DDP's all-reduce hangs if one rank takes a step the others do not. Shards have
+  equal slot counts, but a rank that fell back to a no-mixing plan (server unreachable) would have
+  more; :func:`agree_steps` takes the minimum over the ranks, and :func:`mixpipe.train.fit` stops
+  every rank there.
+* **Report, barrier, commit.** The server closes reporting for epoch ``e`` as soon as anyone asks
+  for the plan of ``e + 1``. So every rank flushes its reporter, all ranks meet at a barrier, and
+  only then does rank 0 commit and anyone fetch the next plan (``fit`` does this).
+* **Training never stops because of the server.** :class:`ResilientService` drops the losses of
+  an unreachable server (warning once) instead of raising from the reporter: the loader is
+  already training unmixed on fallback plans then.
+
+Everything here is a no-op (single process) when ``torch.distributed`` is not initialised.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["DistEnv", "init_distributed", "shutdown", "is_distributed", "world", "barrier",
+           "broadcast_object", "agree_steps", "wrap_model", "free_port", "ResilientService",
+           "JobServer", "start_server", "start_server_process", "job_service", "main_process"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job (from torchrun's environment variables)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"DistEnv.world_size must be >= 1, got {self.world_size}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"DistEnv.rank must be in [0, world_size={self.world_size}), got "
+                             f"{self.rank}")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def device(self) -> torch.device:
+        if self.backend == "nccl":
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+
+def is_distributed() -> bool:
+    """True inside an initialised process group of more than one rank."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world() -> Tuple[int, int]:
+    """(rank, world_size); (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def main_process() -> bool:
+    """Only rank 0 writes files and prints tables."""
+    return world()[0] == 0
+
+
+def init_distributed(backend: Optional[str] = None, timeout: float = 300.0) -> DistEnv:
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, ...).
+
+    Without those variables (a plain ``python`` launch) nothing is initialised and the single
+    process environment is returned, so the same script runs both ways. ``backend`` defaults to
+    nccl when CUDA is available and gloo otherwise (the CPU).
+    """
+    if dist.is_available() and dist.is_initialized():
+        rank, size = world()
+        return DistEnv(rank, size, int(os.environ.get("LOCAL_RANK", 0)), dist.get_backend())
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistEnv()
+    rank, size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend, rank=rank, world_size=size,
+                            timeout=datetime.timedelta(seconds=timeout))
+    return DistEnv(rank, size, local_rank, backend)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` of rank ``src`` on every rank (identity outside a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def agree_steps(steps: int) -> int:
+    """The smallest step count of all ranks: every rank must take the same number of steps."""
+    if not is_distributed():
+        return int(steps)
+    device = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([int(steps)], dtype=torch.int64, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return int(value.item())
+
+
+def wrap_model(net: nn.Module, device: Any = None) -> nn.Module:
+    """``net`` in DistributedDataParallel inside a multi-rank group, else ``net`` unchanged.
+
+    Buffers (BatchNorm statistics) are broadcast from rank 0 at each forward, as DDP does by
+    default, so every rank evaluates the same model.
+    """
+    if not is_distributed() or isinstance(net, nn.parallel.DistributedDataParallel):
+        return net
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    ids = [device.index] if device.type == "cuda" and device.index is not None else None
+    return nn.parallel.DistributedDataParallel(net, device_ids=ids)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (the usual bind-to-0 trick)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------ service
+class ResilientService:
+    """A selection service whose ``report`` / ``commit`` never stop training.
+
+    If the server is unreachable (:class:`~mixpipe.server.ServerUnavailable`, after the client's
+    own retries) the losses are dropped and counted, with one warning per service, unless the
+    client already warned about falling back to unmixed plans (one warning in all). Errors the
+    server *answers* with (a refused report) still raise: they are bugs, not outages.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.dropped_losses = 0
+        self.dropped_commits = 0
+        self._warned = False
+
+    @property
+    def num_samples(self) -> int:
+        return self.inner.num_samples
+
+    def _outage(self, what: str, err: Exception) -> None:
+        if not self._warned and getattr(self.inner, "fallbacks", 0) == 0:
+            from mixpipe.server.client import ServerUnavailableWarning
+
+            warnings.warn(f"{err}: {what} dropped; training continues without loss feedback "
+                          "until the server is back", ServerUnavailableWarning, stacklevel=3)
+        self._warned = True
+
+    def report(self, epoch: int, ids: Any, losses: Any, rank: int = 0) -> None:
+        from mixpipe.server.client import ServerUnavailable
+
+        try:
+            self.inner.report(epoch, ids, losses, rank=rank)
+        except ServerUnavailable as err:
+            self.dropped_losses += int(getattr(ids, "size", len(ids)))
+            self._outage("losses", err)
+
+    def commit(self, epoch: int) -> None:
+        from mixpipe.server.client import ServerUnavailable
+
+        try:
+            self.inner.commit(epoch)
+        except ServerUnavailable as err:
+            self.dropped_commits += 1
+            self._outage("commit", err)
+
+    def plan(self, epoch: int, rank: int = 0, world_size: int = 1):
+        return self.inner.plan(epoch, rank, world_size)
+
+    def stats(self) -> Dict[str, Any]:
+        return self.inner.stats()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.inner.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+
+    def close(self) -> None:
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            close()
+
+
+class JobServer:
+    """A selection server owned by this process: a thread, or a ``mixpipe serve`` subprocess."""
+
+    def __init__(self, url: str, server: Any = None, process: Optional[subprocess.Popen] = None,
+                 core: Any = None) -> None:
+        self.url = url
+        self.server = server
+        self.process = process
+        self.core = core
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.server is not None:
+            self.server.stop(timeout)
+            self.server = None
+        if self.process is not None:
+            proc, self.process = self.process, None
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout)
+        if self.core is not None:
+            self.core.close()
+            self.core = None
+
+    def __enter__(self) -> "JobServer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def start_server(num_samples: int, policy: Any = None, seed: int = 0,
+                 state_dir: Optional[str] = None, host: str = "127.0.0.1",
+                 port: Optional[int] = None, **service_kwargs: Any) -> JobServer:
+    """An :class:`InProcessService` served on ``tcp://host:port`` from a background thread.
+
+    ``port`` None picks a free one. The thread holds the GIL only while it serves a request, so
+    training in the same process is barely disturbed; a dedicated ``mixpipe serve`` process
+    (:func:`start_server_process`) keeps it entirely apart.
+    """
+    from mixpipe.server import InProcessService, SelectionServer
+
+    core = InProcessService(num_samples, policy, seed=seed, state_dir=state_dir, **service_kwargs)
+    try:
+        server = SelectionServer(core, f"tcp://{host}:{'*' if port is None else int(port)}")
+    except Exception:
+        core.close()
+        raise
+    server.start()
+    return JobServer(server.endpoint, server=server, core=core)
+
+
+def start_server_process(num_samples: int, policy: str = "none", seed: int = 0,
+                         state_dir: Optional[str] = None, host: str = "127.0.0.1",
+                         port: Optional[int] = None, policy_json: Optional[str] = None,
+                         ready_timeout: float = 60.0, extra: Optional[List[str]] = None,
+                         stderr: Any = None) -> JobServer:
+    """``mixpipe serve`` as a child process; returns once it prints that it listens."""
+    port = free_port(host) if port is None else int(port)
+    url = f"tcp://{host}:{port}"
+    cmd = [sys.executable, "-m", "mixpipe", "serve", "--num-samples", str(int(num_samples)),
+           "--bind", url, "--policy", policy, "--seed", str(int(seed)), "--log-level", "WARNING"]
+    if policy_json:
+        cmd += ["--policy-json", policy_json]
+    if state_dir:
+        cmd += ["--state-dir", os.fspath(state_dir)]
+    cmd += list(extra or [])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    ready = threading.Event()
+    lines: List[str] = []
+
+    def watch() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "listening on" in line:
+                ready.set()
+        ready.set()  # EOF: the process is gone
+
+    threading.Thread(target=watch, name="mixpipe-serve-stdout", daemon=True).start()
+    if not ready.wait(ready_timeout) or proc.poll() is not None:
+        proc.kill()
+        proc.wait(10)
+        raise RuntimeError(f"`mixpipe serve` did not start within {ready_timeout:g} s "
+                           f"(exit code {proc.returncode}): {''.join(lines)[-2000:]}")
+    return JobServer(url, process=proc)
+
+
+def job_service(num_samples: int, policy: Any = None, seed: int = 0, *,
+                server: Optional[str] = None, state_dir: Optional[str] = None,
+                timeout: float = 30.0, retries: int = 2, host: str = "127.0.0.1"
+                ) -> Tuple[Any, Optional[JobServer]]:
+    """The selection service this rank should use, and the server it owns (rank 0 only).
+
+    * ``server`` given (``tcp://...``): every rank connects to it.
+    * else, inside a multi-rank job: rank 0 serves an embedded service on a free port of
+      ``host``, broadcasts the address, and every rank connects.
+    * else (one process): the embedded :class:`InProcessService`, no network at all.
+
+    Remote services come wrapped in :class:`ResilientService`. Call ``owned.stop()`` at the end
+    (after a barrier, so no rank still talks to it).
+    """
+    from mixpipe.server import InProcessService, connect
+
+    owned: Optional[JobServer] = None
+    if server is None and not is_distributed():
+        return InProcessService(num_samples, policy, seed=seed, state_dir=state_dir), None
+    if server is None:
+        url = None
+        if main_process():
+            owned = start_server(num_samples, policy, seed=seed, state_dir=state_dir, host=host)
+            url = owned.url
+        url = broadcast_object(url)
+    else:
+        url = server
+    client = connect(url, timeout=timeout, retries=retries, num_samples=num_samples, seed=seed)
+    return ResilientService(client), owned
