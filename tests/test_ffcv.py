@@ -252,6 +252,26 @@ def test_random_resized_crops_match_reference_and_stay_in_bounds(textured_beton)
     np.testing.assert_array_equal(decoder.crops[:plan.num_slots], first)
 
 
+def test_fast_resize_mode_stays_close_to_the_reference(textured_beton):
+    """resize="fast" (FFCV's OpenCV INTER_AREA) is not the reference filter: bounded drift."""
+    path, decoded, labels = textured_beton
+    plans = ScriptedPlans()
+    decoder = RandomResizedCropMixDecoder((24, 40), scale=(0.3, 1.0), stride=STRIDE,
+                                          flip_prob=0.5, resize="fast")
+    loader = MixLoader(path, 16, plans, num_workers=1, pipelines={
+        "image": [decoder], "label": [MixLabelDecoder(), ToTensor()]})
+    plans.next = mixed_plan(seed=12)
+    images, batches = run_epoch(loader)
+    plan = loader.plan(loader.next_epoch - 1)
+    got = np.concatenate(images).astype(np.int64)
+    want = np.stack([reference(decoded, plan, row, (24, 40), decoder.crops)
+                     for row in range(plan.num_slots)]).astype(np.int64)
+    assert np.abs(got - want).mean() < 2.0
+    np.testing.assert_array_equal(cat(batches, "ids"), plan.ids)
+    with pytest.raises(ValueError, match="resize must be"):
+        SimpleMixDecoder(resize="cubic")
+
+
 @pytest.fixture(scope="module")
 def coloured_beton(tmp_path_factory):
     return write_beton(tmp_path_factory.mktemp("ffcv") / "coloured.beton", id_coloured)

@@ -9,7 +9,9 @@ They reproduce :mod:`mixpipe.core.compose` inside FFCV's compiled pipeline, wher
 * :func:`paste_window` resizes a crop window of a decoded image to a region (rows first, then
   columns, as the reference does), rounds half up and writes it into the composite;
 * :func:`blend_window` adds ``weight * resized window`` to a float32 accumulator and
-  :func:`round_into` rounds the accumulator into the composite (BLEND).
+  :func:`round_into` rounds the accumulator into the composite (BLEND);
+* :func:`paste_u8` / :func:`blend_u8` do the same for a patch already resized by FFCV's own
+  OpenCV resize (the decoders' ``resize="fast"`` mode).
 
 A pass whose input and output sizes agree is the identity in the reference (weights exactly 1 and
 0), so it is skipped here: a constituent already at its region's size is copied untouched.
@@ -31,7 +33,8 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["filter_taps", "paste_window", "blend_window", "round_into", "compiled"]
+__all__ = ["filter_taps", "paste_window", "blend_window", "round_into", "paste_u8", "blend_u8",
+           "compiled"]
 
 _HALF = np.float32(0.5)
 _ZERO = np.float32(0.0)
@@ -135,56 +138,66 @@ def filter_taps(in_size, out_size):
 
 
 def _resample(image, top, left, height, width, flip, out_h, out_w):
-    """float32[out_h, out_w, C]: the window resized, rows first then columns.
+    """float32[out_h, out_w, 3]: the window resized, rows first then columns.
 
     Each product is of two float32 values, hence exact in float64, and the sums are float64,
     rounded to float32 after each pass (the reference keeps float32 between its passes). That
     makes the result independent of whether LLVM fuses multiply-adds, which it does or not
-    depending on the calling context (checked: the same kernel gave 1-level differences called
-    from Python and from FFCV's fastmath stage code before this).
+    depending on the calling context (checked: float32 sums gave 1-level differences between the
+    kernel called from Python and from FFCV's fastmath stage code).
+
+    Loops run over flat, contiguous rows (the vertical pass vectorises) with the three channels
+    unrolled: FFCV's RGB field always has three.
     """
-    channels = image.shape[2]
-    rows = np.empty((out_h, width, channels), np.float32)
+    img_w = image.shape[1]
+    flat = image.reshape(-1)
+    row_len = width * 3
+    rows = np.empty((out_h, row_len), np.float32)
     if out_h == height:
         for y in range(out_h):
-            for x in range(width):
-                for c in range(channels):
-                    rows[y, x, c] = np.float32(image[top + y, left + x, c])
+            base = ((top + y) * img_w + left) * 3
+            for i in range(row_len):
+                rows[y, i] = np.float32(flat[base + i])
     else:
         r_first, r_count, r_w = filter_taps(height, out_h)
-        line = np.empty((width, channels), np.float64)
+        line = np.empty(row_len, np.float64)
         for y in range(out_h):
-            for x in range(width):
-                for c in range(channels):
-                    line[x, c] = 0.0
+            for i in range(row_len):
+                line[i] = 0.0
             for t in range(r_count[y]):
                 w = np.float64(r_w[y, t])
-                src_y = top + r_first[y] + t
-                for x in range(width):
-                    for c in range(channels):
-                        line[x, c] += w * np.float64(image[src_y, left + x, c])
-            for x in range(width):
-                for c in range(channels):
-                    rows[y, x, c] = np.float32(line[x, c])
-    out = np.empty((out_h, out_w, channels), np.float32)
+                base = ((top + r_first[y] + t) * img_w + left) * 3
+                for i in range(row_len):
+                    line[i] += w * np.float64(flat[base + i])
+            for i in range(row_len):
+                rows[y, i] = np.float32(line[i])
+    out = np.empty((out_h, out_w, 3), np.float32)
     if out_w == width:
         for y in range(out_h):
             for x in range(out_w):
-                src_x = width - 1 - x if flip else x
-                for c in range(channels):
-                    out[y, x, c] = rows[y, src_x, c]
+                src = 3 * (width - 1 - x if flip else x)
+                out[y, x, 0] = rows[y, src]
+                out[y, x, 1] = rows[y, src + 1]
+                out[y, x, 2] = rows[y, src + 2]
         return out
     c_first, c_count, c_w = filter_taps(width, out_w)
     for y in range(out_h):
         for x in range(out_w):
-            for c in range(channels):
-                acc = 0.0
-                for t in range(c_count[x]):
-                    src_x = c_first[x] + t
-                    if flip:
-                        src_x = width - 1 - src_x
-                    acc += np.float64(c_w[x, t]) * np.float64(rows[y, src_x, c])
-                out[y, x, c] = np.float32(acc)
+            a0 = 0.0
+            a1 = 0.0
+            a2 = 0.0
+            for t in range(c_count[x]):
+                w = np.float64(c_w[x, t])
+                src_x = c_first[x] + t
+                if flip:
+                    src_x = width - 1 - src_x
+                src = 3 * src_x
+                a0 += w * np.float64(rows[y, src])
+                a1 += w * np.float64(rows[y, src + 1])
+                a2 += w * np.float64(rows[y, src + 2])
+            out[y, x, 0] = np.float32(a0)
+            out[y, x, 1] = np.float32(a1)
+            out[y, x, 2] = np.float32(a2)
     return out
 
 
@@ -230,6 +243,27 @@ def blend_window(image, top, left, height, width, flip, weight, acc):
                 acc[y, x, c] += np.float32(w * np.float64(resized[y, x, c]))
 
 
+def paste_u8(patch, flip, dest, r_top, r_left):
+    """Copy an already-resized uint8 patch into the composite (mirrored if ``flip``)."""
+    r_h, r_w = patch.shape[0], patch.shape[1]
+    for y in range(r_h):
+        for x in range(r_w):
+            src_x = r_w - 1 - x if flip else x
+            for c in range(3):
+                dest[r_top + y, r_left + x, c] = patch[y, src_x, c]
+
+
+def blend_u8(patch, flip, weight, acc):
+    """``acc += weight * patch`` for an already-resized uint8 patch of the composite's size."""
+    out_h, out_w = acc.shape[0], acc.shape[1]
+    w = np.float64(np.float32(weight))
+    for y in range(out_h):
+        for x in range(out_w):
+            src_x = out_w - 1 - x if flip else x
+            for c in range(3):
+                acc[y, x, c] += np.float32(w * np.float64(patch[y, src_x, c]))
+
+
 def round_into(acc, dest):
     """Round a float32 accumulator half up into the uint8 composite."""
     out_h, out_w, channels = acc.shape
@@ -250,7 +284,7 @@ filter_taps = _jit(filter_taps)
 _resample = _jit(_resample)
 _round_u8 = _jit(_round_u8)
 
-_PUBLIC = {f.__name__: f for f in (paste_window, blend_window, round_into)}
+_PUBLIC = {f.__name__: f for f in (paste_window, blend_window, round_into, paste_u8, blend_u8)}
 _COMPILED: dict = {}
 
 

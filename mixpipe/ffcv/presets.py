@@ -25,7 +25,8 @@ class FFCVSettings:
     size: composite (height, width); stride: the network's total stride (region boundaries);
     scale, ratio: random resized crop per constituent; flip_prob: per-constituent mirror;
     mean, std: per-channel normalisation in 0..255 units; val_ratio: centre-crop share at
-    validation; max_constituents: the largest K a plan may use.
+    validation; max_constituents: the largest K a plan may use; resize: "reference" (equal to the
+    core composer) or "fast" (FFCV's OpenCV resize; see MixImageDecoder).
     """
 
     size: Tuple[int, int] = (224, 224)
@@ -37,6 +38,7 @@ class FFCVSettings:
     std: Tuple[float, float, float] = (58.395, 57.12, 57.375)
     val_ratio: float = 224 / 256
     max_constituents: int = 4
+    resize: str = "reference"
 
     def __post_init__(self) -> None:
         if len(self.size) != 2 or min(self.size) < 1:
@@ -54,6 +56,9 @@ class FFCVSettings:
             raise ValueError("FFCVSettings.mean and std need 3 values each, std > 0")
         if not 0 < self.val_ratio <= 1:
             raise ValueError(f"FFCVSettings.val_ratio must lie in (0, 1], got {self.val_ratio}")
+        if self.resize not in ("reference", "fast"):
+            raise ValueError(f"FFCVSettings.resize must be 'reference' or 'fast', "
+                             f"got {self.resize!r}")
         if self.max_constituents < 1:
             raise ValueError(f"FFCVSettings.max_constituents must be >= 1, "
                              f"got {self.max_constituents}")
@@ -110,7 +115,7 @@ def train_loader(beton: str, settings: FFCVSettings, batch_size: int, plans, *, 
     if plans is None:
         plans = UnmixedPlans(int(Reader(beton).num_samples))
     decoder = RandomResizedCropMixDecoder(settings.size, settings.scale, settings.ratio,
-                                          settings.stride, settings.flip_prob)
+                                          settings.stride, settings.flip_prob, settings.resize)
     return MixLoader(beton, batch_size, plans, rank=rank, world_size=world_size,
                      num_workers=num_workers, max_constituents=settings.max_constituents,
                      pipelines={"image": image_pipeline(decoder, settings, device),
@@ -126,21 +131,66 @@ def val_loader(beton: str, settings: FFCVSettings, batch_size: int, *, rank: int
     from .loader import MixLoader
 
     plans = UnmixedPlans(int(Reader(beton).num_samples))
-    decoder = CenterCropMixDecoder(settings.size, settings.val_ratio, settings.stride)
+    decoder = CenterCropMixDecoder(settings.size, settings.val_ratio, settings.stride,
+                                   settings.resize)
     return MixLoader(beton, batch_size, plans, rank=rank, world_size=world_size,
                      num_workers=num_workers, max_constituents=1,
                      pipelines={"image": image_pipeline(decoder, settings, device),
                                 "label": _label_pipeline(device)}, **kwargs)
 
 
+class _TreeImages:
+    """``ds[i] -> (RGB HWC uint8, label)`` over a class-folder JPEG tree, ids in a fixed order.
+
+    With ``ROOT/<split>_files.txt`` (what ``mixpipe data prepare`` writes) line i is sample i;
+    without it, classes are the sorted sub-folders of ``ROOT/<split>`` and files are sorted.
+    """
+
+    _EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+    def __init__(self, root: str, split: str):
+        import os
+
+        from ..data.writers import read_file_list
+
+        listing = os.path.join(root, f"{split}_files.txt")
+        if os.path.isfile(listing):
+            relpaths, labels = read_file_list(listing)
+        else:
+            base = os.path.join(root, split)
+            if not os.path.isdir(base):
+                raise FileNotFoundError(f"neither {listing} nor the class folders {base}/ exist")
+            classes = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
+            relpaths, labels = [], []
+            for label, name in enumerate(classes):
+                for f in sorted(os.listdir(os.path.join(base, name))):
+                    if f.lower().endswith(self._EXTS):
+                        relpaths.append(os.path.join(split, name, f))
+                        labels.append(label)
+            if not relpaths:
+                raise FileNotFoundError(f"no images under {base}/<class>/")
+        self.paths = [os.path.join(root, p) for p in relpaths]
+        self.labels = np.asarray(labels, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from ..data.writers import load_rgb
+
+        return load_rgb(self.paths[i]), int(self.labels[i])
+
+
 def write_beton_from_tree(root: str, split: str, out: str, max_side: Optional[int] = 512,
                           quality: int = 90, workers: int = 1) -> str:
-    """Write ``ROOT/<split>_files.txt`` (class-folder JPEG tree, id order) as an FFCV .beton."""
-    from ..data.datasets import FileListDataset
+    """Write a class-folder JPEG tree (``ROOT/<split>/<class>/*``) as an FFCV .beton.
+
+    Sample ids follow ``ROOT/<split>_files.txt`` when present, else sorted class folders and
+    files. Images are shrunk so the longer side is at most ``max_side`` (None: kept).
+    """
     from ..data.writers import write_beton
 
-    dataset = FileListDataset(root, split)
-    write_beton(out, dataset, quality, max_side=max_side, workers=workers)
+    write_beton(out, _TreeImages(root, split), quality, max_side=max_side, workers=workers)
     return out
 
 
