@@ -103,6 +103,16 @@ def _coverage(in_size: Tuple[int, int], out_size: Tuple[int, int], conv: nn.Conv
     return cover
 
 
+def _pixel_energy(x: torch.Tensor) -> torch.Tensor:
+    """[H, W]: Σ over batch and channels of x², reduced along the memory order (a reduction
+    over the strided dims 0 and 1 at once ran up to 20x slower here)."""
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and \
+            not x.is_contiguous():
+        return torch.linalg.vector_norm(x.permute(0, 2, 3, 1), dim=3).pow(2).sum(dim=0)
+    b, c, h, w = x.shape
+    return x.reshape(b * c, h * w).square().sum(dim=0).reshape(h, w)
+
+
 def oja_conv_delta(x: torch.Tensor, y: torch.Tensor, conv: nn.Conv2d, lr: float,
                    eps: float = 1e-6) -> torch.Tensor:
     """ΔW for a Conv2d: x [B, Cin, H, W] its input, y [B, Cout, H', W'] its output minus bias."""
@@ -124,7 +134,7 @@ def oja_conv_delta(x: torch.Tensor, y: torch.Tensor, conv: nn.Conv2d, lr: float,
     # ⟨‖x‖²⟩ over the patches one output row sees: every input pixel's energy (summed over the
     # batch and channels) times the number of windows that cover it, divided by the groups (each
     # row sees Cin/groups channels; the mean over groups is exact).
-    energy = torch.linalg.vector_norm(xf, ord=2, dim=(0, 1)).pow(2)
+    energy = _pixel_energy(xf)
     cover = _coverage(tuple(xf.shape[-2:]), tuple(yf.shape[-2:]), conv, xf.device)
     power = (energy * cover).sum() / (p * conv.groups)
     return (lr / (eps + power)) * (hebb - decay)
