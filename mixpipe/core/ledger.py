@@ -11,7 +11,7 @@ import os
 import struct
 import tempfile
 import zlib
-from typing import Union
+from typing import Optional, Union
 
 import numpy as np
 
@@ -31,6 +31,7 @@ class LedgerSnapshot:
     """Read-only view of the ledger at one moment; policies are pure functions of it.
 
     ``last_epoch`` is -1 and ``count`` 0 for samples never reported; their losses are NaN.
+    ``labels`` is None unless the service attached the dataset's labels (read by ``assist``).
     """
 
     last_loss: np.ndarray  # float32[N]
@@ -38,6 +39,9 @@ class LedgerSnapshot:
     last_epoch: np.ndarray  # int32[N]
     count: np.ndarray  # int32[N]
     committed_epoch: int  # last committed epoch, -1 before the first commit
+    #: int64[N] class of every sample, when the service was given labels (``set_labels``); the
+    #: ledger itself never stores them (they are dataset facts, not loss history)
+    labels: Optional[np.ndarray] = None
 
     @property
     def num_samples(self) -> int:
