@@ -7,7 +7,7 @@ through :func:`epoch_rng`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Type
+from typing import Any, Callable, Dict, Optional, Tuple, Type
 
 import numpy as np
 
@@ -15,7 +15,7 @@ from ..ledger import LedgerSnapshot
 from ..plan import MixPlan
 
 __all__ = ["PolicySettings", "register", "make_plan", "settings_from_dict", "epoch_rng",
-           "POLICIES"]
+           "POLICIES", "STATEFUL", "register_stateful", "make_plan_with_state"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,23 @@ def register(settings_cls: Type[PolicySettings]) -> Callable:
     return wrap
 
 
+#: policy name -> ``fn(snapshot, settings, seed, epoch, state) -> (MixPlan, state)`` for policies
+#: that learn across epochs (``assist``). The state is opaque bytes (None before the first plan):
+#: the server keeps it between plans and in its state_dict, so a resumed run plans exactly as an
+#: uninterrupted one. Such a policy also registers a stateless function (a cold start) above.
+STATEFUL: Dict[str, Callable] = {}
+
+
+def register_stateful(settings_cls: Type[PolicySettings]) -> Callable:
+    """Decorator: register the state-threading plan function of a learning policy."""
+
+    def wrap(fn: Callable) -> Callable:
+        STATEFUL[settings_cls.name] = fn
+        return fn
+
+    return wrap
+
+
 def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
     """The only source of randomness a policy may use: fixed by (seed, epoch, stream)."""
     return np.random.Generator(np.random.PCG64([int(seed) & 0xFFFFFFFF, int(epoch), int(stream)]))
@@ -49,7 +66,7 @@ def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
 
 def _load_builtin() -> None:
     from . import none  # noqa: F401  (registers itself)
-    for optional in ("random", "mixtrain", "shrink"):
+    for optional in ("random", "mixtrain", "shrink", "assist"):
         try:
             __import__(f"{__name__}.{optional}")
         except ModuleNotFoundError as err:  # a policy module not written yet
@@ -82,3 +99,16 @@ def make_plan(snapshot: LedgerSnapshot, settings: PolicySettings, seed: int, epo
         raise ValueError(f"epoch must be >= 0, got {epoch}")
     _, fn = POLICIES[settings.name]
     return fn(snapshot, settings, int(seed), int(epoch)).validate()
+
+
+def make_plan_with_state(snapshot: LedgerSnapshot, settings: PolicySettings, seed: int, epoch: int,
+                         state: Optional[bytes] = None) -> Tuple[MixPlan, Optional[bytes]]:
+    """:func:`make_plan` that threads a learning policy's state; others pass ``state`` through."""
+    _load_builtin()
+    step = STATEFUL.get(settings.name)
+    if step is None:
+        return make_plan(snapshot, settings, seed, epoch), state
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    plan, new_state = step(snapshot, settings, int(seed), int(epoch), state)
+    return plan.validate(), new_state
