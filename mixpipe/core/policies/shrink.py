@@ -38,7 +38,7 @@ from . import PolicySettings, epoch_rng, register
 from ._common import STREAM_SKIP, assemble, check_choice, check_float, check_int, slot_order
 from .mixtrain import STATISTICS, MixTrainSettings, choose_lowest, seen_mask, statistic, weigher
 
-__all__ = ["ShrinkSettings", "plan_shrink", "skip_easy"]
+__all__ = ["ShrinkSettings", "plan_shrink", "skip_easy", "plan_kept", "mix_settings"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,7 @@ class ShrinkSettings(PolicySettings):
         if self.epochs is not None and self.anneal_epochs > self.epochs:
             raise ValueError(f"ShrinkSettings.anneal_epochs must lie in [0, epochs="
                              f"{self.epochs}], got {self.anneal_epochs}")
-        object.__setattr__(self, "mix", _mix_settings(self.mix))
+        object.__setattr__(self, "mix", mix_settings(self.mix, "ShrinkSettings.mix"))
 
     def to_dict(self) -> Dict[str, Any]:
         d = super().to_dict()
@@ -81,25 +81,30 @@ class ShrinkSettings(PolicySettings):
         return d
 
 
-def _mix_settings(mix: Any) -> Optional[MixTrainSettings]:
+def mix_settings(mix: Any, where: str) -> Optional[MixTrainSettings]:
+    """``mix`` as :class:`MixTrainSettings` (from itself, a ``to_dict()`` dict, or None).
+
+    ``where`` names the field in errors (``"ShrinkSettings.mix"``); shared with ``assist``.
+    """
     if mix is None or isinstance(mix, MixTrainSettings):
         return mix
     if not isinstance(mix, dict):
-        raise ValueError(f"ShrinkSettings.mix must be MixTrainSettings, a dict of its fields or "
+        raise ValueError(f"{where} must be MixTrainSettings, a dict of its fields or "
                          f"None, got {type(mix).__name__}")
     d = dict(mix)
     policy = d.pop("policy", MixTrainSettings.name)
     if policy != MixTrainSettings.name:
-        raise ValueError(f"ShrinkSettings.mix must hold {MixTrainSettings.name!r} settings, "
+        raise ValueError(f"{where} must hold {MixTrainSettings.name!r} settings, "
                          f"got policy {policy!r}")
     known = {f.name for f in dataclasses.fields(MixTrainSettings)}
     unknown = sorted(set(d) - known)
     if unknown:
-        raise ValueError(f"ShrinkSettings.mix has no setting(s) {unknown}; known: {sorted(known)}")
+        raise ValueError(f"{where} has no setting(s) {unknown}; known: {sorted(known)}")
     return MixTrainSettings(**d)
 
 
-def _annealed(settings: ShrinkSettings, epoch: int) -> bool:
+def annealed(settings: Any, epoch: int) -> bool:
+    """True in the last ``settings.anneal_epochs`` of ``settings.epochs``: skip nothing then."""
     return settings.epochs is not None and epoch >= settings.epochs - settings.anneal_epochs
 
 
@@ -108,7 +113,7 @@ def skip_easy(score: np.ndarray, seen: np.ndarray, settings: ShrinkSettings, see
     """(skip mask bool[N], per-sample loss scale float32[N] or None) for one epoch."""
     n_all = score.shape[0]
     skip = np.zeros(n_all, dtype=bool)
-    if settings.prune_ratio == 0.0 or _annealed(settings, epoch) or not seen.any():
+    if settings.prune_ratio == 0.0 or annealed(settings, epoch) or not seen.any():
         return skip, None
     seen_ids = np.flatnonzero(seen)
     seen_score = score[seen_ids]
@@ -127,14 +132,24 @@ def skip_easy(score: np.ndarray, seen: np.ndarray, settings: ShrinkSettings, see
 @register(ShrinkSettings)
 def plan_shrink(snapshot: LedgerSnapshot, settings: ShrinkSettings, seed: int,
                 epoch: int) -> MixPlan:
-    n = snapshot.num_samples
     score = statistic(snapshot, settings.statistic)
     skip, scale = skip_easy(score, seen_mask(snapshot, score), settings, seed, epoch)
+    return plan_kept(snapshot, skip, scale, settings.mix, seed, epoch)
+
+
+def plan_kept(snapshot: LedgerSnapshot, skip: np.ndarray, scale: Optional[np.ndarray],
+              mix: Optional[MixTrainSettings], seed: int, epoch: int) -> MixPlan:
+    """The plan of the samples not in ``skip`` (bool[N]), mixed by ``mix`` if set.
+
+    Shared by every skipping policy (shrink, assist): the mix fraction counts against the kept
+    samples and only kept seen samples are mixed; ``scale`` (float32[N] or None) is each
+    sample's loss multiplier, kept inside composites.
+    """
+    n = snapshot.num_samples
     skipped = np.flatnonzero(skip)
     order = slot_order(seed, epoch, n)
     if skipped.size:
         order = order[~skip[order]]
-    mix = settings.mix
     if mix is None:
         return assemble(n, order, np.zeros(order.size, bool), 1, 0, None, skipped, seed, epoch,
                         scale)
