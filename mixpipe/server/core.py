@@ -20,12 +20,21 @@ Semantics (the contract every transport inherits):
   committed can only come from the cache (the ledger it was derived from is gone); otherwise it
   is refused.
 
+A learning policy (``assist``) carries state from one plan to the next (opaque bytes, see
+:data:`mixpipe.core.policies.STATEFUL`): it is updated only when a computed plan enters the
+cache, and travels in ``state_dict`` (key ``policy_state``), so a restored service plans the next
+epoch exactly as the original would. It is not written to the state directory: a service reopened
+from its directory starts the learning policy cold. ``set_labels`` gives policies the dataset's
+classes (on the snapshot, ``labels``); they are kept in memory and in ``state_dict`` (``labels``).
+The network transport carries neither key yet.
+
 Thread-safe: one re-entrant lock serialises state changes. Validation of a report's arrays runs
 before the lock is taken, so concurrent reporters overlap their checks, and a policy runs on a
 snapshot outside the lock, so reporting goes on while the next epoch's plan is computed.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import threading
 import time
@@ -36,7 +45,7 @@ import numpy as np
 
 from ..core.ledger import Ledger, check_report
 from ..core.plan import MixPlan
-from ..core.policies import PolicySettings, make_plan, settings_from_dict
+from ..core.policies import PolicySettings, make_plan_with_state, settings_from_dict
 from .store import StateDir
 
 __all__ = ["SelectionCore", "prepare_report", "check_epoch"]
@@ -70,6 +79,22 @@ def prepare_report(num_samples: int, ids: Any, losses: Any,
         first = int(np.flatnonzero(~np.isfinite(out_losses))[0])
         raise ValueError(f"loss for id {int(out_ids[first])} ({losses[first]}) overflows float32")
     return np.ascontiguousarray(out_ids), np.ascontiguousarray(out_losses)
+
+
+def _check_labels(num_samples: int, labels: Any) -> np.ndarray:
+    """Labels as a read-only int64[N] copy; refuse a wrong length, dtype or a negative class."""
+    arr = np.asarray(labels)
+    if arr.dtype.kind not in "iu":
+        raise TypeError(f"labels must be an integer array, got dtype {arr.dtype}")
+    if arr.shape != (num_samples,):
+        raise ValueError(f"labels must have shape ({num_samples},), one per sample, got "
+                         f"{arr.shape}")
+    if arr.size and int(arr.min()) < 0:
+        raise ValueError(f"labels must be >= 0, got {int(arr.min())} for sample "
+                         f"{int(np.argmin(arr))}")
+    out = arr.astype(np.int64, copy=True)
+    out.setflags(write=False)
+    return out
 
 
 def _copy_ledger(ledger: Ledger) -> Ledger:
@@ -116,6 +141,8 @@ class SelectionCore:
         self._plans: "OrderedDict[int, MixPlan]" = OrderedDict()
         self._inflight: Dict[int, threading.Event] = {}  # epochs whose plan is being computed
         self._generation = 0  # bumped by load_state_dict: plans computed before are stale
+        self._policy_state: Optional[bytes] = None  # a learning policy's memory (opaque)
+        self._labels: Optional[np.ndarray] = None  # int64[N], read-only, from set_labels
         self._counters = {"reports_received": 0, "losses_received": 0, "reports_refused": 0,
                           "commits": 0, "plans_computed": 0, "plan_requests": 0,
                           "last_plan_seconds": None}
@@ -229,6 +256,15 @@ class SelectionCore:
             if len(self._plans) > 1:
                 del self._plans[e]
 
+    def set_labels(self, labels: Any) -> None:
+        """Give policies every sample's class (int, >= 0, one per sample); replaces earlier ones.
+
+        Plans already cached keep the labels they were computed with.
+        """
+        labels = _check_labels(self.num_samples, labels)
+        with self._lock:
+            self._labels = labels
+
     def plan(self, epoch: int, rank: int = 0, world_size: int = 1) -> MixPlan:
         """This rank's shard of the epoch's global plan (computed once, then cached)."""
         epoch = check_epoch(epoch)
@@ -272,14 +308,18 @@ class SelectionCore:
                     if committed < epoch - 1:
                         self._fold_through(epoch - 1)  # closes reporting for earlier epochs
                     snapshot = self._ledger.snapshot()
+                    if self._labels is not None:
+                        snapshot = dataclasses.replace(snapshot, labels=self._labels)
                     settings, seed, generation = self.settings, self.seed, self._generation
+                    policy_state = self._policy_state
                     done = self._inflight[epoch] = threading.Event()
             if waiting is not None:
                 waiting.wait()
                 continue  # the result is in the cache now, or the computation failed: retry
             try:
                 start = time.perf_counter()
-                plan = make_plan(snapshot, settings, seed, epoch)
+                plan, policy_state = make_plan_with_state(snapshot, settings, seed, epoch,
+                                                          policy_state)
                 seconds = time.perf_counter() - start
                 for arr in (plan.ids, plan.weights, plan.loss_scale, plan.layout, plan.skipped):
                     arr.setflags(write=False)
@@ -288,6 +328,7 @@ class SelectionCore:
                         self._counters["last_plan_seconds"] = seconds
                         self._counters["plans_computed"] += 1
                         self._plans[epoch] = plan
+                        self._policy_state = policy_state
                         while len(self._plans) > self.plan_cache_size:
                             del self._plans[min(self._plans)]
                         return plan
@@ -332,7 +373,8 @@ class SelectionCore:
             return {"format": _STATE_FORMAT, "num_samples": self.num_samples, "seed": self.seed,
                     "settings": self.settings.to_dict(),
                     "committed_epoch": self._ledger.committed_epoch,
-                    "ledger": self._ledger.to_bytes(), "pending": pending}
+                    "ledger": self._ledger.to_bytes(), "pending": pending,
+                    "labels": self._labels, "policy_state": self._policy_state}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Replace the whole state; everything is checked before anything changes."""
@@ -366,6 +408,14 @@ class SelectionCore:
                                  f"{ledger.committed_epoch}")
             ids, losses = prepare_report(self.num_samples, item["ids"], item["losses"])
             pending[e] = [(ids, losses)]
+        # optional keys (states written before they existed): labels missing -> keep the current
+        # ones (a fact about the dataset, not training state); policy state missing -> cold start
+        has_labels = state.get("labels") is not None
+        labels = _check_labels(self.num_samples, state["labels"]) if has_labels else None
+        policy_state = state.get("policy_state")
+        if policy_state is not None and not isinstance(policy_state, (bytes, bytearray)):
+            raise TypeError(f"state policy_state must be bytes or None, got "
+                            f"{type(policy_state).__name__}")
         with self._lock:
             if self._store is not None:
                 # meta first: a crash half-way leaves a directory that refuses to open with the
@@ -379,6 +429,9 @@ class SelectionCore:
             self._pending = pending
             self._plans.clear()
             self._generation += 1
+            self._policy_state = None if policy_state is None else bytes(policy_state)
+            if has_labels:
+                self._labels = labels
 
     # ----------------------------------------------------------------------------- testing aids
     def ledger_bytes(self) -> bytes:
