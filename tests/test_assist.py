@@ -94,38 +94,44 @@ def test_features_match_a_per_sample_reference():
     last = np.where(count > 0, rng.uniform(0, 3, n), np.nan).astype(np.float32)
     ema = np.where(count > 0, rng.uniform(0, 3, n), np.nan).astype(np.float32)
     last_epoch = np.where(count > 0, rng.integers(0, 5, n), -1)
-    labels = rng.integers(0, 3, n)
+    labels = rng.integers(0, 5, n)
     s = snap(last, ema, last_epoch, count, 4, labels)
-    ids, x = core.features(s, 6, 4)
+    ids, x, cls = core.features(s, 6, 4)
     assert list(ids) == [i for i in range(n) if count[i] > 0]
     m = np.mean([float(ema[i]) for i in ids])
-    for row, i in zip(x, ids):
+    for row, c, i in zip(x, cls, ids):
         e, la = float(ema[i]), float(last[i])
         want = [1.0, math.log(e / m + 0.01), math.log(la / m + 0.01),
                 max(-5.0, min(5.0, (la - e) / (e + 0.01 * m))), math.log(1 + count[i]),
-                math.log(1 + 6 - 1 - last_epoch[i])] + [float(labels[i] == c) for c in range(4)]
+                math.log(1 + 6 - 1 - last_epoch[i])]
         np.testing.assert_allclose(row, want, rtol=1e-12, atol=1e-12)
+        assert c == (labels[i] if labels[i] < 4 else -1)  # a class beyond the weights: none
+    assert (core.features(dataclasses.replace(s, labels=None), 6, 4)[2] == -1).all()
 
 
 def test_fit_reaches_the_minimum_of_the_proximal_objective():
     rng = np.random.default_rng(1)
     x = np.c_[np.ones(500), rng.normal(size=(500, 3))]
-    y = rng.random(500) < 1 / (1 + np.exp(-(x @ [0.2, 1.5, -1.0, 0.0])))
-    w0 = np.array([0.1, 0.0, 0.3, -0.2])
-    w = core.fit_assistant(x, y, w0, l2=0.05, steps=30)
-    p = 1 / (1 + np.exp(-(x @ w)))
-    grad = x.T @ (p - y) / 500 + 0.05 * (w - w0)  # the objective's gradient, written out here
+    cls = rng.integers(-1, 3, 500)  # -1: no class
+    dense = np.c_[x, cls[:, None] == np.arange(3)]  # the one-hot block, written out
+    y = rng.random(500) < 1 / (1 + np.exp(-(dense @ [0.2, 1.5, -1.0, 0.0, 2.0, 0.0, -2.0])))
+    w0 = np.array([0.1, 0.0, 0.3, -0.2, 0.0, 0.5, 0.0])
+    w = core.fit_assistant(x, cls, y, w0, l2=0.05, steps=30)
+    p = 1 / (1 + np.exp(-(dense @ w)))
+    grad = dense.T @ (p - y) / 500 + 0.05 * (w - w0)  # the objective's gradient, by hand
     assert np.abs(grad).max() < 1e-10
-    assert w[1] > 0.5 and w[2] < -0.3  # the signs of the rule that made the data
+    np.testing.assert_allclose(core.predict(w, x, cls), p, rtol=1e-12)
+    assert w[1] > 0.5 and w[2] < -0.3 and w[4] > w[6] + 1  # the rule that made the data
 
 
 def test_training_pairs_use_features_from_before_the_new_loss():
     old = snap([1.0, 2.0, 3.0, np.nan], [1.0, 2.0, 3.0, np.nan], [0, 0, 0, -1], [1, 1, 1, 0], 0)
     new = snap([5.0, 2.0, 0.1, 9.0], [2.2, 2.0, 2.1, 9.0], [1, 0, 1, 1], [2, 1, 2, 1], 1)
-    x, y = core.training_pairs(old, 1, new, 0, 0.5)
+    x, cls, y = core.training_pairs(old, 1, new, 0, 0.5)
     # samples 0 and 2 were reported since (1 was not, 3 was not seen before): features are the
     # old snapshot's rows, targets compare their new losses (5.0, 0.1) with their median
     np.testing.assert_array_equal(x, core.features(old, 1, 0)[1][[0, 2]])
+    assert cls.tolist() == [-1, -1]
     assert y.tolist() == [True, False]
 
 

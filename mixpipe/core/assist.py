@@ -15,7 +15,8 @@ column    feature (computed for every seen sample from one ledger snapshot, for 
 3         trend ``(last - ema) / (ema + 0.01 m)``, clipped to [-5, 5]: rising or falling
 4         ``log1p(times seen)``
 5         ``log1p(epochs since last seen)`` (0 for a sample reported in the previous epoch)
-6..       one-hot class, when the service has labels
+6..       one weight per class, when the service has labels (a one-hot block, kept as class
+          indices: with 1000 classes a dense block would be 8 kB per sample)
 ========  =====================================================================================
 
 Target ("still informative"): the loss the sample got next, after the features were taken, lies
@@ -29,8 +30,9 @@ or gap at all.
 
 Online, warm-started training: each plan takes ``newton_steps`` Newton steps on the mean log-loss
 plus ``l2 / 2 * ||w - w_prev||^2``, a proximal term that keeps the new weights near the previous
-epoch's (zero at the start). The Hessian is ``D x D`` with ``D = 6 + classes``, so each step is
-one pass over at most ``max_train`` examples (a (seed, epoch)-random subset).
+epoch's (zero at the start). The Hessian is ``D x D`` with ``D = 6 + classes``; its class block
+is diagonal and its cross block a per-class sum, so each step is a few passes over at most
+``max_train`` examples (a (seed, epoch)-random subset) and one small dense solve.
 
 The state (weights, memory, a few fit figures) is plain bytes (:class:`AssistState`), an input and
 an output of every plan, so the plan stays a function of its inputs and a restored service plans
@@ -69,18 +71,18 @@ def num_classes_of(labels: Optional[np.ndarray]) -> int:
     return 0 if labels is None or labels.size == 0 else int(labels.max()) + 1
 
 
-def features(snapshot: LedgerSnapshot, epoch: int, num_classes: int) -> Tuple[np.ndarray,
-                                                                              np.ndarray]:
-    """(ids of the seen samples int64[n], float64[n, 6 + num_classes] features) for ``epoch``.
+def features(snapshot: LedgerSnapshot, epoch: int,
+             num_classes: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids of the seen samples int64[n], float64[n, 6] features, class int64[n]) for ``epoch``.
 
-    ``num_classes`` is passed, not read from the labels, so that the columns of two snapshots
-    match; classes at or above it get no one-hot entry.
+    The class is -1 without labels and for classes at or above ``num_classes`` (passed, not read
+    from the labels, so that the columns of two snapshots match): such rows get no class weight.
     """
     seen = snapshot.count > 0
     ids = np.flatnonzero(seen)
     ema = snapshot.ema[ids].astype(np.float64)
     last = snapshot.last_loss[ids].astype(np.float64)
-    x = np.empty((ids.size, NUM_BASE_FEATURES + num_classes), np.float64)
+    x = np.empty((ids.size, NUM_BASE_FEATURES), np.float64)
     m = float(ema.mean()) if ids.size else 1.0
     m = m if m > 0 and np.isfinite(m) else 1.0
     x[:, 0] = 1.0
@@ -90,59 +92,79 @@ def features(snapshot: LedgerSnapshot, epoch: int, num_classes: int) -> Tuple[np
     x[:, 4] = np.log1p(snapshot.count[ids].astype(np.float64))
     gap = epoch - 1 - snapshot.last_epoch[ids].astype(np.int64)
     x[:, 5] = np.log1p(np.maximum(gap, 0).astype(np.float64))
-    if num_classes:
-        x[:, NUM_BASE_FEATURES:] = 0.0
-        labels = snapshot.labels
-        if labels is not None:
-            cls = labels[ids]
-            ok = cls < num_classes
-            x[np.flatnonzero(ok), NUM_BASE_FEATURES + cls[ok]] = 1.0
-    return ids, x
+    cls = np.full(ids.size, -1, np.int64)
+    if num_classes and snapshot.labels is not None:
+        got = snapshot.labels[ids].astype(np.int64)
+        ok = got < num_classes
+        cls[ok] = got[ok]
+    return ids, x, cls
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * z))  # no overflow warnings for large |z|
 
 
-def predict(weights: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """P(still informative) for each row of ``x``."""
-    return _sigmoid(x @ weights)
+def predict(weights: np.ndarray, x: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """P(still informative) for each row of ``x`` (class ``cls``, -1 for none)."""
+    z = x @ weights[:x.shape[1]]
+    if weights.size > x.shape[1]:
+        has = cls >= 0
+        z[has] += weights[x.shape[1]:][cls[has]]
+    return _sigmoid(z)
 
 
-def fit_assistant(x: np.ndarray, y: np.ndarray, w0: np.ndarray, l2: float,
+def fit_assistant(x: np.ndarray, cls: np.ndarray, y: np.ndarray, w0: np.ndarray, l2: float,
                   steps: int) -> np.ndarray:
     """Weights after ``steps`` Newton steps from ``w0`` on log-loss + ``l2/2 ||w - w0||^2``.
 
-    The proximal term makes the Hessian positive definite (a plain solve is safe even with the
-    one-hot columns summing to the bias) and is what makes the training online: the new weights
-    are the previous ones, moved as far as this epoch's evidence warrants.
+    ``w0`` holds the feature weights, then one weight per class (``w0.size - x.shape[1]``
+    classes). The proximal term makes the Hessian positive definite (a plain solve is safe even
+    though the class indicators sum to the bias column) and is what makes the training online:
+    the new weights are the previous ones, moved as far as this epoch's evidence warrants.
     """
     w = w0.astype(np.float64, copy=True)
+    nb, d = x.shape[1], w0.size
+    c = d - nb
     n = max(x.shape[0], 1)
-    eye = np.eye(x.shape[1])
     y = y.astype(np.float64)
+    has = cls >= 0
+    hcls, hx = cls[has], x[has]
+    diag = np.arange(nb, d)
     for _ in range(steps):
-        p = predict(w, x)
-        grad = x.T @ (p - y) / n + l2 * (w - w0)
-        hess = (x.T * (p * (1.0 - p))) @ x / n + l2 * eye
+        p = predict(w, x, cls)
+        r, s = p - y, p * (1.0 - p)
+        grad = np.empty(d)
+        grad[:nb] = x.T @ r
+        hess = np.zeros((d, d))
+        hess[:nb, :nb] = (x.T * s) @ x
+        if c:
+            grad[nb:] = np.bincount(hcls, r[has], c)
+            hs = s[has]
+            for j in range(nb):  # cross block: per-class sums of s * x_j
+                hess[nb:, j] = hess[j, nb:] = np.bincount(hcls, hs * hx[:, j], c)
+            hess[diag, diag] = np.bincount(hcls, hs, c)
+        grad = grad / n + l2 * (w - w0)
+        hess = hess / n + l2 * np.eye(d)
         w = w - np.linalg.solve(hess, grad)
     return w
 
 
 def training_pairs(memory: LedgerSnapshot, memory_epoch: int, current: LedgerSnapshot,
-                   num_classes: int, quantile: float) -> Tuple[np.ndarray, np.ndarray]:
-    """(features from ``memory``, bool targets from ``current``) of every sample reported since.
+                   num_classes: int, quantile: float) -> Tuple[np.ndarray, np.ndarray,
+                                                               np.ndarray]:
+    """(features, classes, from ``memory``; bool targets from ``current``) of every sample
+    reported since.
 
     A sample is informative when its newest loss lies strictly above the ``quantile`` of the
     newest losses of all such samples.
     """
-    ids, x = features(memory, memory_epoch, num_classes)
+    ids, x, cls = features(memory, memory_epoch, num_classes)
     fresh = current.count[ids] > memory.count[ids]
-    ids, x = ids[fresh], x[fresh]
+    ids, x, cls = ids[fresh], x[fresh], cls[fresh]
     if ids.size == 0:
-        return x, np.zeros(0, bool)
+        return x, cls, np.zeros(0, bool)
     loss = current.last_loss[ids].astype(np.float64)
-    return x, loss > np.quantile(loss, quantile)
+    return x, cls, loss > np.quantile(loss, quantile)
 
 
 @dataclasses.dataclass(frozen=True)

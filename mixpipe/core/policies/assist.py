@@ -177,17 +177,17 @@ def _fit(state: core.AssistState, snapshot: LedgerSnapshot, classes_n: int,
     if state.memory is None:
         return w0, {"fitted": False, "reason": "no remembered snapshot yet"}
     memory = dataclasses.replace(state.memory, labels=snapshot.labels)
-    x, y = core.training_pairs(memory, state.memory_epoch, snapshot, classes_n,
-                               settings.target_quantile)
+    x, cls, y = core.training_pairs(memory, state.memory_epoch, snapshot, classes_n,
+                                    settings.target_quantile)
     if y.size < 2:
         return w0, {"fitted": False, "reason": f"{y.size} training pairs"}
     if y.size > settings.max_train:
         pick = np.sort(epoch_rng(seed, epoch, STREAM_ASSIST).choice(y.size, settings.max_train,
                                                                     replace=False))
-        x, y = x[pick], y[pick]
+        x, cls, y = x[pick], cls[pick], y[pick]
     start = np.zeros(d) if w0 is None else w0
-    w = core.fit_assistant(x, y, start, settings.l2, settings.newton_steps)
-    p = core.predict(w, x)
+    w = core.fit_assistant(x, cls, y, start, settings.l2, settings.newton_steps)
+    p = core.predict(w, x, cls)
     info = {"fitted": True, "pairs": int(y.size), "positive_rate": float(y.mean()),
             "train_accuracy": float(np.mean((p >= 0.5) == y))}
     return w, info
@@ -205,8 +205,8 @@ def plan_assist_step(snapshot: LedgerSnapshot, settings: AssistSettings, seed: i
     active = weights is not None and epoch >= settings.warmup_epochs and \
         not annealed(settings, epoch)
     if active:
-        ids, x = core.features(snapshot, epoch, classes_n)
-        p = core.predict(weights, x)
+        ids, x, cls = core.features(snapshot, epoch, classes_n)
+        p = core.predict(weights, x, cls)
         classes = np.zeros(n, np.int64) if snapshot.labels is None else snapshot.labels
         skip, scale = choose_skips(p, ids, classes, n, settings, seed, epoch)
         info.update(scored=int(ids.size), low_value=int(np.count_nonzero(p < settings.threshold)))
