@@ -121,7 +121,7 @@ def compose(constituents: list, inputs: MixInputs, layout: Layout):
         bottom = fn.cat(constituents[2], constituents[3], axis=1)
         return fn.cat(top, bottom, axis=0)
     if layout == Layout.BLEND:
-        acc = None
+        acc = None  # one arithmetic expression, which DALI evaluates as a single fused operator
         for i, image in enumerate(constituents):
             term = image * _weight(inputs, i, image)
             acc = term if acc is None else acc + term
@@ -137,50 +137,45 @@ def mix(inputs: MixInputs, view: ViewFn = decode_view, device: str = "cpu"):
 
     ``view(inputs, index, device)`` turns constituent ``index`` into an HWC image of its
     region's size (default :func:`decode_view`; use :func:`constituent_bytes` and
-    :func:`constituent_geometry` in your own); it is called only inside the branches whose
-    slots have that constituent, so a SINGLE slot pays for one decode.
+    :func:`constituent_geometry` in your own). The branches are decided on the slot's count and
+    layout first and every constituent is viewed inside the leaf that composes it: a SINGLE
+    slot pays for one decode, and what crosses a branch boundary is only the small source
+    tensors on the way in and the finished uint8 composite on the way out (never a float
+    accumulator).
     """
     k = inputs.max_constituents
-    first = view(inputs, 0, device)
-    out = first
-    if k >= 2:
-        out = _mixed(inputs, view, device, first, k)
-    return out
+    if k < 2:
+        return view(inputs, 0, device)
+    return _route(inputs, view, device, k)
 
 
-def _mixed(inputs: MixInputs, view: ViewFn, device: str, first, k: int):
-    # Split off so that the conditionals below see only statically known Python values of k.
-    out = first
-    if inputs.count > 1:
-        second = view(inputs, 1, device)
-        if inputs.layout == int(Layout.HALVES):
-            out = compose([first, second], inputs, Layout.HALVES)
-        else:
-            out = _blend_or_quads(inputs, view, device, first, second, k)
-    return out
-
-
-def _blend_or_quads(inputs: MixInputs, view: ViewFn, device: str, first, second, k: int):
-    if k < 4:
-        return _blend(inputs, view, device, [first, second], k)
-    if inputs.layout == int(Layout.QUADS):
-        third = view(inputs, 2, device)
-        fourth = view(inputs, 3, device)
-        out = compose([first, second, third, fourth], inputs, Layout.QUADS)
+def _route(inputs: MixInputs, view: ViewFn, device: str, k: int):
+    # Split off from mix() so that the conditionals only see statically known Python ints.
+    if inputs.count == 1:
+        out = view(inputs, 0, device)
+    elif inputs.layout == int(Layout.HALVES):
+        out = compose([view(inputs, i, device) for i in range(2)], inputs, Layout.HALVES)
     else:
-        out = _blend(inputs, view, device, [first, second], k)
+        out = _quads_or_blend(inputs, view, device, k)
     return out
 
 
-def _blend(inputs: MixInputs, view: ViewFn, device: str, images: list, k: int):
-    acc = images[0] * _weight(inputs, 0, images[0]) + images[1] * _weight(inputs, 1, images[1])
-    for index in range(2, k):  # a static Python loop: one conditional per extra stream
-        acc = _add_if_present(inputs, view, device, acc, index)
-    return fn.cast(dmath.floor(acc + 0.5), dtype=types.UINT8)
+def _quads_or_blend(inputs: MixInputs, view: ViewFn, device: str, k: int):
+    if k < 4:
+        return _blend(inputs, view, device, 2, k)
+    if inputs.layout == int(Layout.QUADS):
+        out = compose([view(inputs, i, device) for i in range(4)], inputs, Layout.QUADS)
+    else:
+        out = _blend(inputs, view, device, 2, k)
+    return out
 
 
-def _add_if_present(inputs: MixInputs, view: ViewFn, device: str, acc, index: int):
-    if inputs.count > index:
-        image = view(inputs, index, device)
-        acc = acc + image * _weight(inputs, index, image)
-    return acc
+def _blend(inputs: MixInputs, view: ViewFn, device: str, n: int, k: int):
+    """BLEND of exactly ``count`` constituents: one branch per possible count from ``n`` up."""
+    if n >= k:
+        return compose([view(inputs, i, device) for i in range(n)], inputs, Layout.BLEND)
+    if inputs.count == n:
+        out = compose([view(inputs, i, device) for i in range(n)], inputs, Layout.BLEND)
+    else:
+        out = _blend(inputs, view, device, n + 1, k)
+    return out
