@@ -22,11 +22,11 @@ Semantics (the contract every transport inherits):
 
 A learning policy (``assist``) carries state from one plan to the next (opaque bytes, see
 :data:`mixpipe.core.policies.STATEFUL`): it is updated only when a computed plan enters the
-cache, and travels in ``state_dict`` (key ``policy_state``), so a restored service plans the next
-epoch exactly as the original would. It is not written to the state directory: a service reopened
-from its directory starts the learning policy cold. ``set_labels`` gives policies the dataset's
-classes (on the snapshot, ``labels``); they are kept in memory and in ``state_dict`` (``labels``).
-The network transport carries neither key yet.
+cache, and travels in ``state_dict`` (key ``policy_state``) and in the state directory
+(``policy.bin``, written atomically before the plan is cached), so a restored or restarted
+service plans the next epoch exactly as the original would. ``set_labels`` gives policies the
+dataset's classes (on the snapshot, ``labels``); they are kept in ``state_dict`` (``labels``) and
+the state directory (``labels.npy``). The network transport's state_dict carries neither key yet.
 
 Thread-safe: one re-entrant lock serialises state changes. Validation of a report's arrays runs
 before the lock is taken, so concurrent reporters overlap their checks, and a policy runs on a
@@ -174,6 +174,10 @@ class SelectionCore:
             ids, losses = prepare_report(self.num_samples, rec.ids, rec.losses, copy=False)
             self._pending.setdefault(rec.epoch, []).append((ids, losses))
         store.wal.drop_through(committed)
+        labels = store.read_labels()
+        if labels is not None:
+            self._labels = _check_labels(self.num_samples, labels)
+        self._policy_state = store.read_policy_state()
         self._store = store
 
     def close(self) -> None:
@@ -263,6 +267,8 @@ class SelectionCore:
         """
         labels = _check_labels(self.num_samples, labels)
         with self._lock:
+            if self._store is not None:
+                self._store.write_labels(labels)
             self._labels = labels
 
     def plan(self, epoch: int, rank: int = 0, world_size: int = 1) -> MixPlan:
@@ -325,6 +331,8 @@ class SelectionCore:
                     arr.setflags(write=False)
                 with self._lock:
                     if generation == self._generation:  # no state was loaded meanwhile
+                        if self._store is not None and policy_state is not self._policy_state:
+                            self._store.write_policy_state(policy_state)
                         self._counters["last_plan_seconds"] = seconds
                         self._counters["plans_computed"] += 1
                         self._plans[epoch] = plan
@@ -424,6 +432,9 @@ class SelectionCore:
                 self._store.write_ledger(ledger)
                 self._store.wal.rewrite([(e, 0, c[0][0], c[0][1])
                                          for e, c in sorted(pending.items())])
+                self._store.write_policy_state(policy_state)
+                if has_labels:
+                    self._store.write_labels(labels)
             self.settings, self.seed = settings, seed
             self._ledger = ledger
             self._pending = pending

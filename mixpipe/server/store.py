@@ -5,15 +5,20 @@ Layout of a state directory::
     meta.json      num_samples, policy settings, seed, EMA decay (fixed for the directory's life)
     ledger.bin     the ledger as of the committed epoch, replaced atomically at each commit
     wal/           write-ahead log of reports not yet committed (see :mod:`.wal`)
+    labels.npy     the dataset's labels, if the service was given them (``set_labels``)
+    policy.bin     a learning policy's state as of the newest computed plan (``assist``)
 
 The meta file pins what plans are derived from: restarting with other settings would silently
 change the plans of epochs already handed out, so it is refused instead.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any, Dict, Optional
+
+import numpy as np
 
 from ..core.ledger import Ledger, atomic_write
 from .wal import WriteAheadLog
@@ -65,3 +70,28 @@ class StateDir:
 
     def write_ledger(self, ledger: Ledger) -> None:
         ledger.save(self.ledger_path)
+
+    # optional files: absent in directories of services that never used them
+    def write_labels(self, labels: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(labels, "<i8"), allow_pickle=False)
+        atomic_write(os.path.join(self.path, "labels.npy"), buf.getvalue())
+
+    def read_labels(self) -> Optional[np.ndarray]:
+        path = os.path.join(self.path, "labels.npy")
+        return np.load(path, allow_pickle=False) if os.path.exists(path) else None
+
+    def write_policy_state(self, state: Optional[bytes]) -> None:
+        path = os.path.join(self.path, "policy.bin")
+        if state is None:
+            if os.path.exists(path):
+                os.unlink(path)
+            return
+        atomic_write(path, state)
+
+    def read_policy_state(self) -> Optional[bytes]:
+        path = os.path.join(self.path, "policy.bin")
+        if not os.path.exists(path):
+            return None
+        with open(path, "rb") as f:
+            return f.read()
