@@ -305,6 +305,26 @@ def test_state_dict_round_trip_gives_the_same_next_plan():
     assert cold.state_dict()["labels"] is not None
 
 
+def test_restart_from_the_state_directory_gives_the_same_next_plan(tmp_path):
+    n = 300
+    labels = np.arange(n) % 3
+    loss = class_rule_losses(labels, 4)
+    memory = InProcessService(n, AssistSettings(), seed=4)
+    memory.set_labels(labels)
+    run_service(memory, 3, loss)
+    loss = class_rule_losses(labels, 4)  # the same loss stream again
+    first = InProcessService(n, AssistSettings(), seed=4, state_dir=str(tmp_path))
+    first.set_labels(labels)
+    run_service(first, 3, loss)
+    first.close()
+    again = InProcessService(n, AssistSettings(), seed=4, state_dir=str(tmp_path))
+    want = memory.plan(3)
+    assert want.skipped.size > 0
+    assert again.plan(3).to_bytes() == want.to_bytes()  # labels and assistant came back too
+    assert again.state_dict()["policy_state"] == memory.state_dict()["policy_state"]
+    again.close()
+
+
 def test_composes_with_mixtrain_keeping_skips_and_scales():
     svc = _trained_state()
     state = svc.state_dict()
