@@ -196,6 +196,13 @@ class RemoteService:
     def commit(self, epoch: int) -> None:
         self._request(Op.COMMIT, {"epoch": epoch})
 
+    def set_labels(self, labels: Any) -> None:
+        """Every sample's class, for policies that read it (``assist``)."""
+        labels_dtype, labels = array_meta(np.asarray(labels))
+        if labels.ndim != 1:
+            raise ValueError(f"labels must be 1-D, got shape {labels.shape}")
+        self._request(Op.SET_LABELS, {"labels_dtype": labels_dtype}, [labels])
+
     def plan(self, epoch: int, rank: int = 0, world_size: int = 1) -> MixPlan:
         try:
             _meta, frames = self._request(Op.PLAN, {"epoch": epoch, "rank": rank,

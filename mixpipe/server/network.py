@@ -34,7 +34,7 @@ __all__ = ["SelectionServer"]
 
 log = logging.getLogger(__name__)
 
-_MUTATING = (Op.REPORT, Op.COMMIT, Op.LOAD_STATE)
+_MUTATING = (Op.REPORT, Op.COMMIT, Op.LOAD_STATE, Op.SET_LABELS)
 _REMEMBERED_CLIENTS = 4096
 
 
@@ -62,7 +62,7 @@ class SelectionServer:
         self._handlers: Dict[int, Callable] = {
             Op.HELLO: self._hello, Op.REPORT: self._report, Op.COMMIT: self._commit,
             Op.PLAN: self._plan, Op.STATS: self._stats, Op.STATE_DICT: self._state_dict,
-            Op.LOAD_STATE: self._load_state,
+            Op.LOAD_STATE: self._load_state, Op.SET_LABELS: self._set_labels,
         }
 
     # ----------------------------------------------------------------------------- loop
@@ -170,6 +170,13 @@ class SelectionServer:
     def _state_dict(self, meta: Dict[str, Any],
                     data: List[Any]) -> Tuple[Dict[str, Any], List[Any]]:
         return state_to_wire(self.core.state_dict())
+
+    def _set_labels(self, meta: Dict[str, Any],
+                    data: List[Any]) -> Tuple[Dict[str, Any], List[Any]]:
+        if len(data) != 1:
+            raise ProtocolError(f"set_labels needs 1 data frame (labels), got {len(data)}")
+        self.core.set_labels(array_from_frame(data[0], meta.get("labels_dtype"), "labels"))
+        return {}, []
 
     def _load_state(self, meta: Dict[str, Any],
                     data: List[Any]) -> Tuple[Dict[str, Any], List[Any]]:

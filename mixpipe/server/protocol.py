@@ -39,6 +39,7 @@ class Op(enum.IntEnum):
     STATS = 5
     STATE_DICT = 6
     LOAD_STATE = 7
+    SET_LABELS = 8
 
 
 class Status(enum.IntEnum):
@@ -139,6 +140,18 @@ def state_to_wire(state: Dict[str, Any]) -> Tuple[Dict[str, Any], List[Any]]:
                         "losses_dtype": losses_dtype})
         frames += [ids, losses]
     meta["pending"] = pending
+    # optional entries (labels, a learning policy's state) follow, named in "extras"
+    extras = []
+    if state.get("labels") is not None:
+        labels_dtype, labels = array_meta(np.asarray(state["labels"]))
+        meta["labels_dtype"] = labels_dtype
+        extras.append("labels")
+        frames.append(labels)
+    if state.get("policy_state") is not None:
+        extras.append("policy_state")
+        frames.append(bytes(state["policy_state"]))
+    if extras:
+        meta["extras"] = extras
     return meta, frames
 
 
@@ -146,10 +159,17 @@ def state_from_wire(meta: Dict[str, Any], frames: Sequence[Any]) -> Dict[str, An
     pending_meta = meta.get("pending")
     if not isinstance(pending_meta, list):
         raise ProtocolError("state metadata needs a 'pending' list")
-    if len(frames) != 1 + 2 * len(pending_meta):
-        raise ProtocolError(f"state needs {1 + 2 * len(pending_meta)} data frames (ledger, then "
-                            f"ids and losses per pending epoch), got {len(frames)}")
-    state = {k: v for k, v in meta.items() if k != "pending"}
+    extras = meta.get("extras", [])
+    if not isinstance(extras, list) or not set(extras) <= {"labels", "policy_state"}:
+        raise ProtocolError(f"state 'extras' must list 'labels' / 'policy_state', got {extras!r}")
+    if len(frames) != 1 + 2 * len(pending_meta) + len(extras):
+        raise ProtocolError(f"state needs {1 + 2 * len(pending_meta) + len(extras)} data frames "
+                            f"(ledger, then ids and losses per pending epoch, then "
+                            f"{extras or 'no extras'}), got {len(frames)}")
+    state = {k: v for k, v in meta.items() if k not in ("pending", "extras", "labels_dtype")}
+    for name, frame in zip(extras, frames[1 + 2 * len(pending_meta):]):
+        state[name] = array_from_frame(frame, meta.get("labels_dtype"), "labels") \
+            if name == "labels" else bytes(memoryview(frame))
     state["ledger"] = bytes(memoryview(frames[0]))
     pending = {}
     for i, item in enumerate(pending_meta):
