@@ -402,3 +402,34 @@ def test_module_doctest():
     import mixpipe.core.policies.assist as mod
     result = doctest.testmod(mod)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_labels_and_assistant_state_travel_over_the_network():
+    pytest.importorskip("zmq")
+    from mixpipe.server import SelectionServer, connect
+
+    n = 300
+    labels = np.arange(n) % 3
+    local = InProcessService(n, AssistSettings(), seed=4)
+    local.set_labels(labels)
+    run_service(local, 3, class_rule_losses(labels, 4))
+    remote_core = InProcessService(n, AssistSettings(), seed=4)
+    server = SelectionServer(remote_core, "tcp://127.0.0.1:*", poll_ms=20).start()
+    client = connect(server.endpoint, timeout=5, retries=0)
+    try:
+        client.set_labels(labels)
+        assert remote_core.state_dict()["labels"].tolist() == labels.tolist()
+        with pytest.raises(ValueError, match="shape"):
+            client.set_labels(labels[:-1])
+        run_service(client, 3, class_rule_losses(labels, 4))
+        state = client.state_dict()
+        assert state["policy_state"] == local.state_dict()["policy_state"]
+        assert client.plan(3).to_bytes() == local.plan(3).to_bytes()
+        restored = InProcessService(n, "none")
+        restored.load_state_dict(state)  # a state fetched over the wire restores the assistant
+        assert restored.plan(3).to_bytes() == local.plan(3).to_bytes()
+        client.load_state_dict(local.state_dict())  # and one sent over it is applied whole
+        assert remote_core.state_dict()["policy_state"] == local.state_dict()["policy_state"]
+    finally:
+        client.close()
+        server.stop()
