@@ -26,7 +26,7 @@ cache, and travels in ``state_dict`` (key ``policy_state``) and in the state dir
 (``policy.bin``, written atomically before the plan is cached), so a restored or restarted
 service plans the next epoch exactly as the original would. ``set_labels`` gives policies the
 dataset's classes (on the snapshot, ``labels``); they are kept in ``state_dict`` (``labels``) and
-the state directory (``labels.npy``). The network transport carries both (``set_labels`` op, extras).
+the state directory (``labels.npy``). The network transport carries both (op ``SET_LABELS``).
 
 Thread-safe: one re-entrant lock serialises state changes. Validation of a report's arrays runs
 before the lock is taken, so concurrent reporters overlap their checks, and a policy runs on a
