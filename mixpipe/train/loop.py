@@ -88,7 +88,9 @@ def fit(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs: int,
             getattr(getattr(loader, "sampler", None), "source", None)
         service = source if hasattr(source, "report") and hasattr(source, "commit") else None
     commit = (rank == 0) if commit is None else commit
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    # "initial_lr" (the torch schedulers' key) travels in the optimizer's state_dict, so a
+    # resumed run scales the base rates, not the last scheduled ones
+    base_lrs = [group.setdefault("initial_lr", group["lr"]) for group in optimizer.param_groups]
     reporter = LossReporter(service, rank=rank, chunk=reporter_chunk) if service is not None \
         else None
     history: Dict[str, Any] = {"epochs": [], "schedule": schedule.kind, "epochs_total": epochs}
