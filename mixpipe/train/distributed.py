@@ -40,7 +40,8 @@ from torch import nn
 
 __all__ = ["DistEnv", "init_distributed", "shutdown", "is_distributed", "world", "barrier",
            "broadcast_object", "agree_steps", "wrap_model", "free_port", "ResilientService",
-           "JobServer", "start_server", "start_server_process", "job_service", "main_process"]
+           "JobServer", "start_server", "start_server_process", "job_service", "main_process",
+           "save_checkpoint", "load_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -346,3 +347,53 @@ def job_service(num_samples: int, policy: Any = None, seed: int = 0, *,
         url = server
     client = connect(url, timeout=timeout, retries=retries, num_samples=num_samples, seed=seed)
     return ResilientService(client), owned
+
+
+# ------------------------------------------------------------------------------------ resume
+def save_checkpoint(path: str, epoch: int, model: nn.Module, optimizer: Any,
+                    service: Any = None, **extra: Any) -> Optional[Dict[str, Any]]:
+    """Rank 0 writes ``{epoch, model, optimizer, selection, ...}`` atomically; others return None.
+
+    The selection state (``service.state_dict()``: ledger + pending reports + policy + seed) is
+    part of the checkpoint because the plans of later epochs are a function of it: restored with
+    the weights, a resumed job gets the same plans as one that never stopped. Call it after the
+    epoch's commit (``fit``'s ``on_epoch``), when every rank's reports are in.
+    """
+    if not main_process():
+        return None
+    state = {"epoch": int(epoch), "model": _unwrap(model).state_dict(),
+             "optimizer": optimizer.state_dict(),
+             "selection": None if service is None else service.state_dict(), **extra}
+    tmp = f"{path}.tmp.{os.getpid()}"
+    torch.save(state, tmp)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return state
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer: Any = None,
+                    service: Any = None) -> int:
+    """Restore what :func:`save_checkpoint` wrote; return the epoch to resume at (saved + 1).
+
+    The selection state is loaded into ``service`` on rank 0 only (one server serves the job);
+    the other ranks wait at a barrier so that none asks for a plan before it is restored.
+    Reports of the interrupted epoch that the server still holds are replaced: that epoch is
+    trained again from the same weights and reports its losses anew.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    _unwrap(model).load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if service is not None and state.get("selection") is not None and main_process():
+        service.load_state_dict(state["selection"])
+    barrier()
+    return int(state["epoch"]) + 1
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while isinstance(model, nn.parallel.DistributedDataParallel) or \
+            type(model).__name__ == "RegionPooledModel":
+        model = model.module if hasattr(model, "module") and \
+            isinstance(model, nn.parallel.DistributedDataParallel) else model.model
+    return model
