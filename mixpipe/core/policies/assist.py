@@ -18,13 +18,26 @@ Never-seen samples, and every sample in the first ``warmup_epochs`` epochs, in t
 With ``mix`` the kept samples then go through the mixtrain rules exactly as in shrink.
 
 Where the assistant trains: inside the plan computation, which the selection server runs outside
-its lock on a snapshot, so reports go on meanwhile; the fitted weights and the snapshot they will
-be judged against travel as the policy's state (bytes; :class:`mixpipe.core.assist.AssistState`),
-kept by the server between plans and in its state_dict. Called without a state (the stateless
-``make_plan``) the assistant starts cold and the plan skips nothing.
+its lock on a snapshot, so reports go on meanwhile (the trainer does wait for the plan at the
+start of an epoch: about 0.7 s of CPU per million samples with 100 classes, measured on this
+machine; shrink takes 0.09 s). The fitted weights and the snapshot they will be judged against
+travel as the policy's state (bytes; :class:`mixpipe.core.assist.AssistState`, 16 bytes per
+sample), kept by the server between plans, in its state_dict and in its state directory, so a
+resumed or restarted service plans exactly as an uninterrupted one. Called without a state (the
+stateless ``make_plan``) the assistant starts cold and the plan skips nothing.
 
-Labels reach the policy on the snapshot (``LedgerSnapshot.labels``), set on the service with
-``set_labels``; without them the class feature and the per-class floor fall back to one class.
+Labels reach the policy on the snapshot (``LedgerSnapshot.labels``), given to the service once
+with ``set_labels(dataset.labels)`` (in-process or over the network); without them the class
+feature and the per-class floor fall back to one class.
+
+Use::
+
+    svc = InProcessService(len(train), AssistSettings(epochs=E), seed=0)
+    svc.set_labels(train.labels)
+    # assist + mixtrain: AssistSettings(epochs=E, mix=MixTrainSettings(fraction=0.5, ...))
+
+Suggested settings: the defaults (skip at most 30% of an epoch, half of each class always kept,
+unbiased loss scales); ``anneal_epochs=1`` lets the last epoch see everything, as InfoBatch does.
 
 Example::
 
