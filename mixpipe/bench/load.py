@@ -1,0 +1,312 @@
+"""``python benchmarks/load.py``: the selection server under a whole job's load, over loopback.
+
+A ``mixpipe serve`` process (crash-safe: state directory and write-ahead log on) serves
+``--clients`` client processes, each one a rank of a simulated data-parallel job. Every epoch each
+client asks for its shard of the plan, then reports one loss per constituent of its shard, in
+reports of ``--chunk`` losses (the trainer's reporter default), as fast as the server takes them.
+After all clients are done with an epoch (a barrier, as in :func:`mixpipe.train.fit`), client 0
+commits. The dataset has ``clients x losses-per-client`` samples, so each client reports about
+``--losses-per-client`` losses per epoch (1.28M by default: ImageNet per rank).
+
+Measured: report and plan-request latency percentiles (p50 / p95 / p99; the first plan request
+of an epoch waits for the policy, the others for the cached plan, so they are listed apart),
+aggregate ingest throughput per epoch (all losses over the time from the first report to the last
+acknowledgement) and commit time. Verified: the ledger file the server wrote at the last commit
+counts every sample once per epoch, and the server received exactly the losses the clients had
+acknowledged (nothing lost, nothing refused).
+
+Bounded: ``--time-limit`` stops the clients (the run is marked truncated) and every process is
+killed at the end whatever happens. Loopback (127.0.0.1) only.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+__all__ = ["LoadSettings", "run_load", "add_arguments", "run", "format_table", "main"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadSettings:
+    clients: int = 16
+    losses_per_client: int = 1_280_000
+    epochs: int = 3
+    chunk: int = 8192
+    policy: str = "mixtrain"
+    policy_json: str = '{"warmup_epochs": 1, "fraction": 0.5, "layout": "halves"}'
+    seed: int = 0
+    timeout: float = 120.0
+    time_limit: float = 900.0
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, field: str, allowed: str) -> None:
+            if not cond:
+                raise ValueError(f"load setting {field}={getattr(self, field)!r}: must be "
+                                 f"{allowed}")
+        need(1 <= self.clients <= 256, "clients", "in [1, 256]")
+        need(self.losses_per_client >= 1, "losses_per_client", ">= 1")
+        need(1 <= self.epochs <= 100, "epochs", "in [1, 100]")
+        need(self.chunk >= 1, "chunk", ">= 1")
+        need(self.timeout > 0, "timeout", "> 0 seconds")
+        need(self.time_limit > 0, "time_limit", "> 0 seconds")
+
+    @property
+    def num_samples(self) -> int:
+        return self.clients * self.losses_per_client
+
+
+QUICK = dict(losses_per_client=80_000, epochs=2, time_limit=180.0)
+
+
+# ------------------------------------------------------------------------------------ client
+def _client(rank: int, s: LoadSettings, url: str, barrier: Any, results: Any,
+            deadline: float) -> None:
+    """One simulated rank: plan, report its shard's losses chunk by chunk, barrier, commit."""
+    from mixpipe.server import connect
+
+    out: Dict[str, Any] = {"rank": rank, "report_s": [], "plan_s": [], "plan_first": [],
+                           "commit_s": [], "acked": [0] * s.epochs, "epoch_spans": [],
+                           "truncated": False, "error": None}
+    try:
+        client = connect(url, timeout=s.timeout, retries=0)
+        client.hello()
+        rng = np.random.default_rng([s.seed, rank])
+        for epoch in range(s.epochs):
+            barrier.wait()
+            t = time.perf_counter()
+            plan = client.plan(epoch, rank, s.clients)
+            out["plan_s"].append(time.perf_counter() - t)
+            real = plan.loss_scale > 0
+            ids = np.ascontiguousarray(plan.ids[real], dtype=np.int64)
+            losses = (rng.random(ids.size, dtype=np.float32) * 3).astype(np.float32)
+            start = time.time()
+            for lo in range(0, ids.size, s.chunk):
+                if time.monotonic() > deadline:
+                    out["truncated"] = True
+                    break
+                t = time.perf_counter()
+                client.report(epoch, ids[lo:lo + s.chunk], losses[lo:lo + s.chunk], rank=rank)
+                out["report_s"].append(time.perf_counter() - t)
+                out["acked"][epoch] += int(min(s.chunk, ids.size - lo))
+            out["epoch_spans"].append((start, time.time()))
+            barrier.wait()
+            if rank == 0:
+                t = time.perf_counter()
+                client.commit(epoch)
+                out["commit_s"].append(time.perf_counter() - t)
+            if out["truncated"]:
+                break
+        client.close()
+    except Exception as err:  # noqa: BLE001 - reported in the results
+        out["error"] = f"{type(err).__name__}: {err}"
+        barrier.abort()
+    results.put(out)
+
+
+# ------------------------------------------------------------------------------------ run
+def _pct(values: List[float]) -> Dict[str, Optional[float]]:
+    if not values:
+        return {"n": 0, "p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None}
+    arr = np.asarray(values) * 1e3
+    return {"n": int(arr.size), "p50_ms": float(np.percentile(arr, 50)),
+            "p95_ms": float(np.percentile(arr, 95)), "p99_ms": float(np.percentile(arr, 99)),
+            "max_ms": float(arr.max())}
+
+
+def run_load(s: LoadSettings, log=print) -> Dict[str, Any]:
+    from mixpipe.core.ledger import Ledger
+    from mixpipe.server import connect
+    from mixpipe.train.distributed import start_server_process
+
+    from .common import machine_info
+
+    state = tempfile.mkdtemp(prefix="mixpipe-load-")
+    server = None
+    procs: List[multiprocessing.Process] = []
+    started = time.monotonic()
+    try:
+        log(f"load: {s.clients} clients x {s.losses_per_client:,} losses x {s.epochs} epochs "
+            f"({s.num_samples:,} samples, chunk {s.chunk}, policy {s.policy}); starting server")
+        server = start_server_process(s.num_samples, s.policy, s.seed, state_dir=state,
+                                      policy_json=s.policy_json)
+        ctx = multiprocessing.get_context("spawn")
+        barrier, results = ctx.Barrier(s.clients), ctx.Queue()
+        deadline = time.monotonic() + s.time_limit
+        procs = [ctx.Process(target=_client, args=(r, s, server.url, barrier, results,
+                                                   deadline), daemon=True)
+                 for r in range(s.clients)]
+        for p in procs:
+            p.start()
+        outs = []
+        try:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=s.clients, desc="clients done", leave=False)
+        except ImportError:  # pragma: no cover
+            bar = None
+        hard = deadline + 2 * s.timeout + 60
+        while len(outs) < s.clients and time.monotonic() < hard:
+            try:
+                outs.append(results.get(timeout=1.0))
+                if bar is not None:
+                    bar.update(1)
+            except Exception:  # queue.Empty: check the processes are alive
+                if not any(p.is_alive() for p in procs) and results.empty():
+                    break
+        if bar is not None:
+            bar.close()
+        wall = time.monotonic() - started
+        with connect(server.url, timeout=s.timeout, retries=0) as admin:
+            stats = admin.stats()
+        server.stop()
+        server = None
+        ledger = Ledger.load(os.path.join(state, "ledger.bin"))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(10)
+        if server is not None:
+            server.stop()
+        shutil.rmtree(state, ignore_errors=True)
+
+    errors = [o["error"] for o in outs if o["error"]]
+    truncated = any(o["truncated"] for o in outs) or len(outs) < s.clients
+    acked = int(sum(sum(o["acked"]) for o in outs))
+    epochs_done = ledger.committed_epoch + 1
+    counts_ok = bool((ledger.count == epochs_done).all())
+    per_epoch = []
+    for e in range(s.epochs):
+        spans = [o["epoch_spans"][e] for o in outs if len(o["epoch_spans"]) > e]
+        if len(spans) < len(outs) or not spans:
+            break
+        seconds = max(b for _, b in spans) - min(a for a, _ in spans)
+        losses = sum(o["acked"][e] for o in outs)
+        per_epoch.append({"epoch": e, "losses": int(losses), "report_seconds": seconds,
+                          "losses_per_s": losses / seconds if seconds > 0 else None})
+    plan_all = [t for o in outs for t in o["plan_s"]]
+    # the slowest plan request of each epoch is the one that waited for the policy
+    plan_compute = [max(o["plan_s"][e] for o in outs if len(o["plan_s"]) > e)
+                    for e in range(min((len(o["plan_s"]) for o in outs), default=0))]
+    payload = {
+        "benchmark": "load",
+        "machine_info": machine_info(),
+        "settings": dataclasses.asdict(s),
+        "num_samples": s.num_samples,
+        "wall_seconds": wall,
+        "truncated": truncated,
+        "errors": errors,
+        "clients_finished": len(outs),
+        "report_latency": _pct([t for o in outs for t in o["report_s"]]),
+        "plan_latency": _pct(plan_all),
+        "plan_slowest_per_epoch_s": plan_compute,
+        "commit_latency": _pct([t for o in outs for t in o["commit_s"]]),
+        "epochs": per_epoch,
+        "median_losses_per_s": float(np.median([p["losses_per_s"] for p in per_epoch]))
+        if per_epoch else None,
+        "verify": {
+            "acked_losses": acked,
+            "server_losses_received": int(stats["losses_received"]),
+            "server_reports_refused": int(stats["reports_refused"]),
+            "expected_losses": s.num_samples * epochs_done,
+            "committed_epochs": epochs_done,
+            "ledger_count_equals_epochs": counts_ok,
+            "ledger_count_sum": int(ledger.count.sum()),
+        },
+    }
+    v = payload["verify"]
+    payload["nothing_lost"] = bool(
+        not errors and v["acked_losses"] == v["server_losses_received"] == v["ledger_count_sum"]
+        and v["server_reports_refused"] == 0 and (truncated or (
+            counts_ok and epochs_done == s.epochs and v["acked_losses"] == v["expected_losses"])))
+    return payload
+
+
+def format_table(p: Dict[str, Any]) -> str:
+    s = p["settings"]
+
+    def row(name: str, d: Dict[str, Any]) -> str:
+        if not d["n"]:
+            return f"{name:<22} {'-':>7}"
+        return (f"{name:<22} {d['n']:>7} {d['p50_ms']:>9.2f} {d['p95_ms']:>9.2f} "
+                f"{d['p99_ms']:>9.2f} {d['max_ms']:>9.1f}")
+
+    lines = [f"{'latency':<22} {'n':>7} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'max ms':>9}",
+             row(f"report ({s['chunk']} losses)", p["report_latency"]),
+             row("plan request (shard)", p["plan_latency"]),
+             row("commit", p["commit_latency"]), "",
+             f"{'epoch':<6} {'losses':>12} {'report s':>9} {'losses/s':>12}"]
+    for e in p["epochs"]:
+        lines.append(f"{e['epoch']:<6} {e['losses']:>12,} {e['report_seconds']:>9.2f} "
+                     f"{e['losses_per_s']:>12,.0f}")
+    v = p["verify"]
+    lines += ["", f"slowest plan request per epoch (waits for the policy): "
+                  f"{', '.join(f'{t:.2f}s' for t in p['plan_slowest_per_epoch_s'])}",
+              f"verify: acked {v['acked_losses']:,} == received {v['server_losses_received']:,} "
+              f"== ledger count sum {v['ledger_count_sum']:,}; every sample counted once per "
+              f"epoch: {v['ledger_count_equals_epochs']}; refused {v['server_reports_refused']}"
+              f" -> nothing lost: {p['nothing_lost']}",
+              f"({s['clients']} clients x {s['losses_per_client']:,} losses x {s['epochs']} "
+              f"epochs, {p['num_samples']:,} samples, loopback, WAL on, wall "
+              f"{p['wall_seconds']:.1f}s{', TRUNCATED by --time-limit' if p['truncated'] else ''}"
+              f"{'; errors: ' + '; '.join(p['errors']) if p['errors'] else ''})"]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = LoadSettings()
+    parser.add_argument("--clients", type=int, default=d.clients)
+    parser.add_argument("--losses-per-client", type=int, default=None,
+                        help=f"per epoch (default {d.losses_per_client:,}; quick "
+                             f"{QUICK['losses_per_client']:,})")
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--chunk", type=int, default=d.chunk, help="losses per report")
+    parser.add_argument("--policy", default=d.policy)
+    parser.add_argument("--policy-json", default=d.policy_json)
+    parser.add_argument("--timeout", type=float, default=d.timeout,
+                        help="client timeout per request (s)")
+    parser.add_argument("--time-limit", type=float, default=None,
+                        help="stop reporting after this many seconds (run marked truncated)")
+    parser.add_argument("--quick", action="store_true", help=f"smaller: {QUICK}")
+    parser.add_argument("--out", default=None, help="JSON path (default results/bench_load.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .common import write_json
+
+    quick = dict(QUICK) if args.quick else {}
+    d = LoadSettings()
+    try:
+        s = LoadSettings(
+            clients=args.clients,
+            losses_per_client=args.losses_per_client or quick.get("losses_per_client",
+                                                                  d.losses_per_client),
+            epochs=args.epochs or quick.get("epochs", d.epochs), chunk=args.chunk,
+            policy=args.policy, policy_json=args.policy_json, timeout=args.timeout,
+            time_limit=args.time_limit or quick.get("time_limit", d.time_limit))
+    except ValueError as err:
+        print(f"load: {err}", file=sys.stderr)
+        return 2
+    payload = run_load(s)
+    table = format_table(payload)
+    payload["table"] = table
+    out = args.out or os.path.join("results", "bench_load.json")
+    write_json(out, payload)
+    print(table, flush=True)
+    print(f"wrote {out}")
+    return 0 if payload["nothing_lost"] else 1
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchmarks/load.py", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
