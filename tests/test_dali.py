@@ -16,8 +16,8 @@ from nvidia.dali import pipeline_def  # noqa: E402
 from mixpipe.core.compose import compose_slot  # noqa: E402
 from mixpipe.core.layouts import regions  # noqa: E402
 from mixpipe.core.plan import Layout, MixPlan  # noqa: E402
-from mixpipe.dali import (FileList, FixedPlans, FixedView, InMemoryImages, MixIterator,  # noqa: E402
-                          PlanBoard, PlanNotPublished, PlanSource, RandomView, close_pipeline,
+from mixpipe.dali import (FileList, FixedPlans, FixedView, InMemoryImages,  # noqa: E402
+                          MixIterator, PlanBoard, PlanNotPublished, PlanSource, RandomView, close_pipeline,
                           epoch_walk, image_size, mix, plan_inputs, unpack_meta)
 
 

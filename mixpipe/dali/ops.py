@@ -111,7 +111,8 @@ def compose(constituents: list, inputs: MixInputs, layout: Layout):
     """Compose already-viewed constituents for one (statically known) layout.
 
     Spatial layouts concatenate: constituent regions tile the composite exactly (HALVES: left,
-    right; QUADS: TL, TR, BL, BR) because their sizes came from :func:`mixpipe.core.layouts.regions`.
+    right; QUADS: TL, TR, BL, BR) because their sizes came from
+    :func:`mixpipe.core.layouts.regions`.
     BLEND sums in float32 and rounds half up, as the reference does.
     """
     if layout == Layout.HALVES:

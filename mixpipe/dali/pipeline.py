@@ -65,7 +65,8 @@ class PipelineSettings:
 
 
 def open_images(data: str, split: str = "train") -> EncodedImages:
-    """A prepared directory (``OUT/<split>_files.txt``) or a class-folder tree (``data/<split>``)."""
+    """A prepared directory (``OUT/<split>_files.txt``) or a class-folder tree
+    (``data/<split>/<class>/...``)."""
     if os.path.isfile(os.path.join(data, f"{split}_files.txt")):
         return FileList.for_split(data, split)
     if os.path.isfile(data):
