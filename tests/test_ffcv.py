@@ -5,6 +5,8 @@ and shared; a scripted plan provider lets every test choose the plan of the epoc
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -347,6 +349,9 @@ def test_fields_without_a_mixing_decoder_are_refused(textured_beton):
     with pytest.raises(ValueError, match="not a mixpipe decoder"):
         MixLoader(textured_beton[0], 8, ScriptedPlans(),
                   pipelines={"image": [SimpleMixDecoder()], "label": [IntDecoder()]})
+    with pytest.raises(ValueError, match="cannot decode the IntField"):
+        MixLoader(textured_beton[0], 8, ScriptedPlans(),
+                  pipelines={"image": [SimpleMixDecoder()], "label": [SimpleMixDecoder()]})
 
 
 def test_plans_that_do_not_fit_are_refused(simple_loader):
@@ -415,3 +420,42 @@ def test_random_crops_stay_inside_the_image(h, w, rh, rw, lo, seed):
     top, left, ch, cw = centre.T
     assert (top >= 0).all() and (left >= 0).all() and (ch >= 1).all() and (cw >= 1).all()
     assert (top + ch <= h).all() and (left + cw <= w).all()
+
+
+# --------------------------------------------------------------------------------- presets
+def test_settings_refuse_bad_values_naming_the_field():
+    from mixpipe.ffcv.presets import FFCVSettings
+
+    with pytest.raises(ValueError, match="FFCVSettings.stride"):
+        FFCVSettings(size=(32, 32), stride=32)
+    with pytest.raises(ValueError, match="FFCVSettings.scale"):
+        FFCVSettings(scale=(0.5, 0.2))
+    with pytest.raises(ValueError, match="FFCVSettings.resize"):
+        FFCVSettings(resize="cubic")
+
+
+def test_unmixed_plans_cover_every_id_on_every_rank_count():
+    from mixpipe.ffcv.presets import UnmixedPlans
+
+    for world in (1, 2, 3):
+        shards = [UnmixedPlans(10).plan(4, r, world) for r in range(world)]
+        assert len({s.num_slots for s in shards}) == 1
+        real = np.concatenate([s.ids[s.loss_scale > 0] for s in shards])
+        np.testing.assert_array_equal(np.sort(real), np.arange(10))
+        assert all(s.epoch == 4 for s in shards)
+
+
+def test_tree_ids_follow_sorted_class_folders(tmp_path):
+    from PIL import Image
+
+    from mixpipe.ffcv.presets import _TreeImages
+
+    for cls, names in (("b_cls", ["2.jpg", "1.jpg"]), ("a_cls", ["9.jpg"])):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for n in names:
+            Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "train" / cls / n)
+    ds = _TreeImages(str(tmp_path), "train")
+    assert [os.path.relpath(p, tmp_path) for p in ds.paths] == [
+        "train/a_cls/9.jpg", "train/b_cls/1.jpg", "train/b_cls/2.jpg"]
+    assert ds.labels.tolist() == [0, 1, 1]
+    assert ds[0][0].shape == (4, 4, 3)

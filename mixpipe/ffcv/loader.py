@@ -193,6 +193,13 @@ class MixLoader(Loader):
                 raise ValueError(f"pipeline {name!r} starts with {type(decoder).__name__}, not a "
                                  "mixpipe decoder (SimpleMixDecoder, RandomResizedCropMixDecoder, "
                                  "CenterCropMixDecoder, MixLabelDecoder)")
+            source = spec.source if isinstance(spec, PipelineSpec) else name
+            field = reader.handlers.get(source)
+            if field is not None and not isinstance(decoder, field.get_decoder_class()):
+                # FFCV would demote it to a transform and decode with the field's default
+                raise ValueError(f"pipeline {name!r}: {type(decoder).__name__} cannot decode the "
+                                 f"{type(field).__name__} field {source!r} (MixImageDecoder "
+                                 "subclasses read RGBImageField, MixLabelDecoder IntField)")
             decoder.attach(self.tables)
 
     # ------------------------------------------------------------------------------ epochs
