@@ -74,7 +74,8 @@ def reference_shares(losses, gamma: float, w_min: float) -> np.ndarray:
     out = []
     for row in np.asarray(losses, np.float64):
         k = len(row)
-        p = [float(x) ** gamma for x in row]
+        top = max(float(x) for x in row)  # l^g / sum(l^g) == (l/top)^g / sum((l/top)^g),
+        p = [(float(x) / top) ** gamma for x in row] if top > 0 else [0.0] * k  # no underflow
         total = sum(p)
         p = [x / total for x in p] if total > 0 else [1.0 / k] * k
         if k == 2:
