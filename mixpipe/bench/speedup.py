@@ -68,6 +68,7 @@ class SpeedupSettings:
     stride: int = 8
     channels_last: bool = True
     progress: bool = True
+    server: Optional[str] = None  # tcp://... of a `mixpipe serve` job server (one arm only)
 
     def __post_init__(self) -> None:
         def need(cond: bool, field: str, allowed: str) -> None:
@@ -95,6 +96,10 @@ class SpeedupSettings:
         need(self.image_size >= 2 * self.stride, "image_size", f">= 2 * stride ({self.stride})")
         need(self.image_size % self.stride == 0, "image_size", f"a multiple of stride "
              f"({self.stride})")
+        need(self.server is None or (str(self.server).startswith("tcp://")
+                                     and len(self.policies) == 1 and len(self.seeds) == 1),
+             "server", "None, or a tcp:// URL with one policy and one seed (a server runs one "
+             "policy and seed; arms otherwise get their own embedded servers)")
 
     @property
     def grid_cells(self) -> int:
@@ -196,13 +201,20 @@ def constituent_transform(s: SpeedupSettings):
 
 
 def make_loader(s: SpeedupSettings, train, service, seed: int):
+    from mixpipe.train.distributed import world
+
+    rank, world_size = world()
+    if world_size > 1 and s.loader != "torch":
+        raise SystemExit(f"--loader {s.loader} under torchrun: only the torch loader takes "
+                         "rank / world_size here yet")
     if s.loader == "torch":
         from mixpipe.torch import MixedLoader
 
         return MixedLoader(train, service, s.batch_size, size=(s.image_size, s.image_size),
                            stride=s.stride, num_workers=s.workers, seed=seed,
                            constituent_transform=constituent_transform(s),
-                           persistent_workers=s.workers > 0)
+                           persistent_workers=s.workers > 0, rank=rank,
+                           world_size=world_size)
     if s.loader == "ffcv":
         return _ffcv_loader(s, train, service)
     try:
@@ -285,7 +297,7 @@ def train_arm(s: SpeedupSettings, policy: str, seed: int, train, val_batches, nu
     """One (policy, seed) run; returns its history with the arm's identity."""
     import torch
 
-    from mixpipe.server import InProcessService
+    from mixpipe.train.distributed import barrier, job_service
     from mixpipe.train import Normalize, Schedule, fit
 
     torch.manual_seed(seed)
@@ -297,12 +309,16 @@ def train_arm(s: SpeedupSettings, policy: str, seed: int, train, val_batches, nu
                                  {"params": no_decay, "weight_decay": 0.0}], lr=s.lr,
                                 momentum=s.momentum, nesterov=s.momentum > 0)
     settings = policy_settings(policy, s)
-    service = InProcessService(len(train), policy=settings, seed=seed)
+    # one process: the embedded service; under torchrun: rank 0 serves it to every rank
+    service, owned = job_service(len(train), settings, seed, server=s.server)
     loader = make_loader(s, train, service, seed)
     history = fit(model, loader, optimizer, s.epochs, Schedule(s.schedule, s.warmup),
                   eval_loader=val_batches, service=service, stride=s.stride,
                   prepare=Normalize(channels_last=s.channels_last), progress=s.progress,
                   desc=f"{policy} seed {seed}")
+    barrier()  # every rank is done with this arm's server before rank 0 stops it
+    if owned is not None:
+        owned.stop()
     history.update(policy=policy, seed=seed, policy_settings=settings.to_dict())
     return history
 
@@ -425,7 +441,15 @@ def run_benchmark(s: SpeedupSettings, out: Optional[str] = None, log=print) -> D
 
     if s.threads:
         torch.set_num_threads(s.threads)
+    from mixpipe.train.distributed import barrier, init_distributed
+
+    env = init_distributed()  # torchrun: join the job; plain python: one process
+    if not env.is_main:
+        log = lambda *args, **kwargs: None  # noqa: E731 - rank 0 alone reports
+        barrier()  # rank 0 prepares the data first
     train, val, num_classes = load_data(s, log)
+    if env.is_main:
+        barrier()
     val_batches = EvalBatches(val, batch_size=512)
     log(f"speedup: {len(train)} train / {len(val)} val samples, {num_classes} classes; arms "
         f"{', '.join(s.policies)}; seeds {list(s.seeds)}; torch threads {torch.get_num_threads()}")
@@ -438,25 +462,27 @@ def run_benchmark(s: SpeedupSettings, out: Optional[str] = None, log=print) -> D
             log(f"  {policy:<9} seed {seed}: {history['train_seconds']:.1f}s, "
                 f"{history['forward_inputs']} inputs, final top-1 "
                 f"{100 * history['final_top1']:.2f}%")
-    summary = summarise(s, runs, len(train))
+    summary = summarise(s, runs, -(-len(train) // env.world_size))  # inputs are per rank
     payload = {
         "benchmark": "speedup",
         "machine_info": machine_info(),
         "settings": dataclasses.asdict(s),
         "num_train": len(train),
         "num_val": len(val),
+        "world_size": env.world_size,
         "wall_seconds": time.time() - started,
         "summary": summary,
         "runs": runs,
     }
     table = format_table(s, summary)
     payload["table"] = table
-    if out:
+    if out and env.is_main:
         write_json(out, payload)
         png = os.path.splitext(out)[0] + ".png"
         plot(runs, s, png)
         log(f"wrote {out} and {png}")
-    print(table, flush=True)
+    if env.is_main:
+        print(table, flush=True)
     return payload
 
 
@@ -504,6 +530,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"a subset in a few minutes: {QUICK} unless given explicitly")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--server", default=None,
+                        help="tcp://host:port of a running `mixpipe serve` (one policy and "
+                             "seed); default: an embedded server (rank 0's under torchrun)")
     parser.add_argument("--out", default=None,
                         help="JSON path (PNG beside it); default benchmarks/results/"
                              "speedup[-quick].json")
@@ -527,7 +556,7 @@ def settings_from_args(args: argparse.Namespace) -> SpeedupSettings:
         val_limit=args.val_limit if args.val_limit is not None else quick.get("val_limit"),
         workers=args.workers, threads=args.threads, augment=args.augment,
         image_size=args.image_size, stride=args.stride,
-        progress=not args.no_progress)
+        progress=not args.no_progress, server=args.server)
 
 
 def run(args: argparse.Namespace) -> int:
