@@ -52,8 +52,8 @@ class SpeedupSettings:
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup: float = 0.0
-    layout: str = "halves"
-    fraction: float = 0.8
+    layout: str = "quads"
+    fraction: float = 0.6
     gamma: float = 1.0
     w_min: float = 0.25
     warmup_epochs: int = 1
@@ -61,8 +61,8 @@ class SpeedupSettings:
     prune_ratio: float = 0.5
     limit: Optional[int] = None
     val_limit: Optional[int] = None
-    workers: int = 0
-    threads: Optional[int] = None
+    workers: int = 1
+    threads: Optional[int] = 1
     augment: str = "flip"
     image_size: int = 32
     stride: int = 8
@@ -521,7 +521,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="train on the first N samples")
     parser.add_argument("--val-limit", type=int, default=None)
     parser.add_argument("--workers", type=int, default=d.workers, help="loader worker processes")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=d.threads,
+                        help="torch intra-op threads (default 1: on a shared 2-core machine two "
+                             "threads stall on each other and make timings noise; 0 = torch's "
+                             "default)")
     parser.add_argument("--augment", choices=AUGMENTS, default=d.augment)
     parser.add_argument("--image-size", type=int, default=d.image_size,
                         help="composite side in px (224 for ImageNet-style models)")
