@@ -19,6 +19,24 @@ What DDP needs from mixpipe, and why it is arranged this way:
   already training unmixed on fallback plans then.
 
 Everything here is a no-op (single process) when ``torch.distributed`` is not initialised.
+
+A training script, launched with ``torchrun --nproc_per_node=N train.py`` or plain ``python``::
+
+    env = init_distributed()                                   # gloo on CPU, nccl on GPUs
+    service, owned = job_service(len(train), "mixtrain", seed=0)  # or server="tcp://host:port"
+    loader = MixedLoader(train, service, 128, (32, 32), stride=8, rank=env.rank,
+                         world_size=env.world_size)
+    start = load_checkpoint(path, model, opt, service) if os.path.exists(path) else 0
+    fit(model, loader, opt, epochs, service=service, start_epoch=start,
+        on_epoch=lambda r: save_checkpoint(path, r["epoch"], model, opt, service))
+    barrier()
+    if owned is not None:
+        owned.stop()
+
+Resuming from a checkpoint restores the selection state with the weights, so the remaining
+epochs get the same plans as a run that never stopped (``tests/test_resume.py``). Without a
+checkpoint, a ``mixpipe serve --state-dir`` server keeps every acknowledged report across its
+own crashes (write-ahead log).
 """
 from __future__ import annotations
 
@@ -169,21 +187,31 @@ class ResilientService:
 
     If the server is unreachable (:class:`~mixpipe.server.ServerUnavailable`, after the client's
     own retries) the losses are dropped and counted, with one warning per service, unless the
-    client already warned about falling back to unmixed plans (one warning in all). Errors the
+    client already warned about falling back to unmixed plans (one warning in all). For
+    ``retry_after`` seconds after an outage reports and commits are dropped without a round
+    trip, so a dead server costs the trainer one timeout, not one per chunk. Errors the
     server *answers* with (a refused report) still raise: they are bugs, not outages.
     """
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, retry_after: float = 10.0) -> None:
+        if retry_after < 0:
+            raise ValueError(f"retry_after must be >= 0 seconds, got {retry_after}")
         self.inner = inner
+        self.retry_after = float(retry_after)
         self.dropped_losses = 0
         self.dropped_commits = 0
         self._warned = False
+        self._down_until = 0.0  # after an outage, drop at once instead of waiting out timeouts
+
+    def _down(self) -> bool:
+        return time.monotonic() < self._down_until
 
     @property
     def num_samples(self) -> int:
         return self.inner.num_samples
 
     def _outage(self, what: str, err: Exception) -> None:
+        self._down_until = time.monotonic() + self.retry_after
         if not self._warned and getattr(self.inner, "fallbacks", 0) == 0:
             from mixpipe.server.client import ServerUnavailableWarning
 
@@ -195,6 +223,8 @@ class ResilientService:
         from mixpipe.server.client import ServerUnavailable
 
         try:
+            if self._down():
+                raise ServerUnavailable("the selection server was unreachable moments ago")
             self.inner.report(epoch, ids, losses, rank=rank)
         except ServerUnavailable as err:
             self.dropped_losses += int(getattr(ids, "size", len(ids)))
@@ -204,6 +234,8 @@ class ResilientService:
         from mixpipe.server.client import ServerUnavailable
 
         try:
+            if self._down():
+                raise ServerUnavailable("the selection server was unreachable moments ago")
             self.inner.commit(epoch)
         except ServerUnavailable as err:
             self.dropped_commits += 1
@@ -320,7 +352,7 @@ def start_server_process(num_samples: int, policy: str = "none", seed: int = 0,
 
 def job_service(num_samples: int, policy: Any = None, seed: int = 0, *,
                 server: Optional[str] = None, state_dir: Optional[str] = None,
-                timeout: float = 30.0, retries: int = 2, host: str = "127.0.0.1"
+                timeout: float = 30.0, retries: int = 2, host: Optional[str] = None
                 ) -> Tuple[Any, Optional[JobServer]]:
     """The selection service this rank should use, and the server it owns (rank 0 only).
 
@@ -331,6 +363,10 @@ def job_service(num_samples: int, policy: Any = None, seed: int = 0, *,
 
     Remote services come wrapped in :class:`ResilientService`. Call ``owned.stop()`` at the end
     (after a barrier, so no rank still talks to it).
+
+    ``host`` is where rank 0 binds its server: by default loopback when the whole job runs on
+    one machine (torchrun's LOCAL_WORLD_SIZE == WORLD_SIZE), else every interface, advertised
+    to the other nodes under rank 0's host name.
     """
     from mixpipe.server import InProcessService, connect
 
@@ -340,8 +376,12 @@ def job_service(num_samples: int, policy: Any = None, seed: int = 0, *,
     if server is None:
         url = None
         if main_process():
-            owned = start_server(num_samples, policy, seed=seed, state_dir=state_dir, host=host)
-            url = owned.url
+            size = world()[1]
+            multi_node = int(os.environ.get("LOCAL_WORLD_SIZE", size)) < size
+            bind = host or ("0.0.0.0" if multi_node else "127.0.0.1")
+            owned = start_server(num_samples, policy, seed=seed, state_dir=state_dir, host=bind)
+            url = owned.url.replace("0.0.0.0", socket.gethostname()) if bind == "0.0.0.0" \
+                else owned.url
         url = broadcast_object(url)
     else:
         url = server
