@@ -6,8 +6,8 @@ import torch
 from mixpipe.core.ledger import Ledger
 from mixpipe.core.plan import Layout, MixPlan
 from mixpipe.server import InProcessService
-from mixpipe.train.distributed import DistEnv, ResilientService, agree_steps, init_distributed, \
-    job_service, wrap_model
+from mixpipe.train.distributed import DistEnv, ResilientService, agree_steps, free_port, \
+    init_distributed, job_service, start_server, wrap_model
 
 from test_distributed_job import N, POLICY, SEED, launch, load, make_model
 
@@ -104,3 +104,25 @@ def test_resilient_service_passes_refusals_through():
     with pytest.raises(ValueError):
         service.report(0, np.array([9]), np.array([1.0], np.float32))
     assert service.dropped_losses == 0
+
+
+def test_ranks_whose_plans_differ_in_length_still_take_the_same_steps(tmp_path):
+    """Rank 1 cannot reach the server and trains on the longer unmixed fallback shard; without
+    agreeing on the step count DDP would hang at the first all-reduce rank 0 skips."""
+    server = start_server(N, POLICY, SEED)
+    try:
+        dead = f"tcp://127.0.0.1:{free_port()}"
+        codes = launch(2, str(tmp_path), {
+            "epochs": 2, "pg_timeout": 30, "server": server.url,
+            "rank_cfg": {1: {"server": dead, "timeout": 0.3, "retries": 0}}})
+    finally:
+        server.stop()
+    assert codes == [0, 0]
+    r0, r1 = load(str(tmp_path), 0), load(str(tmp_path), 1)
+    assert r0["fit"] == "ok" and r1["fit"] == "ok"
+    plans = [[MixPlan.from_bytes(r["plans"][e]) for e in range(2)] for r in (r0, r1)]
+    assert plans[0][1].num_slots < plans[1][1].num_slots  # mixed shard vs unmixed fallback
+    for epoch in range(2):
+        assert r0["batches"][epoch] == r1["batches"][epoch] == \
+            -(-min(p[epoch].num_slots for p in plans) // 16)
+    assert r1["dropped"] > 0 and r0["dropped"] == 0

@@ -104,9 +104,10 @@ class Watched:
                 raise RuntimeError(f"killed at epoch {self.epoch} step {step}")
             if self.on_batch is not None:
                 self.on_batch(self.epoch, step)
+            yield batch
+            # resumed: the trainer took the step (a batch it fetched and dropped is not counted)
             real = batch.ids[batch.loss_scale > 0]
             self.seen.setdefault(self.epoch, []).append(real.numpy().copy())
-            yield batch
 
 
 def free_port() -> int:
@@ -134,6 +135,7 @@ def rank_main(rank: int, world: int, port: int, out: str, cfg: Dict[str, Any]) -
     from mixpipe.train.distributed import barrier, init_distributed, job_service, shutdown
 
     torch.set_num_threads(1)
+    cfg = {**cfg, **cfg.get("rank_cfg", {}).get(rank, {})}
     env = init_distributed(timeout=cfg.get("pg_timeout", 60))
     service, owned = job_service(N, cfg.get("policy", POLICY), SEED, server=cfg.get("server"),
                                  timeout=cfg.get("timeout", 20.0),
@@ -156,6 +158,7 @@ def rank_main(rank: int, world: int, port: int, out: str, cfg: Dict[str, Any]) -
     except Exception as err:  # noqa: BLE001 - the test inspects it
         result["fit"] = f"{type(err).__name__}: {err}"
     result.update(seen={e: np.concatenate(v) for e, v in watched.seen.items()},
+                  batches={e: len(v) for e, v in watched.seen.items()},
                   plans=recorder.plans,
                   reports={e: (np.concatenate([r[0] for r in rs]),
                                np.concatenate([r[1] for r in rs])) for e, rs in
