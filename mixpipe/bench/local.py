@@ -7,7 +7,8 @@ weights, optimiser, schedule and data order per seed; seeds are the outer loop.
 Recorded:
 * per arm and epoch: training wall-clock (evaluation excluded) and its compute part (fit's
   ``compute_seconds``: the loader's data wait taken out, since LoCal speeds up only the model),
-  top-1, the transition index; the arm order flips every seed;
+  top-1, the transition index. The arms of a seed train in threads that take turns epoch by
+  epoch (one computes at a time), so a drift in the load of a shared machine falls on all alike;
 * per transition index, on one fixed batch: the median time of a full training step (forward,
   loss, backward, optimiser step; the local updates included) over ``step_repeats`` steps taken
   round robin over the positions, so the saving of each boundary position is seen without the
@@ -27,6 +28,7 @@ import dataclasses
 import os
 import statistics
 import sys
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -171,12 +173,39 @@ def per_transition(s: LocalBenchSettings, num_classes: int, images, labels) -> L
     return rows
 
 
-def train_arm(s: LocalBenchSettings, arm: str, seed: int, train, val_batches, num_classes: int):
+class _Turns:
+    """Epoch-level round robin over arms trained in threads: one arm computes at a time and the
+    arms take turns epoch by epoch, so a drift in machine load falls on every arm alike."""
+
+    def __init__(self, n: int) -> None:
+        self._cond = threading.Condition()
+        self._active = list(range(n))
+        self._pos = 0
+
+    def wait(self, i: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._active or self._active[self._pos] == i)
+
+    def done(self, i: int, finished: bool) -> None:
+        with self._cond:
+            if i in self._active:
+                k = self._active.index(i)
+                if finished:
+                    self._active.pop(k)
+                    self._pos = k % len(self._active) if self._active else 0
+                else:
+                    self._pos = (k + 1) % len(self._active)
+            self._cond.notify_all()
+
+
+def make_arm(s: LocalBenchSettings, arm: str, seed: int, train, num_classes: int):
+    """Model, optimiser, LoCal wrapper and loader of one (arm, seed), built in the main thread so
+    the seeded initial weights do not depend on thread timing."""
     import torch
 
     from mixpipe.bench.speedup import make_loader, policy_settings
     from mixpipe.server import InProcessService
-    from mixpipe.train import Normalize, Schedule, build_model, fit
+    from mixpipe.train import build_model
 
     ss = _speedup_settings(s)
     torch.manual_seed(seed)
@@ -184,13 +213,52 @@ def train_arm(s: LocalBenchSettings, arm: str, seed: int, train, val_batches, nu
     optimizer = _optimizer(model, s)
     local = _local(arm, model, optimizer, s)
     service = InProcessService(len(train), policy=policy_settings("none", ss), seed=seed)
-    loader = make_loader(ss, train, service, seed)
-    history = fit(model, loader, optimizer, s.epochs, Schedule("cosine"), eval_loader=val_batches,
-                  service=service, stride=8, prepare=Normalize(channels_last=True),
-                  progress=s.progress, desc=f"{arm} seed {seed}",
-                  on_epoch=local.on_epoch if local is not None else None)
-    history.update(arm=arm, seed=seed, local=local.history if local is not None else None)
-    return history
+    return {"arm": arm, "seed": seed, "model": model, "optimizer": optimizer, "local": local,
+            "service": service, "loader": make_loader(ss, train, service, seed)}
+
+
+def train_arms(s: LocalBenchSettings, parts: List[Dict[str, Any]], val_batches) -> List[Dict]:
+    """Train the arms of one seed in threads that take turns epoch by epoch."""
+    from mixpipe.train import Normalize, Schedule, fit
+
+    turns = _Turns(len(parts))
+    histories: List[Optional[Dict[str, Any]]] = [None] * len(parts)
+    errors: List[BaseException] = []
+
+    def work(i: int, part: Dict[str, Any]) -> None:
+        local = part["local"]
+
+        def on_epoch(record: Dict[str, Any]) -> None:
+            if local is not None:
+                local.on_epoch(record)
+            last = record["epoch"] == s.epochs - 1
+            turns.done(i, finished=last)
+            if not last:
+                turns.wait(i)
+
+        try:
+            turns.wait(i)
+            history = fit(part["model"], part["loader"], part["optimizer"], s.epochs,
+                          Schedule("cosine"), eval_loader=val_batches, service=part["service"],
+                          stride=8, prepare=Normalize(channels_last=True), progress=s.progress,
+                          desc=f"{part['arm']} seed {part['seed']}", on_epoch=on_epoch)
+            history.update(arm=part["arm"], seed=part["seed"],
+                           local=local.history if local is not None else None)
+            histories[i] = history
+        except BaseException as err:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(err)
+        finally:
+            turns.done(i, finished=True)
+
+    threads = [threading.Thread(target=work, args=(i, part), daemon=True)
+               for i, part in enumerate(parts)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return [h for h in histories if h is not None]
 
 
 def summarise(s: LocalBenchSettings, runs: List[Dict], rows: List[Dict]) -> Dict[str, Any]:
@@ -281,13 +349,12 @@ def run_benchmark(s: LocalBenchSettings, out: Optional[str] = None, log=print) -
     started = time.time()
     rows = per_transition(s, num_classes, images, labels)
     runs = []
-    for k, seed in enumerate(s.seeds):
-        # the arm order flips every seed, so a drift in machine load does not favour one arm
-        for arm in (s.arms if k % 2 == 0 else tuple(reversed(s.arms))):
-            history = train_arm(s, arm, seed, train, val_batches, num_classes)
+    for seed in s.seeds:
+        parts = [make_arm(s, arm, seed, train, num_classes) for arm in s.arms]
+        for history in train_arms(s, parts, val_batches):
             runs.append(history)
-            log(f"  {arm:<8} seed {seed}: {history['train_seconds']:.1f}s, final top-1 "
-                f"{100 * history['final_top1']:.2f}%")
+            log(f"  {history['arm']:<8} seed {seed}: {history['train_seconds']:.1f}s, final "
+                f"top-1 {100 * history['final_top1']:.2f}%")
     summary = summarise(s, runs, rows)
     table = format_table(s, summary, rows)
     payload = {"benchmark": "local", "machine_info": machine_info(),
