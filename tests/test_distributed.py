@@ -126,3 +126,17 @@ def test_ranks_whose_plans_differ_in_length_still_take_the_same_steps(tmp_path):
         assert r0["batches"][epoch] == r1["batches"][epoch] == \
             -(-min(p[epoch].num_slots for p in plans) // 16)
     assert r1["dropped"] > 0 and r0["dropped"] == 0
+
+
+def test_concurrent_rank_processes_over_loopback_lose_no_report():
+    """The load benchmark's machinery, small: every acknowledged loss is in the ledger file."""
+    from mixpipe.bench.load import LoadSettings, run_load
+
+    payload = run_load(LoadSettings(clients=4, losses_per_client=3000, epochs=2, chunk=500,
+                                    timeout=30.0, time_limit=60.0), log=lambda *a: None)
+    v = payload["verify"]
+    assert not payload["errors"] and not payload["truncated"]
+    assert v["acked_losses"] == v["server_losses_received"] == v["ledger_count_sum"] == 24000
+    assert v["ledger_count_equals_epochs"] and v["committed_epochs"] == 2
+    assert payload["nothing_lost"]
+    assert payload["report_latency"]["n"] >= 24000 // 500  # chunks of at most 500 losses

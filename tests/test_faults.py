@@ -6,7 +6,6 @@ import threading
 import warnings
 
 import numpy as np
-import pytest
 import torch
 
 from mixpipe.core.ledger import Ledger
