@@ -202,6 +202,7 @@ def run_load(s: LoadSettings, log=print) -> Dict[str, Any]:
         "settings": dataclasses.asdict(s),
         "num_samples": s.num_samples,
         "wall_seconds": wall,
+        "load_average_after": list(os.getloadavg()),  # others' work on the machine skews latency
         "truncated": truncated,
         "errors": errors,
         "clients_finished": len(outs),
@@ -277,7 +278,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--time-limit", type=float, default=None,
                         help="stop reporting after this many seconds (run marked truncated)")
     parser.add_argument("--quick", action="store_true", help=f"smaller: {QUICK}")
-    parser.add_argument("--out", default=None, help="JSON path (default results/bench_load.json)")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default results/bench_load[_quick].json)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -299,7 +301,8 @@ def run(args: argparse.Namespace) -> int:
     payload = run_load(s)
     table = format_table(payload)
     payload["table"] = table
-    out = args.out or os.path.join("results", "bench_load.json")
+    out = args.out or os.path.join("results",
+                                   "bench_load_quick.json" if args.quick else "bench_load.json")
     write_json(out, payload)
     print(table, flush=True)
     print(f"wrote {out}")
