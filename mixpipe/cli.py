@@ -21,6 +21,8 @@ COMMANDS = {
     ("bench", "overhead"): ("mixpipe.bench.overhead", "loader overhead of mixing (DALI / FFCV / "
                                                    "torch)"),
     ("bench", "speedup"): ("mixpipe.bench.speedup", "training speed-up and accuracy, arm by arm"),
+    ("bench", "load"): ("mixpipe.bench.load", "selection server under 16 concurrent clients"),
+    ("bench", "local"): ("mixpipe.bench.local", "LoCal+SGD against plain SGD"),
 }
 
 
