@@ -67,6 +67,7 @@ class SpeedupSettings:
     image_size: int = 32
     stride: int = 8
     channels_last: bool = True
+    device: str = "cpu"
     progress: bool = True
     server: Optional[str] = None  # tcp://... of a `mixpipe serve` job server (one arm only)
 
@@ -313,7 +314,7 @@ def train_arm(s: SpeedupSettings, policy: str, seed: int, train, val_batches, nu
     service, owned = job_service(len(train), settings, seed, server=s.server)
     loader = make_loader(s, train, service, seed)
     history = fit(model, loader, optimizer, s.epochs, Schedule(s.schedule, s.warmup),
-                  eval_loader=val_batches, service=service, stride=s.stride,
+                  eval_loader=val_batches, service=service, stride=s.stride, device=s.device,
                   prepare=Normalize(channels_last=s.channels_last), progress=s.progress,
                   desc=f"{policy} seed {seed}")
     barrier()  # every rank is done with this arm's server before rank 0 stops it
@@ -532,6 +533,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the network's total stride: region boundaries snap to it")
     parser.add_argument("--quick", action="store_true",
                         help=f"a subset in a few minutes: {QUICK} unless given explicitly")
+    parser.add_argument("--device", default="cpu", help="torch device to train on (cpu, cuda)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--server", default=None,
                         help="tcp://host:port of a running `mixpipe serve` (one policy and "
@@ -558,7 +560,7 @@ def settings_from_args(args: argparse.Namespace) -> SpeedupSettings:
         limit=args.limit if args.limit is not None else quick.get("limit"),
         val_limit=args.val_limit if args.val_limit is not None else quick.get("val_limit"),
         workers=args.workers, threads=args.threads, augment=args.augment,
-        image_size=args.image_size, stride=args.stride,
+        image_size=args.image_size, stride=args.stride, device=args.device,
         progress=not args.no_progress, server=args.server)
 
 
