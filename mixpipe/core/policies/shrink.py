@@ -155,7 +155,7 @@ def plan_kept(snapshot: LedgerSnapshot, skip: np.ndarray, scale: Optional[np.nda
                         scale)
     mix_score = statistic(snapshot, mix.statistic)
     chosen = choose_lowest(mix_score, seen_mask(snapshot, mix_score) & ~skip, order.size, mix,
-                           epoch)
+                           epoch, snapshot.labels)
     mixed = np.zeros(order.size, bool) if chosen is None else chosen[order]
     return assemble(n, order, mixed, mix.group_size, mix.layout_code, weigher(mix_score, mix),
                     skipped, seed, epoch, scale)
