@@ -312,6 +312,10 @@ def train_arm(s: SpeedupSettings, policy: str, seed: int, train, val_batches, nu
     settings = policy_settings(policy, s)
     # one process: the embedded service; under torchrun: rank 0 serves it to every rank
     service, owned = job_service(len(train), settings, seed, server=s.server)
+    labels = getattr(train, "labels", None)
+    if labels is not None and hasattr(service, "set_labels"):
+        # per-class policies (mixtrain's per_class, assist's class floors) read them
+        service.set_labels(np.asarray(labels))
     loader = make_loader(s, train, service, seed)
     history = fit(model, loader, optimizer, s.epochs, Schedule(s.schedule, s.warmup),
                   eval_loader=val_batches, service=service, stride=s.stride, device=s.device,
