@@ -63,3 +63,23 @@ def test_settings_are_validated_with_the_field_named():
         SpeedupSettings(fraction=1.5)
     with pytest.raises(ValueError, match="final_full_epochs"):
         SpeedupSettings(epochs=3, warmup_epochs=1, final_full_epochs=3)
+
+
+def test_subset_passes_the_labels_of_its_samples_on():
+    from mixpipe.bench.speedup import _Subset
+
+    class Base:
+        labels = np.arange(10) % 3
+
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            return np.zeros((2, 2, 3), np.uint8), int(self.labels[i])
+
+    sub = _Subset(Base(), 4)
+    np.testing.assert_array_equal(sub.labels, [0, 1, 2, 0])
+    assert [sub[i][1] for i in range(len(sub))] == sub.labels.tolist()
+    with pytest.raises(IndexError):
+        sub[4]
+    assert _Subset([(np.zeros(1), 0)], None).labels is None

@@ -149,6 +149,12 @@ class _Subset:
     def __len__(self) -> int:
         return self.n
 
+    @property
+    def labels(self) -> Optional[np.ndarray]:
+        """The subset's labels when the base dataset exposes them (per-class policies use them)."""
+        labels = getattr(self.base, "labels", None)
+        return None if labels is None else np.asarray(labels)[:self.n]
+
     def __getitem__(self, i: int):
         if not 0 <= i < self.n:
             raise IndexError(f"index {i} out of range [0, {self.n})")
