@@ -71,6 +71,7 @@ class SpeedupSettings:
     device: str = "cpu"
     progress: bool = True
     server: Optional[str] = None  # tcp://... of a `mixpipe serve` job server (one arm only)
+    local: Optional[str] = None  # LoCal+SGD for the early blocks: None, "static" or "dynamic"
 
     def __post_init__(self) -> None:
         def need(cond: bool, field: str, allowed: str) -> None:
@@ -94,6 +95,7 @@ class SpeedupSettings:
         need(self.limit is None or self.limit >= 1, "limit", ">= 1 or None")
         need(self.val_limit is None or self.val_limit >= 1, "val_limit", ">= 1 or None")
         need(self.workers >= 0, "workers", ">= 0")
+        need(self.local in (None, "static", "dynamic"), "local", "None, 'static' or 'dynamic'")
         need(self.augment in AUGMENTS, "augment", f"one of {AUGMENTS}")
         need(self.image_size >= 2 * self.stride, "image_size", f">= 2 * stride ({self.stride})")
         need(self.image_size % self.stride == 0, "image_size", f"a multiple of stride "
@@ -324,14 +326,21 @@ def train_arm(s: SpeedupSettings, policy: str, seed: int, train, val_batches, nu
         # per-class policies (mixtrain's per_class, assist's class floors) read them
         service.set_labels(np.asarray(labels))
     loader = make_loader(s, train, service, seed)
+    local = None
+    if s.local:
+        from mixpipe.train.local import from_kind
+
+        local = from_kind(s.local, model, optimizer, s.epochs)
     history = fit(model, loader, optimizer, s.epochs, Schedule(s.schedule, s.warmup),
+                  on_epoch=local.on_epoch if local is not None else None,
                   eval_loader=val_batches, service=service, stride=s.stride, device=s.device,
                   prepare=Normalize(channels_last=s.channels_last), progress=s.progress,
                   desc=f"{policy} seed {seed}")
     barrier()  # every rank is done with this arm's server before rank 0 stops it
     if owned is not None:
         owned.stop()
-    history.update(policy=policy, seed=seed, policy_settings=settings.to_dict())
+    history.update(policy=policy, seed=seed, policy_settings=settings.to_dict(),
+                   local=local.history if local is not None else None)
     return history
 
 
@@ -415,7 +424,8 @@ def format_table(s: SpeedupSettings, summary: Dict[str, Any]) -> str:
             f" {inputs:>12.0f} {pct(row['final_top1'], row['final_top1_std']):>15} "
             f"{delta_txt:>13} {reach_txt:>10}")
     lines.append(f"({len(s.seeds)} seed(s), {s.epochs} epochs, model {s.model}, loader "
-                 f"{s.loader}, layout {s.layout}, fraction {s.fraction}; speed-up and Δ are "
+                 f"{s.loader}, layout {s.layout}, fraction {s.fraction}, "
+                 f"local {s.local or 'off'}; speed-up and Δ are "
                  "against 'none', seed by seed; ± is the spread over seeds)")
     return "\n".join(lines)
 
@@ -531,6 +541,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "full Fashion-MNIST it cost 1.5 points more, see benchmarks/README)")
     parser.add_argument("--w-min", type=float, default=d.w_min,
                         help="smallest share a constituent gets (0.5 halves: always equal)")
+    parser.add_argument("--local", choices=("static", "dynamic"), default=None,
+                        help="LoCal+SGD: early blocks learn by a local rule, the boundary moving "
+                             "deeper by a static ramp or when updates settle")
     parser.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
     parser.add_argument("--final-full-epochs", type=int, default=d.final_full_epochs)
     parser.add_argument("--limit", type=int, default=None, help="train on the first N samples")
@@ -576,7 +589,7 @@ def settings_from_args(args: argparse.Namespace) -> SpeedupSettings:
         val_limit=args.val_limit if args.val_limit is not None else quick.get("val_limit"),
         workers=args.workers, threads=args.threads, augment=args.augment,
         image_size=args.image_size, stride=args.stride, device=args.device,
-        progress=not args.no_progress, server=args.server)
+        progress=not args.no_progress, server=args.server, local=args.local)
 
 
 def run(args: argparse.Namespace) -> int:
