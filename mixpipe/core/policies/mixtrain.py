@@ -178,6 +178,10 @@ def lowest_per_class(score: np.ndarray, pool_mask: np.ndarray, n: int,
     are taken in id order (a stable sort of the pool, which is in id order).
     """
     pool = np.flatnonzero(pool_mask)
+    if n <= 0 or pool.size == 0:
+        return np.zeros(score.shape[0], dtype=bool)
+    if n > pool.size:
+        raise ValueError(f"cannot choose {n} samples from a pool of {pool.size}")
     lab = np.asarray(labels)[pool]
     by_class = np.lexsort((score[pool], lab))  # class first, then loss, then id
     sizes = np.bincount(lab)
