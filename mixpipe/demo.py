@@ -22,7 +22,7 @@ DEMO = SpeedupSettings(limit=8000, val_limit=2000, epochs=5, seeds=(0,),
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=DEMO.data_root,
                         help="where Fashion-MNIST is (or will be) prepared")
-    parser.add_argument("--out", default=os.path.join("benchmarks", "results", "demo.json"),
+    parser.add_argument("--out", default=os.path.join("results", "demo.json"),
                         help="JSON written here, PNG beside it")
     parser.add_argument("--no-progress", action="store_true")
 
