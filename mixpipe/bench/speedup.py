@@ -28,7 +28,7 @@ import numpy as np
 
 __all__ = ["SpeedupSettings", "run_benchmark", "add_arguments", "run", "format_table"]
 
-POLICIES = ("none", "random", "mixtrain", "shrink")
+POLICIES = ("none", "random", "mixtrain", "shrink", "assist", "assist+mixtrain")
 LOADERS = ("torch", "dali", "ffcv")
 LAYOUTS = ("halves", "quads")
 AUGMENTS = ("none", "flip", "crop")
@@ -138,6 +138,9 @@ def policy_settings(name: str, s: SpeedupSettings):
            "final_full_epochs": s.final_full_epochs, "per_class": s.per_class}
     if name == "mixtrain":
         return settings_from_dict(mix)
+    if name in ("assist", "assist+mixtrain"):
+        return settings_from_dict({"policy": "assist", "epochs": s.epochs,
+                                   "mix": mix if name == "assist+mixtrain" else None})
     return settings_from_dict({"policy": "shrink", "prune_ratio": s.prune_ratio,
                                "epochs": s.epochs})
 

@@ -244,6 +244,10 @@ class ResilientService:
     def plan(self, epoch: int, rank: int = 0, world_size: int = 1):
         return self.inner.plan(epoch, rank, world_size)
 
+    def set_labels(self, labels: Any) -> None:
+        """Labels are set once before training: an error here is worth stopping for."""
+        self.inner.set_labels(labels)
+
     def stats(self) -> Dict[str, Any]:
         return self.inner.stats()
 
