@@ -408,7 +408,7 @@ def format_table(s: SpeedupSettings, summary: Dict[str, Any]) -> str:
     def pct(v, sd=None):
         return "-" if v is None else (f"{100 * v:.2f}" + (f" ±{100 * sd:.2f}" if sd else ""))
 
-    head = (f"{'arm':<10} {'train s':>14} {'speed-up':>13} {'bound':>6} {'of bound':>8} "
+    head = (f"{'arm':<15} {'train s':>14} {'speed-up':>13} {'bound':>6} {'of bound':>8} "
             f"{'inputs/epoch':>12} {'final top-1 %':>15} {'Δ pts':>13} {'to base s':>10}")
     lines = [head, "-" * len(head)]
     for policy, row in summary.items():
@@ -422,7 +422,7 @@ def format_table(s: SpeedupSettings, summary: Dict[str, Any]) -> str:
             f"{reach:.0f} ({row['reached_baseline']}/{row['runs']})"
         inputs = statistics.fmean(row["forward_inputs_per_epoch"])
         lines.append(
-            f"{policy:<10} {row['train_seconds']:>8.1f} ±{row['train_seconds_std']:<4.1f} "
+            f"{policy:<15} {row['train_seconds']:>8.1f} ±{row['train_seconds_std']:<4.1f} "
             f"{sp_txt:>13} {row['bound']:>5.2f}x {'-' if eff is None else f'{100 * eff:.0f}%':>8}"
             f" {inputs:>12.0f} {pct(row['final_top1'], row['final_top1_std']):>15} "
             f"{delta_txt:>13} {reach_txt:>10}")
