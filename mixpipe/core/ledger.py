@@ -15,7 +15,8 @@ from typing import Optional, Union
 
 import numpy as np
 
-__all__ = ["Ledger", "LedgerSnapshot", "LedgerFormatError", "check_report", "atomic_write"]
+__all__ = ["Ledger", "LedgerSnapshot", "LedgerFormatError", "check_report", "atomic_write",
+           "fsync_dir"]
 
 _MAGIC = b"MIXLEDG\x00"
 _VERSION = 1
@@ -98,6 +99,11 @@ def atomic_write(path: Union[str, os.PathLike], data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    fsync_dir(directory)
+
+
+def fsync_dir(directory: str) -> None:
+    """Make a rename or a new file in ``directory`` durable (the entry lives in the directory)."""
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

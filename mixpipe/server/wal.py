@@ -32,6 +32,8 @@ from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
 
+from ..core.ledger import fsync_dir
+
 __all__ = ["WriteAheadLog", "ReplayedRecord", "RECORD_HEADER"]
 
 log = logging.getLogger(__name__)
@@ -50,14 +52,6 @@ class ReplayedRecord:
     rank: int
     ids: np.ndarray  # int64[n]
     losses: np.ndarray  # float32[n]
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class WriteAheadLog:
@@ -94,7 +88,7 @@ class WriteAheadLog:
             self._fds[epoch] = fd
             self._sizes[epoch] = os.fstat(fd).st_size
             if created and self.fsync:
-                _fsync_dir(self.directory)
+                fsync_dir(self.directory)
         return fd
 
     @property
@@ -149,7 +143,7 @@ class WriteAheadLog:
                 self._sizes.pop(e, None)
                 os.unlink(self._path(e))
         if self.fsync:
-            _fsync_dir(self.directory)
+            fsync_dir(self.directory)
 
     def rewrite(self, records: List[Tuple[int, int, np.ndarray, np.ndarray]]) -> None:
         """Replace every log with ``records`` (epoch, rank, ids, losses); for loading a state."""
