@@ -9,7 +9,7 @@ import sys
 import time
 from typing import Any, Dict
 
-__all__ = ["machine_info", "write_json", "git_hash"]
+__all__ = ["machine_info", "write_json", "git_hash", "write_and_print"]
 
 
 def git_hash() -> str:
@@ -59,3 +59,15 @@ def write_json(path: str, payload: Dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
+
+
+def write_and_print(out: str, payload: Dict[str, Any], datasets: Dict[str, Any], notes: list,
+                    table) -> None:
+    """Write the JSON, then print one ``table(name, result)`` per dataset and the notes."""
+    write_json(out, payload)
+    for key, result in datasets.items():
+        print(table(key, result))
+        print()
+    for note in notes:
+        print("note:", note)
+    print(f"wrote {out}")

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .common import machine_info, write_json
+from .common import machine_info, write_and_print
 
 __all__ = ["add_arguments", "run"]
 
@@ -284,11 +284,5 @@ def run(args: argparse.Namespace) -> int:
         "notes": notes,
         "load_average_before_after": [load_before, os.getloadavg()],
     }
-    write_json(args.out, payload)
-    for key, result in datasets.items():
-        print(_table(key, result))
-        print()
-    for note in notes:
-        print("note:", note)
-    print(f"wrote {args.out}")
+    write_and_print(args.out, payload, datasets, notes, _table)
     return 0
