@@ -120,3 +120,14 @@ def test_constructor_checks() -> None:
         Ledger(3, ema_decay=1.0)
     with pytest.raises(ValueError, match="num_samples"):
         Ledger(-1)
+
+
+def test_copy_is_equal_and_independent() -> None:
+    ledger = Ledger(50, ema_decay=0.6)
+    ledger.update(0, np.arange(10), np.linspace(0, 1, 10, dtype=np.float32))
+    ledger.committed_epoch = 0
+    clone = ledger.copy()
+    assert clone.to_bytes() == ledger.to_bytes()
+    clone.update(1, np.arange(5), np.ones(5, np.float32))
+    clone.committed_epoch = 1
+    assert ledger.count[:5].tolist() == [1] * 5 and ledger.committed_epoch == 0

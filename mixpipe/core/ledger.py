@@ -168,6 +168,16 @@ class Ledger:
         uniq, first_in_rev = np.unique(ids[::-1], return_index=True)
         return uniq, losses[::-1][first_in_rev]
 
+    def copy(self) -> "Ledger":
+        """An independent copy: the server folds a commit into one, so a failed save changes
+        nothing in memory."""
+        clone = Ledger(0, self.ema_decay)
+        clone.num_samples = self.num_samples
+        for name in ("last_loss", "ema", "last_epoch", "count"):
+            setattr(clone, name, getattr(self, name).copy())
+        clone.committed_epoch = self.committed_epoch
+        return clone
+
     def snapshot(self) -> LedgerSnapshot:
         arrays = [a.copy() for a in (self.last_loss, self.ema, self.last_epoch, self.count)]
         for a in arrays:

@@ -97,15 +97,6 @@ def _check_labels(num_samples: int, labels: Any) -> np.ndarray:
     return out
 
 
-def _copy_ledger(ledger: Ledger) -> Ledger:
-    clone = Ledger(0, ledger.ema_decay)
-    clone.num_samples = ledger.num_samples
-    for name in ("last_loss", "ema", "last_epoch", "count"):
-        setattr(clone, name, getattr(ledger, name).copy())
-    clone.committed_epoch = ledger.committed_epoch
-    return clone
-
-
 class SelectionCore:
     """Ledger + pending reports + plan cache + (optional) crash-safe state directory.
 
@@ -239,7 +230,7 @@ class SelectionCore:
             self._evict_finished_plans(epoch)
             return
         # Work on a copy so that a failure (disk full while saving) leaves memory as it was.
-        ledger = _copy_ledger(self._ledger)
+        ledger = self._ledger.copy()
         for e in folded:
             chunks = self._pending[e]
             ids = np.concatenate([c[0] for c in chunks]) if len(chunks) > 1 else chunks[0][0]
