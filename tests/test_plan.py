@@ -165,3 +165,16 @@ def test_singles_plan_and_shard_of_shard() -> None:
         plan.shard(0, 2).shard(0, 2)
     with pytest.raises(ValueError, match="rank"):
         plan.shard(2, 2)
+
+
+def test_delivery_order_is_a_seeded_permutation() -> None:
+    plan = MixPlan.singles(40, epoch=2)
+    order = plan.delivery_order(seed=3)
+    assert sorted(order.tolist()) == list(range(40))
+    np.testing.assert_array_equal(order, plan.delivery_order(seed=3))
+    assert not np.array_equal(order, plan.delivery_order(seed=4))
+    assert not np.array_equal(order, MixPlan.singles(40, epoch=3).delivery_order(seed=3))
+    rank1 = MixPlan.singles(80, epoch=2).shard(1, 2)
+    rank0 = MixPlan.singles(80, epoch=2).shard(0, 2)
+    assert not np.array_equal(rank1.delivery_order(seed=3), rank0.delivery_order(seed=3))
+    np.testing.assert_array_equal(plan.delivery_order(seed=3, shuffle=False), np.arange(40))

@@ -37,6 +37,9 @@ _CONSTITUENTS = {
 #: Weight rows must sum to 1 within this tolerance (float32 rounding of snapped shares).
 WEIGHT_SUM_TOLERANCE = 1e-4
 
+#: Seed stream tag of :meth:`MixPlan.delivery_order` (keeps it apart from other seeded draws).
+_SHUFFLE_STREAM = 0x5A
+
 _MAGIC = b"MIXPLAN\x00"
 _VERSION = 1
 # magic, version, M, K, S, num_samples, epoch, seed, rank, world_size
@@ -179,6 +182,17 @@ class MixPlan:
         n = int(np.count_nonzero(self.ids[index] >= 0))
         return (self.ids[index, :n], self.weights[index, :n], self.loss_scale[index, :n],
                 Layout(int(self.layout[index])))
+
+    def delivery_order(self, seed: int, shuffle: bool = True) -> np.ndarray:
+        """int64[M]: the order a loader walks this plan's slots in, fixed by (seed, epoch, rank).
+
+        Every adapter takes its order from here, so the torch and DALI loaders deliver one plan
+        in the same order.
+        """
+        if not shuffle:
+            return np.arange(self.num_slots)
+        rng = np.random.default_rng([int(seed), self.epoch, self.rank, _SHUFFLE_STREAM])
+        return rng.permutation(self.num_slots)
 
     # ----------------------------------------------------------------------------- validation
     def validate(self) -> "MixPlan":

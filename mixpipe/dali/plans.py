@@ -25,18 +25,13 @@ from ..core.plan import MixPlan, PlanFormatError
 
 __all__ = ["epoch_walk", "PlanBoard", "PlanNotPublished"]
 
-#: Seed stream tag of the slot shuffle; the torch adapter's PlanSampler uses the same recipe, so
-#: both loaders walk a plan in the same order.
-_SHUFFLE_STREAM = 0x5A
-
-
 def epoch_walk(plan: MixPlan, batch_size: int, shuffle: bool = True, seed: int = 0) -> MixPlan:
     """The order a loader delivers ``plan``'s slots in, padded to a whole number of batches.
 
     DALI drops a final partial batch (checked: 30 samples at batch 8 gave 24), so the slot count
     is rounded up with copies of the walk's first slots whose ``loss_scale`` is 0: every real slot
     is delivered, and the copies add neither gradient nor loss reports (the same convention as
-    :meth:`MixPlan.shard`). Shuffling is seeded by ``(seed, plan.epoch, plan.rank)``.
+    :meth:`MixPlan.shard`). The order is :meth:`MixPlan.delivery_order`, as in the torch loader.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -44,10 +39,7 @@ def epoch_walk(plan: MixPlan, batch_size: int, shuffle: bool = True, seed: int =
     if m == 0:
         raise ValueError(f"the plan for epoch {plan.epoch} has no slots (every sample skipped?); "
                          "a DALI pipeline cannot run an empty epoch")
-    rows = np.arange(m)
-    if shuffle:
-        rng = np.random.default_rng([int(seed), plan.epoch, plan.rank, _SHUFFLE_STREAM])
-        rows = rng.permutation(m)
+    rows = plan.delivery_order(seed, shuffle)
     pad = (-m) % batch_size
     order = np.concatenate([rows, np.resize(rows, pad)])
     scale = plan.loss_scale[order].copy()

@@ -80,11 +80,7 @@ class PlanSampler(Sampler):
         if self.plan is None:
             raise RuntimeError("PlanSampler: call set_epoch(epoch) before iterating")
         plan = self.plan
-        rows = np.arange(plan.num_slots)
-        if self.shuffle:
-            rng = np.random.default_rng([self.seed, plan.epoch, self.rank, 0x5A])
-            rows = rng.permutation(plan.num_slots)
-        for row in rows:
+        for row in plan.delivery_order(self.seed, self.shuffle):
             yield SlotRef.from_plan(plan, int(row))
 
 
