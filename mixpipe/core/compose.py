@@ -22,7 +22,8 @@ import numpy as np
 from .layouts import regions
 from .plan import Layout, constituent_range
 
-__all__ = ["resize_weights", "resize", "compose_slot", "compose_batch", "resize_torch"]
+__all__ = ["resize_weights", "resize", "compose_slot", "compose_batch", "resize_torch",
+           "infer_counts", "region_masks_batch"]
 
 
 @functools.lru_cache(maxsize=256)
@@ -124,6 +125,20 @@ def _round_to(tensor, dtype):
     return torch.floor(tensor + 0.5).clamp_(info.min, info.max).to(dtype)
 
 
+def infer_counts(layout, weights) -> np.ndarray:
+    """int64[B] constituents per slot when only layouts and weights travel with a batch.
+
+    Fixed by the layout for SINGLE, HALVES and QUADS (their count rules in ``plan.py``); a BLEND
+    slot has as many constituents as non-zero weights (the plan zeroes weights of absent ones).
+    """
+    layout = np.asarray(layout, dtype=np.int64)
+    weights = np.asarray(weights)
+    counts = np.count_nonzero(weights > 0, axis=1).astype(np.int64)
+    for code in (Layout.SINGLE, Layout.HALVES, Layout.QUADS):
+        counts[layout == code] = constituent_range(code)[0]
+    return counts
+
+
 def compose_batch(constituents, weights, layout, counts=None,
                   size: Optional[tuple[int, int]] = None, stride: int = 1):
     """Compose a batch: ``constituents`` [B, K, C, h, w] -> [B, C, H, W] on the same device.
@@ -145,10 +160,7 @@ def compose_batch(constituents, weights, layout, counts=None,
         raise ValueError(f"layout must be [{b}] and weights [{b}, {k}], got "
                          f"{tuple(layout_cpu.shape)} and {tuple(weights_cpu.shape)}")
     if counts is None:
-        fixed = {Layout.SINGLE: 1, Layout.HALVES: 2, Layout.QUADS: 4}
-        counts_cpu = torch.tensor([fixed.get(Layout(int(l)), 0) for l in layout_cpu])
-        blend = layout_cpu == Layout.BLEND
-        counts_cpu[blend] = (weights_cpu[blend] > 0).sum(dim=1)
+        counts_cpu = torch.from_numpy(infer_counts(layout_cpu.numpy(), weights_cpu.numpy()))
     else:
         counts_cpu = torch.as_tensor(counts).to("cpu", torch.int64)
     out = torch.empty((b, c, height, width), dtype=constituents.dtype, device=constituents.device)
@@ -187,10 +199,10 @@ def region_masks_batch(layout, weights, image_size: tuple[int, int], feature_siz
     weights_cpu = torch.as_tensor(weights).to("cpu", torch.float64)
     b, k = weights_cpu.shape
     masks = np.zeros((b, k) + tuple(feature_size), dtype=bool)
-    fixed = {Layout.SINGLE: 1, Layout.HALVES: 2, Layout.QUADS: 4}
+    counts = infer_counts(layout_cpu.numpy(), weights_cpu.numpy())
     for row in range(b):
         slot_layout = Layout(int(layout_cpu[row]))
-        n = fixed.get(slot_layout) or int((weights_cpu[row] > 0).sum())
+        n = int(counts[row])
         masks[row, :n] = region_masks(slot_layout, weights_cpu[row, :n].tolist(), *image_size,
                                       stride, *feature_size)
     return torch.from_numpy(masks).to(device if device is not None else "cpu")

@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from mixpipe.core.layouts import region_masks
-from mixpipe.core.plan import Layout, constituent_range
+from mixpipe.core.compose import infer_counts
+from mixpipe.core.plan import Layout
 
 __all__ = ["SPATIAL_LAYOUTS", "RegionMasks", "region_pool", "token_region_pool",
            "spatial_rows"]
@@ -53,8 +54,7 @@ class RegionMasks:
         if hit is not None:
             return hit
         layout = Layout(code)
-        lo, hi = constituent_range(layout)
-        n = lo if lo == hi else int((weights > 0).sum())
+        n = int(infer_counts([code], weights[None])[0])
         if n > weights.shape[0]:
             raise ValueError(f"a {layout.name} composite needs {n} constituents but the batch has "
                              f"only K={weights.shape[0]} columns")
