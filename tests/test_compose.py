@@ -196,3 +196,12 @@ def test_snapped_weights_are_the_real_area_shares() -> None:
         regs = regions(layout, snapped, 32, 32, 8)
         areas = np.array([r.height * r.width for r in regs]) / (32 * 32)
         np.testing.assert_allclose(snapped, areas, atol=1e-6)
+
+
+def test_infer_counts_from_layout_and_weights() -> None:
+    from mixpipe.core.compose import infer_counts
+
+    layout = [Layout.SINGLE, Layout.HALVES, Layout.QUADS, Layout.BLEND, Layout.BLEND]
+    weights = [[1, 0, 0, 0], [0.25, 0.75, 0, 0], [0.25] * 4, [0.2, 0.3, 0.5, 0],
+               [0.5, 0.5, 0, 0]]
+    assert infer_counts(layout, weights).tolist() == [1, 2, 4, 3, 2]
