@@ -9,7 +9,7 @@ from typing import Callable, Protocol
 
 from .plan import MixPlan
 
-__all__ = ["PlanSource", "FixedPlans", "fetch_plan", "warn_fallback"]
+__all__ = ["PlanSource", "FixedPlans", "UnmixedPlans", "fetch_plan", "warn_fallback"]
 
 
 class PlanSource(Protocol):
@@ -34,6 +34,18 @@ class FixedPlans:
         return plan if world_size == 1 else plan.shard(rank, world_size)
 
 
+class UnmixedPlans:
+    """Every sample alone, in index order: the no-mixing baseline, validation, and the fallback
+    when the selection server cannot be reached."""
+
+    def __init__(self, num_samples: int, seed: int = 0) -> None:
+        self.num_samples, self.seed = int(num_samples), int(seed)
+
+    def plan(self, epoch: int, rank: int = 0, world_size: int = 1) -> MixPlan:
+        plan = MixPlan.singles(self.num_samples, epoch=epoch, seed=self.seed)
+        return plan if world_size == 1 else plan.shard(rank, world_size)
+
+
 def warn_fallback(epoch: int, err: Exception) -> None:
     warnings.warn(f"mixpipe: could not fetch the plan for epoch {epoch} ({err!r}); training "
                   "without mixing until the selection server answers", RuntimeWarning,
@@ -47,9 +59,7 @@ def fetch_plan(source: PlanSource, epoch: int, rank: int, world_size: int, num_s
         plan = source.plan(epoch, rank, world_size)
     except Exception as err:  # noqa: BLE001 - the server must never stop training
         on_failure(epoch, err)
-        plan = MixPlan.singles(num_samples, epoch=epoch)
-        if world_size > 1:
-            plan = plan.shard(rank, world_size)
+        plan = UnmixedPlans(num_samples).plan(epoch, rank, world_size)
     if plan.num_samples != num_samples:
         raise ValueError(f"plan covers {plan.num_samples} samples but the dataset has "
                          f"{num_samples}: the server was started for another dataset")

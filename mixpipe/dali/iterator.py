@@ -12,7 +12,8 @@ import torch
 
 from ..core.batch import MixedBatch
 from ..core.plan import MixPlan
-from ..core.source import FixedPlans, PlanSource as PlanProvider, fetch_plan, warn_fallback
+from ..core.source import (FixedPlans, PlanSource as PlanProvider, UnmixedPlans, fetch_plan,
+                           warn_fallback)
 from .plans import epoch_walk
 from .source import PlanSource
 
@@ -72,7 +73,7 @@ class MixIterator:
         self.source = source
         self.num_samples = len(source.images)
         if plans is None:
-            plans = _NoMixing(self.num_samples, seed)
+            plans = UnmixedPlans(self.num_samples, seed)
         elif isinstance(plans, str):
             plans = _ServerAt(plans, self.num_samples, seed, server_timeout)
         self.plans = plans
@@ -160,17 +161,6 @@ class MixIterator:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-class _NoMixing:
-    """Plan provider of the no-mixing baseline: every sample alone, shuffled by the walk."""
-
-    def __init__(self, num_samples: int, seed: int) -> None:
-        self.num_samples, self.seed = num_samples, seed
-
-    def plan(self, epoch: int, rank: int = 0, world_size: int = 1) -> MixPlan:
-        plan = MixPlan.singles(self.num_samples, epoch=epoch, seed=self.seed)
-        return plan if world_size == 1 else plan.shard(rank, world_size)
 
 
 class _ServerAt:

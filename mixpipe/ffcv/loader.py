@@ -31,7 +31,7 @@ from ffcv.traversal_order.base import TraversalOrder
 from ..core.batch import MixedBatch
 from ..core.plan import MixPlan
 from ..core.source import PlanSource, fetch_plan
-from .decoders import MixImageDecoder, MixLabelDecoder, unpack_labels
+from .decoders import MixLabelDecoder, unpack_labels
 from .tables import PlanTables
 
 __all__ = ["PlanProvider", "PlanOrder", "MixLoader", "MixedBatches"]

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..core.plan import MixPlan
+from ..core.source import UnmixedPlans
 
 __all__ = ["FFCVSettings", "UnmixedPlans", "train_loader", "val_loader", "image_pipeline",
            "write_beton_from_tree"]
@@ -62,17 +62,6 @@ class FFCVSettings:
         if self.max_constituents < 1:
             raise ValueError(f"FFCVSettings.max_constituents must be >= 1, "
                              f"got {self.max_constituents}")
-
-
-class UnmixedPlans:
-    """Every sample alone, in index order: validation, and the 'no mixing' arm."""
-
-    def __init__(self, num_samples: int):
-        self.num_samples = int(num_samples)
-
-    def plan(self, epoch: int, rank: int = 0, world_size: int = 1) -> MixPlan:
-        plan = MixPlan.singles(self.num_samples, epoch=epoch)
-        return plan if world_size == 1 else plan.shard(rank, world_size)
 
 
 def image_pipeline(decoder, settings: FFCVSettings, device=None) -> list:
