@@ -41,9 +41,13 @@ def test_summary_ratios_are_taken_seed_by_seed():
     assert "mixtrain" in table and "1.17x" in table
 
 
-def test_random_arm_gets_mixtrains_forward_inputs_over_the_run():
+@pytest.mark.parametrize("schedule", [
+    dict(fraction=0.8, final_full_epochs=1),
+    dict(mix_schedule="ramp", fraction_start=1.0, fraction=0.3),
+    dict(mix_schedule="ramp", fraction_start=0.2, fraction=0.9, layout="halves")])
+def test_random_arm_gets_mixtrains_forward_inputs_over_the_run(schedule):
     n, epochs = 1000, 6
-    s = SpeedupSettings(epochs=epochs, fraction=0.8, warmup_epochs=1, final_full_epochs=1)
+    s = SpeedupSettings(epochs=epochs, warmup_epochs=1, **schedule)
     ledger = Ledger(n)
     ledger.update(0, np.arange(n), np.random.default_rng(0).random(n).astype(np.float32))
     snap = ledger.snapshot()
@@ -53,7 +57,8 @@ def test_random_arm_gets_mixtrains_forward_inputs_over_the_run():
         total[arm] = sum(make_plan(snap, settings, seed=0, epoch=e).num_slots
                          for e in range(epochs))
     assert total["mixtrain"] < n * epochs
-    assert abs(total["random"] - total["mixtrain"]) <= epochs  # rounding of the pair counts
+    # each epoch rounds its group count: at most one group (group_size - 1 slots) apart
+    assert abs(total["random"] - total["mixtrain"]) <= epochs * (s.group_size - 1)
 
 
 def test_settings_are_validated_with_the_field_named():
@@ -63,6 +68,20 @@ def test_settings_are_validated_with_the_field_named():
         SpeedupSettings(fraction=1.5)
     with pytest.raises(ValueError, match="final_full_epochs"):
         SpeedupSettings(epochs=3, warmup_epochs=1, final_full_epochs=3)
+    with pytest.raises(ValueError, match="fraction_start"):
+        SpeedupSettings(mix_schedule="ramp")
+    with pytest.raises(ValueError, match="fraction_start"):
+        SpeedupSettings(fraction_start=0.5)
+    with pytest.raises(ValueError, match="loss_per"):
+        SpeedupSettings(loss_per="sample")
+
+
+def test_a_ramp_runs_over_the_mixed_epochs_from_start_to_end():
+    s = SpeedupSettings(epochs=7, warmup_epochs=1, final_full_epochs=1, mix_schedule="ramp",
+                        fraction_start=0.9, fraction=0.5)
+    fractions = s.mixtrain_fractions()
+    assert fractions[0] == 0 and fractions[-1] == 0
+    np.testing.assert_allclose(fractions[1:-1], np.linspace(0.9, 0.5, 5))
 
 
 def test_subset_passes_the_labels_of_its_samples_on():

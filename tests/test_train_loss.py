@@ -41,6 +41,29 @@ def test_matches_a_plain_numpy_computation():
     assert not out.per_constituent.requires_grad
 
 
+def test_per_slot_divides_by_the_composites_that_hold_a_real_constituent():
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(5, 4, 3)).astype(np.float32)
+    targets = np.array([[0, -1, -1, -1], [1, 2, 0, 1], [2, 0, -1, -1], [1, 1, 1, 1],
+                        [0, -1, -1, -1]])
+    layout = np.array([SINGLE, QUADS, HALVES, QUADS, SINGLE], np.uint8)
+    weights = np.where(targets >= 0, 1.0 / np.maximum((targets >= 0).sum(1, keepdims=True), 1),
+                       0.0).astype(np.float32)
+    scale = np.ones((5, 4), np.float32)
+    scale[3] = 0  # a padding copy: not a slot that counts
+    scale[1, 0] = 2.0
+    args = [torch.from_numpy(a) for a in (logits, targets, weights, layout, scale)]
+    total = sum(_ce(logits[b, k], targets[b, k]) * scale[b, k]
+                for b in range(5) for k in range(4) if targets[b, k] >= 0 and scale[b, k] > 0)
+    per_slot = mixed_loss(*args, per="slot")
+    per_constituent = mixed_loss(*args)
+    assert per_slot.loss.item() == pytest.approx(total / 4, rel=1e-5)  # rows 0, 1, 2, 4
+    assert per_constituent.loss.item() == pytest.approx(total / 8, rel=1e-5)
+    torch.testing.assert_close(per_slot.per_constituent, per_constituent.per_constituent)
+    with pytest.raises(ValueError, match="per must be one of"):
+        mixed_loss(*args, per="sample")
+
+
 def test_padding_contributes_no_gradient():
     logits = torch.randn(2, 2, 3, requires_grad=True)
     out = mixed_loss(logits, torch.tensor([[0, 1], [2, 0]]), torch.tensor([[0.5, 0.5]] * 2),

@@ -31,6 +31,8 @@ __all__ = ["SpeedupSettings", "run_benchmark", "add_arguments", "run", "format_t
 POLICIES = ("none", "random", "mixtrain", "shrink", "assist", "assist+mixtrain")
 LOADERS = ("torch", "dali", "ffcv")
 LAYOUTS = ("halves", "quads")
+MIX_SCHEDULES = ("constant", "ramp")
+NORMALISATIONS = ("constituent", "slot")  # mixpipe.train.loss.NORMALISATIONS, without torch
 AUGMENTS = ("none", "flip", "crop")
 FASHION = "fashion-mnist"
 
@@ -54,11 +56,14 @@ class SpeedupSettings:
     warmup: float = 0.0
     layout: str = "quads"
     fraction: float = 0.6
+    mix_schedule: str = "constant"
+    fraction_start: Optional[float] = None
     gamma: float = 1.0
     w_min: float = 0.25
     per_class: bool = False
     warmup_epochs: int = 1
     final_full_epochs: int = 0
+    loss_per: str = "constituent"
     prune_ratio: float = 0.5
     limit: Optional[int] = None
     val_limit: Optional[int] = None
@@ -88,6 +93,12 @@ class SpeedupSettings:
         need(self.lr > 0, "lr", "> 0")
         need(self.layout in LAYOUTS, "layout", f"one of {LAYOUTS}")
         need(0.0 <= self.fraction <= 1.0, "fraction", "in [0, 1]")
+        need(self.mix_schedule in MIX_SCHEDULES, "mix_schedule", f"one of {MIX_SCHEDULES}")
+        need((self.fraction_start is None) == (self.mix_schedule == "constant"),
+             "fraction_start", "set exactly when mix_schedule is 'ramp'")
+        need(self.fraction_start is None or 0.0 <= self.fraction_start <= 1.0, "fraction_start",
+             "in [0, 1]")
+        need(self.loss_per in NORMALISATIONS, "loss_per", f"one of {NORMALISATIONS}")
         need(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", "in [0, epochs)")
         need(0 <= self.final_full_epochs <= self.epochs - self.warmup_epochs,
              "final_full_epochs", "in [0, epochs - warmup_epochs]")
@@ -117,9 +128,16 @@ class SpeedupSettings:
     def group_size(self) -> int:
         return 2 if self.layout == "halves" else 4
 
+    def mixtrain_fractions(self) -> List[float]:
+        """mixtrain's mixed fraction in every epoch (0 in warm-up and final epochs)."""
+        from mixpipe.core.policies.mixtrain import mixing_fraction
+
+        mix = policy_settings("mixtrain", self)
+        return [mixing_fraction(mix, e) for e in range(self.epochs)]
+
     def random_fraction(self) -> float:
         """Random's per-epoch fraction that matches mixtrain's forward inputs over the run."""
-        return self.fraction * self.mixed_epochs / self.epochs
+        return statistics.fmean(self.mixtrain_fractions())
 
 
 # ------------------------------------------------------------------------------------- pieces
@@ -132,8 +150,11 @@ def policy_settings(name: str, s: SpeedupSettings):
     if name == "random":
         return settings_from_dict({"policy": "random", "fraction": s.random_fraction(),
                                    "layout": s.layout, "grid_cells": s.grid_cells})
-    mix = {"policy": "mixtrain", "warmup_epochs": s.warmup_epochs, "schedule": "constant",
-           "fraction": s.fraction, "gamma": s.gamma, "w_min": s.w_min, "layout": s.layout,
+    # a ramp runs linearly over the mixed epochs, from fraction_start to fraction
+    ramp = {} if s.mix_schedule == "constant" else {
+        "fraction_start": s.fraction_start, "ramp_epochs": max(s.mixed_epochs - 1, 0)}
+    mix = {"policy": "mixtrain", "warmup_epochs": s.warmup_epochs, "schedule": s.mix_schedule,
+           **ramp, "fraction": s.fraction, "gamma": s.gamma, "w_min": s.w_min, "layout": s.layout,
            "grid_cells": s.grid_cells, "epochs": s.epochs,
            "final_full_epochs": s.final_full_epochs, "per_class": s.per_class}
     if name == "mixtrain":
@@ -338,7 +359,7 @@ def train_arm(s: SpeedupSettings, policy: str, seed: int, train, val_batches, nu
                   on_epoch=local.on_epoch if local is not None else None,
                   eval_loader=val_batches, service=service, stride=s.stride, device=s.device,
                   prepare=Normalize(channels_last=s.channels_last), progress=s.progress,
-                  desc=f"{policy} seed {seed}")
+                  desc=f"{policy} seed {seed}", loss_per=s.loss_per)
     barrier()  # every rank is done with this arm's server before rank 0 stops it
     if owned is not None:
         owned.stop()
@@ -427,8 +448,9 @@ def format_table(s: SpeedupSettings, summary: Dict[str, Any]) -> str:
             f" {inputs:>12.0f} {pct(row['final_top1'], row['final_top1_std']):>15} "
             f"{delta_txt:>13} {reach_txt:>10}")
     lines.append(f"({len(s.seeds)} seed(s), {s.epochs} epochs, model {s.model}, loader "
-                 f"{s.loader}, layout {s.layout}, fraction {s.fraction}, "
-                 f"local {s.local or 'off'}; speed-up and Δ are "
+                 f"{s.loader}, layout {s.layout}, fraction "
+                 f"{s.fraction if s.fraction_start is None else f'{s.fraction_start}->{s.fraction}'}"
+                 f", loss per {s.loss_per}, local {s.local or 'off'}; speed-up and Δ are "
                  "against 'none', seed by seed; ± is the spread over seeds)")
     return "\n".join(lines)
 
@@ -538,6 +560,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layout", choices=LAYOUTS, default=d.layout)
     parser.add_argument("--fraction", type=float, default=d.fraction,
                         help="share of the dataset mixtrain mixes per epoch after warm-up")
+    parser.add_argument("--mix-schedule", choices=MIX_SCHEDULES, default=d.mix_schedule,
+                        help="mixtrain's fraction per epoch: constant, or a linear ramp over the "
+                             "mixed epochs from --fraction-start to --fraction (start above the "
+                             "end: mix most while the learning rate is high)")
+    parser.add_argument("--fraction-start", type=float, default=None,
+                        help="the ramp's first mixed epoch (with --mix-schedule ramp)")
+    parser.add_argument("--loss-per", choices=NORMALISATIONS, default=d.loss_per,
+                        help="divide the summed loss by real constituents or by composites "
+                             "(mixpipe.train.loss)")
     parser.add_argument("--gamma", type=float, default=d.gamma)
     parser.add_argument("--per-class", action="store_true",
                         help="mixtrain mixes the same share of every class (off by default: on "
@@ -585,7 +616,9 @@ def settings_from_args(args: argparse.Namespace) -> SpeedupSettings:
         epochs=args.epochs if args.epochs is not None else quick.get("epochs", 10),
         policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()), seeds=seeds,
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        schedule=args.schedule, layout=args.layout, fraction=args.fraction, gamma=args.gamma, w_min=args.w_min,
+        schedule=args.schedule, layout=args.layout, fraction=args.fraction,
+        mix_schedule=args.mix_schedule, fraction_start=args.fraction_start,
+        loss_per=args.loss_per, gamma=args.gamma, w_min=args.w_min,
         per_class=args.per_class,
         warmup_epochs=args.warmup_epochs, final_full_epochs=args.final_full_epochs,
         limit=args.limit if args.limit is not None else quick.get("limit"),

@@ -19,7 +19,7 @@ from mixpipe.core.plan import Layout
 from .adapt import adapt
 from .distributed import agree_steps, wrap_model, world
 from .evaluate import Normalize, evaluate
-from .loss import batch_loss
+from .loss import NORMALISATIONS, batch_loss
 from .reporter import LossReporter
 from .schedule import Schedule
 
@@ -44,7 +44,7 @@ def fit(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs: int,
         rank: Optional[int] = None, commit: Optional[bool] = None, start_epoch: int = 0,
         progress: bool = True, reporter_chunk: int = 8192,
         on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None,
-        desc: str = "train") -> Dict[str, Any]:
+        desc: str = "train", loss_per: str = "constituent") -> Dict[str, Any]:
     """Train ``model`` for ``epochs`` epochs of ``loader``; return the history.
 
     ``loader`` yields :class:`~mixpipe.core.batch.MixedBatch` es and has ``set_epoch(e)`` and
@@ -59,6 +59,7 @@ def fit(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs: int,
     process rank, the adapted model is wrapped in DDP, every rank takes the same number of steps
     (the smallest of the ranks' loaders) and all ranks meet at a barrier after flushing their
     losses, before anyone commits or asks for the next plan. Only rank 0 prints.
+    ``loss_per`` is the mixed loss's normalisation (:func:`mixpipe.train.loss.mixed_loss`).
     ``start_epoch`` resumes a run at that epoch (restore the model, optimizer and selection
     service from a checkpoint first).
 
@@ -77,6 +78,8 @@ def fit(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs: int,
         raise TypeError("loader must have set_epoch(epoch) and len() (e.g. mixpipe.torch."
                         "MixedLoader)")
     schedule = Schedule(schedule) if isinstance(schedule, str) else schedule
+    if loss_per not in NORMALISATIONS:
+        raise ValueError(f"loss_per must be one of {NORMALISATIONS}, got {loss_per!r}")
     if stride is None:
         stride = getattr(getattr(loader, "dataset", None), "stride", None)
     net = adapt(model, stride=stride).to(device)
@@ -125,7 +128,7 @@ def fit(model: nn.Module, loader, optimizer: torch.optim.Optimizer, epochs: int,
                     group["lr"] = base * factor
                 images = prepare(batch.image, device)
                 logits = net(images, batch.layout, batch.weights.to(device))
-                out = batch_loss(logits, batch)
+                out = batch_loss(logits, batch, loss_per)
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
                 optimizer.step()
