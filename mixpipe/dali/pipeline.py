@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 from nvidia.dali import fn, pipeline_def, types
 
@@ -17,7 +17,7 @@ from .files import EncodedImages, FileList, ListedFiles
 from .iterator import MixIterator
 from .ops import mix, plan_inputs
 from .plans import PlanBoard
-from .source import FixedView, PlanSource, RandomView
+from .source import FixedView, PlanSource, RandomView, ViewFn
 
 __all__ = ["PipelineSettings", "open_images", "mixed_train_pipeline", "plain_train_pipeline",
            "val_pipeline", "make_train_loader"]
@@ -155,19 +155,23 @@ def val_pipeline(file_root: str, file_list: str, settings: PipelineSettings, bat
     return build()
 
 
-def make_train_loader(data: str, settings: PipelineSettings, batch_size: int, plans=None,
+def make_train_loader(data: Union[str, EncodedImages], settings: PipelineSettings,
+                      batch_size: int, plans=None,
                       device_id: Optional[int] = 0, num_threads: int = 4, py_num_workers: int = 4,
                       py_start_method: str = "spawn", rank: int = 0, world_size: int = 1,
                       seed: int = 0, split: str = "train",
-                      board: Optional[PlanBoard] = None) -> MixIterator:
-    """A :class:`MixIterator` over ``data`` (prepared directory or class-folder tree).
+                      board: Optional[PlanBoard] = None, *,
+                      view: Optional[ViewFn] = None) -> MixIterator:
+    """A :class:`MixIterator` over ``data`` (prepared directory or class-folder tree, or an
+    :class:`EncodedImages` already opened, e.g. a subset).
 
     ``plans``: a SelectionService, a server URL, anything with ``plan(epoch, rank, world)``, or
-    None for no mixing.
+    None for no mixing. ``view``: each constituent's crop and flip (default: ``settings.view()``).
     """
-    images = open_images(data, split)
+    images = data if isinstance(data, EncodedImages) else open_images(data, split)
     source = PlanSource(images, board or PlanBoard.temporary(), settings.size, settings.stride,
-                        settings.max_constituents, settings.view(train=True), seed)
+                        settings.max_constituents,
+                        view if view is not None else settings.view(train=True), seed)
     pipe = mixed_train_pipeline(source, settings, batch_size, device_id, num_threads,
                                 max(1, py_num_workers), py_start_method,
                                 parallel=py_num_workers > 0,

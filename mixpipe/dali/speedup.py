@@ -1,0 +1,227 @@
+"""The DALI arm of ``mixpipe bench speedup`` (``--loader dali``).
+
+The benchmark compares arms that differ only in the plan, so this arm must feed
+:func:`mixpipe.train.fit` the same images the torch arm would: the same samples (the first
+``--limit`` of the prepared JPEG tree, whose file list is in dataset-index order), the same
+per-constituent augmentation, and the same value scale. ``fit`` normalises with
+:class:`mixpipe.train.Normalize`, which divides uint8 by 255 but takes float as already in 0..1,
+so the pipeline's own normalise step is set to map 0..255 to 0..1 (mean 0, std 255) and the two
+paths meet on the same numbers.
+
+A DALI pipeline keeps source worker processes; ``fit`` never closes its loader, so the arm closes
+itself after its last epoch (and at interpreter exit, before ``multiprocessing`` joins children,
+if a run stops early).
+"""
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import os
+from typing import Iterator, Optional, Tuple
+
+import numpy as np
+
+from ..core.augment import RandomResizedCropFlip
+from ..core.batch import MixedBatch
+from ..core.plan import MixPlan
+from .files import EncodedImages, FileList
+from .iterator import MixIterator
+from .pipeline import PipelineSettings, make_train_loader
+from .source import FixedView, RandomView
+
+__all__ = ["speedup_loader", "SpeedupEpochs", "FirstImages", "WholeImageFlip", "device_id_of",
+           "prepared_root"]
+
+#: Pipeline mean/std that turn 0..255 into 0..1, the float scale Normalize expects.
+UNIT_MEAN = (0.0, 0.0, 0.0)
+UNIT_STD = (255.0, 255.0, 255.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class WholeImageFlip:
+    """View: the whole image (resized to its region by the graph), mirrored with probability 1/2.
+
+    The torch arm's ``--augment flip`` does exactly this per constituent.
+    """
+
+    def __call__(self, height: int, width: int, region: Tuple[int, int],
+                 rng: np.random.Generator) -> Tuple[int, int, int, int, bool]:
+        return 0, 0, height, width, bool(rng.random() < 0.5)
+
+
+class FirstImages(EncodedImages):
+    """The first ``n`` images of another source: the benchmark's ``--limit`` subset.
+
+    Plans index ``0..n-1``, which are the same samples in the file list as in the arrays because
+    both are written in dataset-index order.
+    """
+
+    def __init__(self, images: EncodedImages, n: int) -> None:
+        if not 1 <= n <= len(images):
+            raise ValueError(f"FirstImages: n must be in [1, {len(images)}], got {n}")
+        self.images, self.n = images, int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    @property
+    def labels(self) -> np.ndarray:
+        labels = getattr(self.images, "labels", None)
+        if labels is None:
+            return np.asarray([self.images.label(i) for i in range(self.n)], np.int64)
+        return np.asarray(labels, np.int64)[:self.n]
+
+    def _check(self, index: int) -> int:
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} out of range [0, {self.n})")
+        return int(index)
+
+    def encoded(self, index: int) -> np.ndarray:
+        return self.images.encoded(self._check(index))
+
+    def label(self, index: int) -> int:
+        return self.images.label(self._check(index))
+
+
+def device_id_of(device: str) -> Optional[int]:
+    """DALI ``device_id`` for a torch device string: None (CPU-only DALI) for 'cpu', N for
+    'cuda:N' ('cuda' = 0)."""
+    kind, _, index = str(device).partition(":")
+    if kind == "cpu" and not index:
+        return None
+    if kind == "cuda" and (not index or index.isdigit()):
+        return int(index) if index else 0
+    raise ValueError(f"--device {device!r}: the DALI arm runs on 'cpu' or 'cuda[:N]'")
+
+
+def prepared_root(settings) -> str:
+    """The prepared directory the benchmark's data came from (the arrays' directory)."""
+    return settings.data_root if settings.data == "fashion-mnist" else settings.data
+
+
+def _view(augment: str):
+    if augment == "none":
+        return FixedView(flip=False)
+    if augment == "flip":
+        return WholeImageFlip()
+    if augment == "crop":
+        return None  # PipelineSettings.view(): random resized crop + flip
+    raise ValueError(f"augment must be 'none', 'flip' or 'crop', got {augment!r}")
+
+
+def _train_images(settings, dataset) -> FirstImages:
+    """The JPEG file list of the benchmark's training samples, checked against the dataset."""
+    root = prepared_root(settings)
+    file_list = os.path.join(root, "train_files.txt")
+    if not os.path.isfile(file_list):
+        raise FileNotFoundError(f"--loader dali reads {file_list}, which does not exist: "
+                                f"prepare {root} with `mixpipe data prepare` (it writes the JPEG "
+                                "tree and its file list beside the arrays)")
+    images = FileList.for_split(root, "train")
+    n = len(dataset)
+    if n > len(images):
+        raise ValueError(f"--loader dali: the benchmark trains on {n} samples but {file_list} "
+                         f"lists only {len(images)}; re-run `mixpipe data prepare` for {root}")
+    subset = FirstImages(images, n)
+    labels = getattr(dataset, "labels", None)
+    if labels is not None:
+        labels = np.asarray(labels, np.int64)
+        wrong = np.flatnonzero(labels != subset.labels)
+        if wrong.size:
+            raise ValueError(f"--loader dali: {file_list} and the training arrays disagree on "
+                             f"the label of {wrong.size} of the first {n} samples (first: id "
+                             f"{int(wrong[0])}); the file list must be in dataset-index order "
+                             f"(re-run `mixpipe data prepare` for {root})")
+    return subset
+
+
+def pipeline_settings(settings) -> PipelineSettings:
+    """The DALI pipeline for the benchmark's image size, stride, augmentation and layout."""
+    crop = RandomResizedCropFlip()  # the torch arm's --augment crop settings
+    return PipelineSettings(size=(settings.image_size, settings.image_size),
+                            stride=settings.stride, scale=crop.scale, ratio=crop.ratio,
+                            flip=crop.flip, mean=UNIT_MEAN, std=UNIT_STD,
+                            max_constituents=settings.group_size)
+
+
+class SpeedupEpochs:
+    """A :class:`MixIterator` seen through :func:`mixpipe.train.fit`'s protocol, closing its
+    pipeline's workers after epoch ``last_epoch`` (or on :meth:`close`, or at exit).
+
+    ``set_epoch`` returns the fetched plan, not the delivered walk: the walk's padding copies
+    (to whole batches) are not forward inputs the policy asked for.
+    """
+
+    def __init__(self, iterator: MixIterator, last_epoch: Optional[int] = None) -> None:
+        self.iterator = iterator
+        self.last_epoch = last_epoch
+        self.closed = False
+        # Registered after multiprocessing's own exit hook, so it runs first (atexit is LIFO).
+        atexit.register(self.close)
+
+    @property
+    def plan(self) -> Optional[MixPlan]:
+        return self.iterator.plan
+
+    @property
+    def batch_size(self) -> int:
+        return self.iterator.batch_size
+
+    def set_epoch(self, epoch: int) -> MixPlan:
+        if self.closed:
+            raise RuntimeError("the DALI loader is closed (it closes itself after its last "
+                               "epoch); build a new one to train further")
+        self.iterator.set_epoch(epoch)
+        return self.iterator.plan
+
+    def __len__(self) -> int:
+        return len(self.iterator)
+
+    def __iter__(self) -> Iterator[MixedBatch]:
+        if self.closed:
+            raise RuntimeError("the DALI loader is closed; build a new one to train further")
+        yield from self.iterator
+        if self.last_epoch is not None and self.iterator.epoch >= self.last_epoch:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the pipeline's worker processes (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        atexit.unregister(self.close)
+        self.iterator.close()
+
+    def __enter__(self) -> "SpeedupEpochs":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def speedup_loader(settings, dataset, service, seed: int) -> SpeedupEpochs:
+    """``make_loader``'s DALI arm: ``settings`` is a :class:`mixpipe.bench.speedup
+    .SpeedupSettings`, ``dataset`` the benchmark's training subset (its first ``len(dataset)``
+    samples), ``service`` the arm's selection service.
+
+    The pipeline and its workers are started here, so their start-up is not charged to the
+    first epoch's training time.
+    """
+    from ..train.distributed import world
+
+    rank, world_size = world()
+    images = _train_images(settings, dataset)
+    threads = settings.threads if settings.threads and settings.threads >= 1 else 1
+    device_id = device_id_of(settings.device)
+    iterator = make_train_loader(images, pipeline_settings(settings), settings.batch_size,
+                                 service, device_id=device_id, num_threads=threads,
+                                 py_num_workers=settings.workers, py_start_method="spawn",
+                                 rank=rank, world_size=world_size, seed=seed,
+                                 view=_view(settings.augment))
+    loader = SpeedupEpochs(iterator, last_epoch=settings.epochs - 1)
+    try:
+        iterator.pipeline.build()
+    except BaseException:
+        loader.close()
+        raise
+    return loader
