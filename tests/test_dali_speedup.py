@@ -20,7 +20,8 @@ from mixpipe.core.compose import compose_slot  # noqa: E402
 from mixpipe.core.layouts import regions  # noqa: E402
 from mixpipe.core.plan import Layout  # noqa: E402
 from mixpipe.dali import speedup_loader  # noqa: E402
-from mixpipe.dali.speedup import device_id_of  # noqa: E402
+from mixpipe.dali import FileList  # noqa: E402
+from mixpipe.dali.speedup import FirstImages, device_id_of, warm_files  # noqa: E402
 from mixpipe.data import ArrayDataset, prepare_tree  # noqa: E402
 from mixpipe.server import InProcessService  # noqa: E402
 from mixpipe.train import Normalize  # noqa: E402
@@ -223,6 +224,15 @@ def test_device_ids():
     for bad in ("mps", "cuda:x", "cpu:1"):
         with pytest.raises(ValueError, match="'cpu' or 'cuda"):
             device_id_of(bad)
+
+
+def test_warm_files_reads_the_subset_or_nothing(prepared):
+    images = FirstImages(FileList.for_split(prepared, "train"), 5)
+    sizes = [os.path.getsize(images.images.path(i)) for i in range(5)]
+    assert warm_files(images) == sum(sizes)
+    assert warm_files(images, limit_bytes=sum(sizes) - 1) == 0  # too big to keep cached: skip
+    with pytest.raises(IndexError):
+        images.encoded(5)
 
 
 # ----------------------------------------------------------------------------- shutdown
