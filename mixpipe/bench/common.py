@@ -7,7 +7,7 @@ import platform
 import subprocess
 import sys
 import time
-from typing import Any, Dict
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 __all__ = ["machine_info", "write_json", "git_hash", "write_and_print"]
 
@@ -71,3 +71,43 @@ def write_and_print(out: str, payload: Dict[str, Any], datasets: Dict[str, Any],
     for note in notes:
         print("note:", note)
     print(f"wrote {out}")
+
+
+#: An overhead table column: (header, width, value of an arm's stats dict as a float).
+Column = Tuple[str, int, Callable[[Dict[str, Any]], float]]
+
+
+def stat(key: str, scale: float = 1.0) -> Callable[[Dict[str, Any]], float]:
+    """A column's value: ``stats[key] * scale``, NaN where an arm lacks the key."""
+    return lambda stats: stats.get(key, float("nan")) * scale
+
+
+def overhead_table(title: str, arms: Dict[str, Dict[str, Any]], columns: Sequence[Column],
+                   targets: Dict[str, Any], arm_width: int = 9, digits: int = 3) -> str:
+    """The loader overhead benchmarks' table: one row per arm, then one line per target.
+
+    Both loaders report the same kind of per-arm statistics but compare against different
+    references (FFCV also against its own mixup), so they share the layout, not the columns.
+    """
+    head = f"{'arm':<{arm_width}} " + " ".join(f"{name:>{width}}" for name, width, _ in columns)
+    lines = [title, head]
+    for arm, stats in arms.items():
+        cells = []
+        for name, width, value in columns:
+            v = value(stats)
+            # rates are shown with one decimal, ratios with ``digits``
+            cells.append(f"{v:>{width}.1f}" if name.endswith("/s") else f"{v:>{width}.{digits}f}")
+        lines.append(f"{arm:<{arm_width}} " + " ".join(cells))
+    lines.extend(f"  target {target}: {v}" for target, v in targets.items())
+    return "\n".join(lines)
+
+
+def parse_fractions(text: str) -> List[float]:
+    """``--fractions 0,0.5,0.9`` as floats, each checked to lie in [0, 1]."""
+    try:
+        fractions = [float(f) for f in text.split(",") if f.strip()]
+    except ValueError as err:
+        raise SystemExit(f"--fractions must be a comma list of numbers, got {text!r}") from err
+    if not fractions or any(not 0 <= f <= 1 for f in fractions):
+        raise SystemExit(f"--fractions must lie in [0, 1], got {text!r}")
+    return fractions

@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .common import machine_info, write_and_print
+from .common import machine_info, overhead_table, parse_fractions, stat, write_and_print
 
 __all__ = ["add_arguments", "run", "generate_tree"]
 
@@ -236,20 +236,19 @@ def _targets(result: Dict) -> Dict[str, object]:
     return out
 
 
+_COLUMNS = [("src img/s", 10, stat("source_images_per_s")),
+            ("comp/s", 9, stat("composites_per_s")),
+            ("src/comp", 9, stat("source_images_per_composite")),
+            ("CPU ms/src", 11, stat("cpu_s_per_source_image", 1e3)),
+            ("thru/mix0", 10, stat("throughput_vs_mix0")),
+            ("CPU/mix0", 9, stat("cpu_per_image_vs_mix0")),
+            ("thru/plain", 11, stat("throughput_vs_plain")),
+            ("CPU/plain", 10, stat("cpu_per_image_vs_plain"))]
+
+
 def _table(name: str, result: Dict) -> str:
-    head = (f"{'arm':<9} {'src img/s':>10} {'comp/s':>9} {'src/comp':>9} {'CPU ms/src':>11} "
-            f"{'thru/mix0':>10} {'CPU/mix0':>9} {'thru/plain':>11} {'CPU/plain':>10}")
-    lines = [f"{name}: {result['data']} ({result['num_samples']} images)", head]
-    for arm, s in result["arms"].items():
-        lines.append(
-            f"{arm:<9} {s['source_images_per_s']:>10.1f} {s['composites_per_s']:>9.1f} "
-            f"{s['source_images_per_composite']:>9.3f} {s['cpu_s_per_source_image'] * 1e3:>11.3f} "
-            f"{s.get('throughput_vs_mix0', float('nan')):>10.3f} "
-            f"{s.get('cpu_per_image_vs_mix0', float('nan')):>9.3f} "
-            f"{s['throughput_vs_plain']:>11.3f} {s['cpu_per_image_vs_plain']:>10.3f}")
-    for target, v in _targets(result).items():
-        lines.append(f"  target {target}: {v}")
-    return "\n".join(lines)
+    return overhead_table(f"{name}: {result['data']} ({result['num_samples']} images)",
+                          result["arms"], _COLUMNS, _targets(result))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -259,9 +258,7 @@ def run(args: argparse.Namespace) -> int:
     batch_size = args.batch_size or (32 if quick else 64)
     batches = args.batches or (6 if quick else 20)
     repeats = args.repeats or (3 if quick else 5)
-    fractions = [float(f) for f in args.fractions.split(",")]
-    if any(not 0 <= f <= 1 for f in fractions):
-        raise SystemExit(f"--fractions must lie in [0, 1], got {args.fractions}")
+    fractions = parse_fractions(args.fractions)
     num_generated = args.num_generated or (512 if quick else 2048)
     progress = not args.no_progress
     notes: List[str] = []

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .common import machine_info, write_and_print
+from .common import machine_info, overhead_table, parse_fractions, stat, write_and_print
 
 __all__ = ["add_arguments", "run"]
 
@@ -228,30 +228,27 @@ def _targets(result: Dict) -> Dict[str, object]:
     return out
 
 
+_COLUMNS = [("src img/s", 10, stat("source_images_per_s")),
+            ("comp/s", 9, stat("composites_per_s")),
+            ("src/comp", 9, stat("source_images_per_composite")),
+            ("CPU ms/src", 11, stat("cpu_s_per_source_image", 1e3)),
+            ("CPU/plain", 10, stat("cpu_per_image_vs_plain")),
+            ("CPU/mixup", 10, stat("cpu_per_image_vs_mixup")),
+            ("CPU/mix0", 9, stat("cpu_per_image_vs_mix0")),
+            ("thru/plain", 11, stat("throughput_vs_plain"))]
+
+
 def _table(name: str, result: Dict) -> str:
-    head = (f"{'arm':<12} {'src img/s':>10} {'comp/s':>9} {'src/comp':>9} {'CPU ms/src':>11} "
-            f"{'CPU/plain':>10} {'CPU/mixup':>10} {'CPU/mix0':>9} {'thru/plain':>11}")
-    lines = [f"{name}: {result['beton']} ({result['num_samples']} images, "
-             f"output {result['settings']['size']})", head]
-    for arm, s in result["arms"].items():
-        lines.append(
-            f"{arm:<12} {s['source_images_per_s']:>10.1f} {s['composites_per_s']:>9.1f} "
-            f"{s['source_images_per_composite']:>9.3f} {s['cpu_s_per_source_image'] * 1e3:>11.3f} "
-            f"{s['cpu_per_image_vs_plain']:>10.3f} {s['cpu_per_image_vs_mixup']:>10.3f} "
-            f"{s.get('cpu_per_image_vs_mix0', float('nan')):>9.3f} "
-            f"{s['throughput_vs_plain']:>11.3f}")
-    for target, v in _targets(result).items():
-        lines.append(f"  target {target}: {v}")
-    return "\n".join(lines)
+    title = (f"{name}: {result['beton']} ({result['num_samples']} images, "
+             f"output {result['settings']['size']})")
+    return overhead_table(title, result["arms"], _COLUMNS, _targets(result), arm_width=12)
 
 
 def run(args: argparse.Namespace) -> int:
     quick = args.quick
     batch_size = args.batch_size or 64
     repeats = args.repeats or (3 if quick else 5)
-    fractions = [float(f) for f in args.fractions.split(",")]
-    if any(not 0 <= f <= 1 for f in fractions):
-        raise SystemExit(f"--fractions must lie in [0, 1], got {args.fractions}")
+    fractions = parse_fractions(args.fractions)
     num_generated = args.num_generated or (512 if quick else 2048)
     num_fashion = args.num_fashion or (8192 if quick else 32768)
     progress = not args.no_progress
