@@ -22,24 +22,17 @@ from __future__ import annotations
 
 import sys
 
-from mixpipe.dali.pipeline import (PipelineSettings, cli_main, file_list_args,
-                                   make_train_loader, val_pipeline)
+from mixpipe.dali.pipeline import PipelineSettings, Preset, cli_main
 
 #: ResNet-50 at 224 px: total stride 32, so a 7x7 grid of split positions.
 SETTINGS = PipelineSettings(size=(224, 224), stride=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                             flip=True, val_resize_shorter=256)
 
 
-def train_loader(data: str, batch_size: int = 256, plans=None, device_id=0, **kwargs):
-    """:class:`mixpipe.dali.MixIterator` over the training split (see ``make_train_loader``)."""
-    return make_train_loader(data, SETTINGS, batch_size, plans, device_id, **kwargs)
-
-
-def val(data: str, batch_size: int = 256, device_id=0, **kwargs):
-    """The validation pipeline (outputs ``images, labels``) over ``OUT/val_files.txt``."""
-    root, file_list = file_list_args(data, "val")
-    return val_pipeline(root, file_list, SETTINGS, batch_size, device_id, **kwargs)
+PRESET = Preset(SETTINGS)
+train_loader = PRESET.train_loader
+val = PRESET.val
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(SETTINGS, __doc__.splitlines()[0]))
+    sys.exit(PRESET.main(__doc__.splitlines()[0]))

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import sys
 
-from mixpipe.dali.pipeline import (PipelineSettings, cli_main, file_list_args,
-                                   make_train_loader, val_pipeline)
+from mixpipe.dali.pipeline import PipelineSettings, Preset, cli_main
 
 #: Fashion-MNIST statistics of the padded 32x32 RGB images (grey, so equal per channel).
 SETTINGS = PipelineSettings(size=(32, 32), stride=8, scale=(0.35, 1.0), ratio=(3 / 4, 4 / 3),
@@ -27,16 +26,10 @@ SETTINGS = PipelineSettings(size=(32, 32), stride=8, scale=(0.35, 1.0), ratio=(3
                             val_resize_shorter=32)
 
 
-def train_loader(data: str, batch_size: int = 256, plans=None, device_id=0, **kwargs):
-    """:class:`mixpipe.dali.MixIterator` over the training split (see ``make_train_loader``)."""
-    return make_train_loader(data, SETTINGS, batch_size, plans, device_id, **kwargs)
-
-
-def val(data: str, batch_size: int = 256, device_id=0, **kwargs):
-    """The validation pipeline (outputs ``images, labels``) over ``OUT/val_files.txt``."""
-    root, file_list = file_list_args(data, "val")
-    return val_pipeline(root, file_list, SETTINGS, batch_size, device_id, **kwargs)
+PRESET = Preset(SETTINGS)
+train_loader = PRESET.train_loader
+val = PRESET.val
 
 
 if __name__ == "__main__":
-    sys.exit(cli_main(SETTINGS, __doc__.splitlines()[0]))
+    sys.exit(PRESET.main(__doc__.splitlines()[0]))

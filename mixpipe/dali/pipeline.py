@@ -20,7 +20,7 @@ from .plans import PlanBoard
 from .source import FixedView, PlanSource, RandomView, ViewFn
 
 __all__ = ["PipelineSettings", "open_images", "mixed_train_pipeline", "plain_train_pipeline",
-           "val_pipeline", "make_train_loader"]
+           "val_pipeline", "make_train_loader", "Preset"]
 
 IMAGENET_MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 IMAGENET_STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -187,6 +187,31 @@ def file_list_args(data: str, split: str) -> Tuple[str, str]:
                                 "plain and validation pipelines read its file list)")
     images = FileList.for_split(data, split)
     return images.root, file_list
+
+
+class Preset:
+    """A dataset's ready pipelines: the loaders above with its :class:`PipelineSettings` bound.
+
+    The files in ``pipelines/`` differ only in their settings; each is one ``Preset``, so a fix to
+    how a preset builds its loaders lands in every dataset's pipeline at once.
+    """
+
+    def __init__(self, settings: PipelineSettings) -> None:
+        self.settings = settings
+
+    def train_loader(self, data: str, batch_size: int = 256, plans=None,
+                     device_id: Optional[int] = 0, **kwargs) -> MixIterator:
+        """:class:`MixIterator` over the training split (keywords: :func:`make_train_loader`)."""
+        return make_train_loader(data, self.settings, batch_size, plans, device_id, **kwargs)
+
+    def val(self, data: str, batch_size: int = 256, device_id: Optional[int] = 0, **kwargs):
+        """The validation pipeline (outputs ``images, labels``) over ``OUT/val_files.txt``."""
+        root, file_list = file_list_args(data, "val")
+        return val_pipeline(root, file_list, self.settings, batch_size, device_id, **kwargs)
+
+    def main(self, description: str, argv=None) -> int:
+        """The preset's command line (:func:`cli_main`)."""
+        return cli_main(self.settings, description, argv)
 
 
 # ----------------------------------------------------------------------------- command line
