@@ -6,43 +6,72 @@ half-width crop at full resolution instead of a full image squeezed afterwards.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Tuple
 
 import numpy as np
 
 from .compose import resize
 
-__all__ = ["random_resized_crop_box", "RandomResizedCropFlip"]
+__all__ = ["fit_aspect", "random_resized_crop_boxes", "random_resized_crop_box",
+           "RandomResizedCropFlip"]
+
+
+def fit_aspect(src_h: np.ndarray, src_w: np.ndarray,
+               aspect: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Largest (h, w) of the given width/height ``aspect`` inside (src_h, src_w), at least 1 px."""
+    src_h = np.asarray(src_h, np.float64)
+    src_w = np.asarray(src_w, np.float64)
+    wide = src_w >= src_h * aspect
+    h = np.where(wide, src_h, np.round(src_w / aspect))
+    w = np.where(wide, np.round(src_h * aspect), src_w)
+    return np.clip(h, 1, src_h).astype(np.int64), np.clip(w, 1, src_w).astype(np.int64)
+
+
+def random_resized_crop_boxes(src_h: np.ndarray, src_w: np.ndarray, aspect: np.ndarray,
+                              rng: np.random.Generator, scale: Tuple[float, float],
+                              ratio: Tuple[float, float], attempts: int = 10) -> np.ndarray:
+    """int64[n, 4] (top, left, h, w): Inception-style random crops, one per source image.
+
+    Area share uniform in ``scale``; aspect log-uniform in ``ratio`` times ``aspect`` (the
+    region's width/height, so a crop for a half-width region is not squashed; 1 for plain crops).
+    The first of ``attempts`` draws that fits wins; if none fits, the centred largest window with
+    the image's aspect clamped to the ratio range. Vectorised because the FFCV decoders draw a
+    whole epoch's crops at once; the torch and DALI adapters draw one crop at a time through
+    :func:`random_resized_crop_box`, so all three follow one rule.
+    """
+    src_h = np.asarray(src_h, np.int64).reshape(-1)
+    src_w = np.asarray(src_w, np.int64).reshape(-1)
+    n = src_h.shape[0]
+    h_src = src_h.astype(np.float64)
+    w_src = src_w.astype(np.float64)
+    aspect = np.broadcast_to(np.asarray(aspect, np.float64), (n,))
+    shares = rng.uniform(scale[0], scale[1], (n, attempts))
+    log_r = rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (n, attempts))
+    pos = rng.uniform(0.0, 1.0, (n, 2))
+    draw_aspect = np.exp(log_r) * aspect[:, None]
+    target = (h_src * w_src)[:, None] * shares
+    w = np.round(np.sqrt(target * draw_aspect))
+    h = np.round(np.sqrt(target / draw_aspect))
+    fits = (w > 0) & (w <= w_src[:, None]) & (h > 0) & (h <= h_src[:, None])
+    any_fit = fits.any(axis=1)
+    pick = np.argmax(fits, axis=1)
+    rows = np.arange(n)
+    fallback = np.clip(w_src / h_src, ratio[0] * aspect, ratio[1] * aspect)
+    fh, fw = fit_aspect(h_src, w_src, fallback)
+    ch = np.where(any_fit, h[rows, pick], fh).astype(np.int64)
+    cw = np.where(any_fit, w[rows, pick], fw).astype(np.int64)
+    top = np.where(any_fit, (pos[:, 0] * (src_h - ch + 1)).astype(np.int64), (src_h - ch) // 2)
+    left = np.where(any_fit, (pos[:, 1] * (src_w - cw + 1)).astype(np.int64), (src_w - cw) // 2)
+    return np.stack([top, left, ch, cw], axis=1).astype(np.int64)
 
 
 def random_resized_crop_box(height: int, width: int, scale: Tuple[float, float],
                             ratio: Tuple[float, float],
                             rng: np.random.Generator) -> Tuple[int, int, int, int]:
-    """(top, left, h, w) of a crop covering a random share of the area at a random aspect.
-
-    Ten tries at the requested area and aspect, then the centred crop clamped to the ratio range,
-    the usual Inception-style recipe.
-    """
-    area = height * width
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for _ in range(10):
-        target = area * rng.uniform(scale[0], scale[1])
-        aspect = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target * aspect)))
-        h = int(round(math.sqrt(target / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            top = int(rng.integers(0, height - h + 1))
-            left = int(rng.integers(0, width - w + 1))
-            return top, left, h, w
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
+    """(top, left, h, w) of one crop: :func:`random_resized_crop_boxes` for a single image."""
+    box = random_resized_crop_boxes(np.array([height]), np.array([width]), np.ones(1), rng,
+                                    scale, ratio)[0]
+    return int(box[0]), int(box[1]), int(box[2]), int(box[3])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,16 +90,22 @@ class RandomResizedCropFlip:
             raise ValueError(f"RandomResizedCropFlip.ratio must satisfy 0 < lo <= hi, "
                              f"got {self.ratio}")
 
-    def __call__(self, image: np.ndarray, region: Tuple[int, int],
-                 rng: np.random.Generator) -> np.ndarray:
-        h, w = image.shape[:2]
+    def window(self, height: int, width: int, region: Tuple[int, int],
+               rng: np.random.Generator) -> Tuple[int, int, int, int, bool]:
+        """(top, left, h, w, flip) for an image of (height, width) going to ``region``: the draw
+        the torch transform and DALI's view share, in the same order."""
         rh, rw = region
         # keep the crop's aspect equal to the region's so nothing is stretched
         aspect = rw / rh
         ratio = (self.ratio[0] * aspect, self.ratio[1] * aspect)
-        top, left, ch, cw = random_resized_crop_box(h, w, self.scale, ratio, rng)
+        top, left, ch, cw = random_resized_crop_box(height, width, self.scale, ratio, rng)
+        return top, left, ch, cw, bool(self.flip and rng.random() < 0.5)
+
+    def __call__(self, image: np.ndarray, region: Tuple[int, int],
+                 rng: np.random.Generator) -> np.ndarray:
+        top, left, ch, cw, flip = self.window(image.shape[0], image.shape[1], region, rng)
         crop = image[top:top + ch, left:left + cw]
-        if self.flip and rng.random() < 0.5:
+        if flip:
             crop = crop[:, ::-1]
-        out = resize(crop, rh, rw)
+        out = resize(crop, *region)
         return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)

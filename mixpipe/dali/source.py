@@ -2,7 +2,7 @@
 
 One call = one slot of the epoch's walk. The callback does all the *decisions* in Python (which
 files, each constituent's region from :func:`mixpipe.core.layouts.regions`, its crop window and
-flip from :func:`mixpipe.core.augment.random_resized_crop_box`), and ships them as small
+flip from :meth:`mixpipe.core.augment.RandomResizedCropFlip.window`), and ships them as small
 per-sample tensors; the DALI graph (:mod:`mixpipe.dali.ops`) only executes them. So the geometry
 is the core's, bit for bit, and nothing is re-derived in DALI.
 
@@ -18,7 +18,7 @@ from typing import Callable, Optional, Tuple
 
 import numpy as np
 
-from ..core.augment import RandomResizedCropFlip, random_resized_crop_box
+from ..core.augment import RandomResizedCropFlip
 from ..core.layouts import regions
 from ..core.plan import Layout, MixPlan
 from .files import EncodedImages
@@ -55,13 +55,7 @@ class RandomView:
 
     def __call__(self, height: int, width: int, region: Tuple[int, int],
                  rng: np.random.Generator) -> Tuple[int, int, int, int, bool]:
-        rh, rw = region
-        aspect = rw / rh
-        ratio = (self.settings.ratio[0] * aspect, self.settings.ratio[1] * aspect)
-        top, left, ch, cw = random_resized_crop_box(height, width, self.settings.scale, ratio,
-                                                    rng)
-        flip = bool(self.settings.flip and rng.random() < 0.5)
-        return top, left, ch, cw, flip
+        return self.settings.window(height, width, region, rng)
 
 
 @dataclasses.dataclass(frozen=True)

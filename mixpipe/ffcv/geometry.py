@@ -17,6 +17,7 @@ from typing import Tuple
 
 import numpy as np
 
+from ..core.augment import fit_aspect, random_resized_crop_boxes
 from ..core.layouts import regions
 from ..core.plan import Layout, MixPlan
 
@@ -70,18 +71,10 @@ def full_crops(src_h: np.ndarray, src_w: np.ndarray, reg_h: np.ndarray, reg_w: n
     return np.stack([zeros, zeros, src_h, src_w], axis=1).astype(np.int64)
 
 
-def _fit_aspect(src_h, src_w, aspect):
-    """Largest (h, w) of the given width/height aspect inside (src_h, src_w), at least 1 px."""
-    wide = src_w >= src_h * aspect
-    h = np.where(wide, src_h, np.round(src_w / aspect))
-    w = np.where(wide, np.round(src_h * aspect), src_w)
-    return np.clip(h, 1, src_h).astype(np.int64), np.clip(w, 1, src_w).astype(np.int64)
-
-
 def center_crops(src_h, src_w, reg_h, reg_w, rng, ratio: float = 224 / 256) -> np.ndarray:
     """Centred window of the region's aspect, ``ratio`` of the largest one that fits."""
-    h, w = _fit_aspect(src_h.astype(np.float64), src_w.astype(np.float64),
-                       reg_w.astype(np.float64) / reg_h)
+    h, w = fit_aspect(src_h.astype(np.float64), src_w.astype(np.float64),
+                      reg_w.astype(np.float64) / reg_h)
     h = np.maximum((h * ratio).astype(np.int64), 1)
     w = np.maximum((w * ratio).astype(np.int64), 1)
     return np.stack([(src_h - h) // 2, (src_w - w) // 2, h, w], axis=1).astype(np.int64)
@@ -89,35 +82,7 @@ def center_crops(src_h, src_w, reg_h, reg_w, rng, ratio: float = 224 / 256) -> n
 
 def random_resized_crops(src_h, src_w, reg_h, reg_w, rng, scale=(0.08, 1.0),
                          ratio=(3 / 4, 4 / 3), attempts: int = 10) -> np.ndarray:
-    """Inception-style random crops (torchvision's RandomResizedCrop rule), vectorised.
-
-    Area share from ``scale``, log-uniform aspect from ``ratio`` times the region's aspect; the
-    first of ``attempts`` draws that fits wins; if none fits, the centred largest window whose
-    aspect is clamped to the ratio range.
-    """
-    n = src_h.shape[0]
-    h_src = src_h.astype(np.float64)
-    w_src = src_w.astype(np.float64)
-    region_aspect = reg_w.astype(np.float64) / np.maximum(reg_h, 1)
-    area = h_src * w_src
-    shares = rng.uniform(scale[0], scale[1], (n, attempts))
-    log_r = rng.uniform(np.log(ratio[0]), np.log(ratio[1]), (n, attempts))
-    pos = rng.uniform(0.0, 1.0, (n, 2))
-    aspect = np.exp(log_r) * region_aspect[:, None]
-    target = area[:, None] * shares
-    w = np.round(np.sqrt(target * aspect))
-    h = np.round(np.sqrt(target / aspect))
-    fits = (w > 0) & (w <= w_src[:, None]) & (h > 0) & (h <= h_src[:, None])
-    any_fit = fits.any(axis=1)
-    pick = np.argmax(fits, axis=1)
-    ch = h[np.arange(n), pick]
-    cw = w[np.arange(n), pick]
-    lo = ratio[0] * region_aspect
-    hi = ratio[1] * region_aspect
-    fallback_aspect = np.clip(w_src / h_src, lo, hi)
-    fh, fw = _fit_aspect(h_src, w_src, fallback_aspect)
-    ch = np.where(any_fit, ch, fh).astype(np.int64)
-    cw = np.where(any_fit, cw, fw).astype(np.int64)
-    top = np.where(any_fit, (pos[:, 0] * (src_h - ch + 1)).astype(np.int64), (src_h - ch) // 2)
-    left = np.where(any_fit, (pos[:, 1] * (src_w - cw + 1)).astype(np.int64), (src_w - cw) // 2)
-    return np.stack([top, left, ch, cw], axis=1).astype(np.int64)
+    """Inception-style random crops of the region's aspect for a whole epoch: the core rule
+    (:func:`mixpipe.core.augment.random_resized_crop_boxes`) the other adapters use too."""
+    aspect = np.asarray(reg_w, np.float64) / np.maximum(reg_h, 1)
+    return random_resized_crop_boxes(src_h, src_w, aspect, rng, scale, ratio, attempts)
