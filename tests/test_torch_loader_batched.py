@@ -101,12 +101,15 @@ def test_resize_batch_equals_resize_per_image(channels) -> None:
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("channels", [(3,), ()])
-def test_compose_slots_equals_compose_slot(seed, channels) -> None:
+@pytest.mark.parametrize("one_size", [False, True])
+def test_compose_slots_equals_compose_slot(seed, channels, one_size) -> None:
     rng = np.random.default_rng(seed)
     slots = uneven_slots(60, seed)
-    sizes = [(32, 32), (16, 24), (40, 28), (8, 8)]
+    sizes = [(32, 32)] * 4 if one_size else [(32, 32), (16, 24), (40, 28), (8, 8)]
     images = [[rng.integers(0, 256, sizes[int(rng.integers(4))] + channels, np.uint8)
                for _ in s.ids] for s in slots]
+    # some constituents arrive as mirrored views, as a flip transform returns them
+    images = [[img[:, ::-1] if rng.random() < 0.4 else img for img in row] for row in images]
     out = compose_slots(images, [s.weights for s in slots], [s.layout for s in slots],
                         (32, 32), 8)
     assert out.shape == (len(slots), 32, 32) + channels and out.dtype == np.uint8
@@ -179,6 +182,28 @@ def test_batched_path_keeps_the_per_slot_seed() -> None:
     later = dataset.__getitems__([SlotRef(2, s.ids, s.weights, s.loss_scale, s.layout)
                                   for s in slots]).batch.image
     assert not torch.equal(later, whole)  # another epoch draws other crops
+
+
+@pytest.mark.parametrize("seed", [0, 7, 2**40])
+def test_transform_draws_from_the_slot_seeded_generator(seed) -> None:
+    """Both paths hand the transform np.random.default_rng([seed, epoch, *ids]), in slot order."""
+    draws: list = []
+
+    def record(image, region, rng):
+        draws.append(rng.random())
+        return image
+
+    dataset = MixedDataset(Pictures(30), (32, 32), stride=8, constituent_transform=record,
+                           seed=seed)
+    slots = uneven_slots(30, seed=3, epoch=4)
+    dataset.__getitems__(slots)
+    batched, draws[:] = list(draws), []
+    for slot in slots:
+        dataset[slot]
+    want = np.concatenate([np.random.default_rng([seed, 4, *s.ids]).random(len(s.ids))
+                           for s in slots])
+    np.testing.assert_array_equal(batched, want)
+    np.testing.assert_array_equal(draws, want)
 
 
 def test_default_collate_still_works_on_built_batches() -> None:

@@ -131,8 +131,12 @@ def resize_batch(images: np.ndarray, height: int, width: int) -> np.ndarray:
         # resize hands BLAS the transposed view here (no copy), so do the same
         out = np.matmul(cols, tmp.transpose(0, 2, 1))  # [N, W, H]
     else:
-        tmp = np.ascontiguousarray(tmp.reshape(n, height, w, c).transpose(0, 2, 1, 3))
-        out = np.matmul(cols, tmp.reshape(n, w, height * c))  # [N, W, H*C]
+        # transpose whole pixels (C floats as one opaque item): numpy's copy loop over the short
+        # channel axis is about twice as slow as copying 4*C-byte items
+        pixel = np.dtype((np.void, 4 * c))
+        tmp = tmp.reshape(n, height, w, c).view(pixel)[..., 0].transpose(0, 2, 1)
+        tmp = np.ascontiguousarray(tmp).view(np.float32)  # [N, w, H*C]
+        out = np.matmul(cols, tmp)  # [N, W, H*C]
     out = out.reshape(n, width, height, c).transpose(0, 2, 1, 3)
     return out.reshape((n, height, width) + channels)
 
@@ -148,15 +152,72 @@ def slot_regions(layout: Layout, weights: tuple, height: int, width: int,
     return tuple(regions(Layout(layout), weights, height, width, stride))
 
 
+def _round_inplace(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """:func:`_to_dtype` without its temporaries (``values`` is scratch and gets overwritten)."""
+    if np.issubdtype(dtype, np.integer):
+        info = np.iinfo(dtype)
+        values += np.float32(0.5)
+        np.floor(values, out=values)
+        np.clip(values, info.min, info.max, out=values)
+    return values.astype(dtype, copy=False)
+
+
+class _Constituents:
+    """A batch's constituents in one list; whole groups come out stacked in one numpy call.
+
+    When all share one shape they are stacked once. Mirrored views (a negative column stride,
+    what a flip transform returns) are stacked unmirrored and mirrored afterwards, one channel
+    plane at a time: numpy copies a mirrored HWC view pixel by pixel (an inner loop of C items),
+    several times slower than a plain one, and that copy was the largest cost of a
+    flip-augmented batch.
+    """
+
+    def __init__(self) -> None:
+        self.images: list = []
+        self.mirrored: list = []
+        self._stacked: Optional[np.ndarray] = None
+
+    def add(self, image: np.ndarray) -> int:
+        if image.ndim >= 2 and image.strides[1] < 0 and image.shape[1] > 1:
+            self.mirrored.append(len(self.images))
+            image = image[:, ::-1]
+        self.images.append(image)
+        return len(self.images) - 1
+
+    def _stack_all(self) -> np.ndarray:
+        stacked = np.stack(self.images)
+        if self.mirrored:
+            rows = np.asarray(self.mirrored)
+            plain = stacked[rows]
+            if plain.ndim == 3:
+                stacked[rows] = plain[:, :, ::-1]
+            else:
+                mirrored = np.empty_like(plain)
+                for c in range(plain.shape[3]):
+                    mirrored[..., c] = plain[:, :, ::-1, c]
+                stacked[rows] = mirrored
+        return stacked
+
+    def take(self, index: list) -> np.ndarray:
+        if self._stacked is None and len({img.shape for img in self.images}) == 1:
+            self._stacked = self._stack_all()  # one copy serves every group
+        if self._stacked is not None:
+            return self._stacked[np.asarray(index)]
+        mirrored = set(self.mirrored)
+        return np.stack([self.images[i][:, ::-1] if i in mirrored else self.images[i]
+                         for i in index])
+
+
 def compose_slots(slots: Sequence[Sequence[np.ndarray]], weights: Sequence[Sequence[float]],
                   layouts: Sequence[Layout], size: tuple[int, int],
                   stride: int = 1) -> np.ndarray:
     """Compose many slots into one [B, H, W(, C)] array, equal to stacking :func:`compose_slot`.
 
-    Constituents that land in the same region from the same source size are resized together
-    (:func:`resize_batch`) and pasted with one indexed assignment; BLEND slots accumulate their
-    constituents position by position in the reference order. Every constituent of the batch
-    must share one dtype and channel count (the composites are stacked).
+    Constituents that need the same resize (source size to region size) are resized together
+    (:func:`resize_batch`) and pasted one by one; constituents already at their region's size
+    are pasted with one indexed assignment per region; BLEND slots accumulate their constituents
+    position by position in the reference order. Every constituent of the batch must share one
+    dtype and channel count (the composites are stacked).
     """
     b = len(slots)
     if b == 0:
@@ -164,50 +225,62 @@ def compose_slots(slots: Sequence[Sequence[np.ndarray]], weights: Sequence[Seque
     if len(weights) != b or len(layouts) != b:
         raise ValueError(f"{b} slots but {len(weights)} weight rows and {len(layouts)} layouts")
     height, width = int(size[0]), int(size[1])
-    first = np.asarray(slots[0][0]) if len(slots[0]) else None
-    if first is None:
+    if not len(slots[0]):
         raise ValueError("slot 0 has no constituents")
+    first = np.asarray(slots[0][0])
     dtype, channels = first.dtype, first.shape[2:]
-    paste: dict = {}  # (source h, w, region) -> ([rows], [images])
-    blend: dict = {}  # (position, source h, w) -> ([blend rows], [images], [weights])
+    store = _Constituents()
+    direct: dict = {}  # region -> ([rows], [constituents]) already at the region's size
+    scaled: dict = {}  # (h, w, region h, region w) -> ([(row, region)], [constituents])
+    blend: dict = {}  # (position, h, w) -> ([blend rows], [constituents], [weights])
     blend_rows: list = []
+    checked: set = set()
     for row, (images, slot_w, code) in enumerate(zip(slots, weights, layouts)):
-        layout = Layout(int(code))
-        _check_slot(images, slot_w, layout)
+        shape_key = (code, len(images), len(slot_w))
+        if shape_key not in checked:
+            _check_slot(images, slot_w, Layout(int(code)))
+            checked.add(shape_key)
         images = [img if type(img) is np.ndarray else np.asarray(img) for img in images]
         for i, img in enumerate(images):
             if img.dtype != dtype or img.shape[2:] != channels:
                 raise ValueError(f"slot {row} constituent {i} is {img.dtype} {img.shape}; slot 0 "
                                  f"constituent 0 is {dtype} {first.shape}: a batch needs one "
                                  "dtype and channel count")
-        if layout == Layout.BLEND:
+        if code == Layout.BLEND:
             for k, (img, wk) in enumerate(zip(images, slot_w)):
                 group = blend.setdefault((k,) + img.shape[:2], ([], [], []))
                 group[0].append(len(blend_rows))
-                group[1].append(img)
+                group[1].append(store.add(img))
                 group[2].append(wk)
             blend_rows.append(row)
             continue
-        geometry = slot_regions(layout, tuple(float(x) for x in slot_w), height, width, stride)
+        geometry = slot_regions(code, tuple(slot_w), height, width, stride)
         for img, reg in zip(images, geometry):
-            group = paste.setdefault(img.shape[:2] + (reg,), ([], []))
-            group[0].append(row)
-            group[1].append(img)
+            h, w = img.shape[:2]
+            if h == reg.height and w == reg.width:
+                group = direct.setdefault(reg, ([], []))
+                group[0].append(row)
+            else:
+                group = scaled.setdefault((h, w, reg.height, reg.width), ([], []))
+                group[0].append((row, reg))
+            group[1].append(store.add(img))
     out = np.empty((b, height, width) + channels, dtype=dtype)
-    for (h, w, reg), (rows, images) in paste.items():
-        stack = np.stack(images)
-        if (h, w) != (reg.height, reg.width):
-            stack = _to_dtype(resize_batch(stack, reg.height, reg.width), dtype)
-        out[np.asarray(rows), reg.top:reg.top + reg.height, reg.left:reg.left + reg.width] = stack
+    for reg, (rows, index) in direct.items():
+        out[np.asarray(rows), reg.top:reg.top + reg.height,
+            reg.left:reg.left + reg.width] = store.take(index)
+    for (_, _, rh, rw), (targets, index) in scaled.items():
+        patches = _round_inplace(resize_batch(store.take(index), rh, rw), dtype)
+        for patch, (row, reg) in zip(patches, targets):
+            out[row, reg.top:reg.top + rh, reg.left:reg.left + rw] = patch
     if blend_rows:
         acc = np.zeros((len(blend_rows), height, width) + channels, dtype=np.float32)
         for key in sorted(blend, key=lambda k: k[0]):  # position order = the reference's sum order
-            rows, images, wts = blend[key]
-            scaled = resize_batch(np.stack(images), height, width)
-            scaled *= np.asarray(wts, np.float32).reshape((-1,) + (1,) * (scaled.ndim - 1))
+            rows, index, wts = blend[key]
+            part = resize_batch(store.take(index), height, width)
+            part *= np.asarray(wts, np.float32).reshape((-1,) + (1,) * (part.ndim - 1))
             idx = np.asarray(rows)
-            acc[idx] += scaled
-        out[np.asarray(blend_rows)] = _to_dtype(acc, dtype)
+            acc[idx] += part
+        out[np.asarray(blend_rows)] = _round_inplace(acc, dtype)
     return out
 
 

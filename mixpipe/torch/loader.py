@@ -152,7 +152,7 @@ class MixedDataset(Dataset):
             return list(images)
         geometry = slot_regions(Layout(slot.layout), tuple(slot.weights), *self.size,
                                 self.stride)
-        rng = np.random.default_rng([self.seed, slot.epoch, *slot.ids])
+        rng = _slot_rng([self.seed, slot.epoch, *slot.ids])
         return [_as_hwc_uint8(self.transform(image, (reg.height, reg.width), rng))
                 for image, reg in zip(images, geometry)]
 
@@ -209,6 +209,19 @@ class MixedDataset(Dataset):
                                  layout=torch.from_numpy(layout),
                                  loss_scale=torch.from_numpy(scale))
         return built
+
+
+def _slot_rng(entropy: list) -> np.random.Generator:
+    """``np.random.default_rng(entropy)``, three times cheaper when every entry fits in uint32.
+
+    SeedSequence reads a uint32 array word for word as it reads a list of such ints, but the list
+    goes through a Python-level conversion per entry (~15 of the ~20 us per slot it cost here).
+    """
+    try:
+        words = np.array(entropy, np.uint32)
+    except OverflowError:  # negative or wider than 32 bits: let numpy split or refuse it
+        return np.random.default_rng(entropy)
+    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(words)))
 
 
 class BuiltBatch(list):
