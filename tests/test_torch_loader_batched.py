@@ -247,3 +247,18 @@ def test_bad_indices_are_refused_clearly() -> None:
         dataset.__getitems__([SlotRef(0, (10,), (1.0,), (1.0,), int(Layout.SINGLE))])
     with pytest.raises(ValueError, match="no slots"):
         dataset.__getitems__([])
+
+
+def test_batch_fields_share_one_storage_without_overlapping() -> None:
+    """One storage per batch (one handover from a worker); the fields must not alias."""
+    dataset = MixedDataset(array_dataset(12), (32, 32), stride=8)
+    batch = dataset.__getitems__(uneven_slots(12, seed=2)).batch
+    pointers = {field.untyped_storage().data_ptr() for field in batch}
+    assert len(pointers) == 1
+    before = {key: getattr(batch, key).clone() for key in KEYS}
+    for key in KEYS:
+        getattr(batch, key).fill_(7)
+        for other in KEYS:
+            if other != key:
+                assert torch.equal(getattr(batch, other), before[other]), (key, other)
+        getattr(batch, key).copy_(before[key])
