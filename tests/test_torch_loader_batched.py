@@ -158,9 +158,13 @@ def test_batched_items_equal_per_item(base, transform) -> None:
         assert_batch_equals_items(built.batch, built)
 
 
-def test_array_base_is_gathered_without_per_item_fetches(monkeypatch) -> None:
-    dataset = MixedDataset(array_dataset(40), (32, 32), stride=8, constituent_transform=Flip())
-    slots = uneven_slots(40, seed=9)
+@pytest.mark.parametrize("subset", [False, True])
+def test_array_base_is_gathered_without_per_item_fetches(monkeypatch, subset) -> None:
+    base = array_dataset(50)
+    if subset:
+        base = Subset(base, list(range(49, 9, -1)))
+    dataset = MixedDataset(base, (32, 32), stride=8, constituent_transform=Flip())
+    slots = uneven_slots(len(dataset), seed=9)
     items = [dataset[s] for s in slots]
 
     def refuse(self, i):

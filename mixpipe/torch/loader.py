@@ -16,12 +16,13 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from ..core.batch import MixedBatch
 from ..core.compose import compose_slot, compose_slots, slot_regions
 from ..core.plan import Layout, MixPlan
 from ..core.source import PlanSource, fetch_plan, warn_fallback
+from ..data.datasets import ArrayDataset
 
 __all__ = ["SlotRef", "PlanSource", "PlanSampler", "MixedDataset", "collate_mixed",
            "MixedLoader", "ConstituentTransform", "BuiltBatch"]
@@ -273,45 +274,39 @@ def _slot_item(image: np.ndarray, slot: SlotRef, labels: Sequence[int], k: int) 
     }
 
 
-def _array_source(base: Any) -> Optional[Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
-    """(images uint8 [N, H, W, C], labels [N], index map or None) when ``base`` is plain arrays.
+def _is_plain_arrays(base: Any) -> bool:
+    """True when ``base[i]`` is known to be ``(images[i], labels[i])`` of in-memory arrays.
 
-    Only datasets whose ``__getitem__`` is known to return ``(images[i], labels[i])`` qualify
-    (:class:`mixpipe.data.ArrayDataset`, not a subclass that overrides it), and torch ``Subset``
-    views of them; anything else is fetched item by item.
+    Only :class:`mixpipe.data.ArrayDataset` itself qualifies (not a subclass that overrides
+    ``__getitem__``), and torch ``Subset`` views of it; anything else is fetched item by item.
     """
-    from torch.utils.data import Subset
-
-    from ..data.datasets import ArrayDataset
-
     if isinstance(base, Subset):
-        inner = _array_source(base.dataset)
-        if inner is None:
-            return None
-        images, labels, index = inner
-        sub = np.asarray(base.indices, np.int64)
-        return images, labels, (sub if index is None else index[sub])
-    if isinstance(base, ArrayDataset) and type(base).__getitem__ is ArrayDataset.__getitem__:
-        images = base.images
-        if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim == 4:
-            return images, np.asarray(base.labels), None
-    return None
+        return _is_plain_arrays(base.dataset)
+    return (isinstance(base, ArrayDataset) and type(base).__getitem__ is ArrayDataset.__getitem__
+            and isinstance(base.images, np.ndarray) and base.images.dtype == np.uint8
+            and base.images.ndim == 4)
 
 
-def _gather(base: Any, ids: np.ndarray) -> Tuple[Sequence[np.ndarray], np.ndarray]:
-    """Constituent images (uint8 HWC each) and int64 labels for ``ids``, in order."""
-    source = _array_source(base)
-    if source is None:
-        fetched = [base[int(i)] for i in ids]
-        return ([_as_hwc_uint8(image) for image, _ in fetched],
-                np.array([int(label) for _, label in fetched], np.int64))
-    images, labels, index = source
-    n = len(labels) if index is None else len(index)
+def _check_ids(ids: np.ndarray, n: int) -> None:
     if ids.size and (ids.min() < 0 or ids.max() >= n):
         bad = ids[(ids < 0) | (ids >= n)][0]
         raise IndexError(f"sample id {bad} out of range [0, {n}) of the base dataset")
-    rows = ids if index is None else index[ids]
-    return images[rows], labels[rows].astype(np.int64)
+
+
+def _gather(base: Any, ids: np.ndarray) -> Tuple[Sequence[np.ndarray], np.ndarray]:
+    """Constituent images (uint8 HWC each) and int64 labels for ``ids``, in order.
+
+    Plain arrays are gathered with one fancy index instead of one ``base[i]`` call each.
+    """
+    if not _is_plain_arrays(base):
+        fetched = [base[int(i)] for i in ids]
+        return ([_as_hwc_uint8(image) for image, _ in fetched],
+                np.array([int(label) for _, label in fetched], np.int64))
+    _check_ids(ids, len(base))
+    if isinstance(base, Subset):  # map only the ids asked for
+        inner = np.fromiter((base.indices[i] for i in ids.tolist()), np.int64, len(ids))
+        return _gather(base.dataset, inner)
+    return base.images[ids], np.asarray(base.labels)[ids].astype(np.int64)
 
 
 def collate_mixed(items: Sequence[dict]) -> MixedBatch:
