@@ -74,6 +74,13 @@ def test_settings_are_validated_with_the_field_named():
         SpeedupSettings(fraction_start=0.5)
     with pytest.raises(ValueError, match="loss_per"):
         SpeedupSettings(loss_per="sample")
+    with pytest.raises(ValueError, match="statistic"):
+        SpeedupSettings(statistic="median")
+
+
+def test_mixtrain_arm_takes_the_benchmarks_ranking_statistic():
+    for stat in ("ema", "last"):
+        assert policy_settings("mixtrain", SpeedupSettings(statistic=stat)).statistic == stat
 
 
 def test_a_ramp_runs_over_the_mixed_epochs_from_start_to_end():

@@ -58,6 +58,7 @@ class SpeedupSettings:
     fraction: float = 0.6
     mix_schedule: str = "constant"
     fraction_start: Optional[float] = None
+    statistic: str = "ema"
     gamma: float = 1.0
     w_min: float = 0.25
     per_class: bool = False
@@ -98,6 +99,7 @@ class SpeedupSettings:
              "fraction_start", "set exactly when mix_schedule is 'ramp'")
         need(self.fraction_start is None or 0.0 <= self.fraction_start <= 1.0, "fraction_start",
              "in [0, 1]")
+        need(self.statistic in ("ema", "last"), "statistic", "'ema' or 'last'")
         need(self.loss_per in NORMALISATIONS, "loss_per", f"one of {NORMALISATIONS}")
         need(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", "in [0, epochs)")
         need(0 <= self.final_full_epochs <= self.epochs - self.warmup_epochs,
@@ -154,7 +156,8 @@ def policy_settings(name: str, s: SpeedupSettings):
     ramp = {} if s.mix_schedule == "constant" else {
         "fraction_start": s.fraction_start, "ramp_epochs": max(s.mixed_epochs - 1, 0)}
     mix = {"policy": "mixtrain", "warmup_epochs": s.warmup_epochs, "schedule": s.mix_schedule,
-           **ramp, "fraction": s.fraction, "gamma": s.gamma, "w_min": s.w_min, "layout": s.layout,
+           **ramp, "fraction": s.fraction, "statistic": s.statistic, "gamma": s.gamma,
+           "w_min": s.w_min, "layout": s.layout,
            "grid_cells": s.grid_cells, "epochs": s.epochs,
            "final_full_epochs": s.final_full_epochs, "per_class": s.per_class}
     if name == "mixtrain":
@@ -569,6 +572,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss-per", choices=NORMALISATIONS, default=d.loss_per,
                         help="divide the summed loss by real constituents or by composites "
                              "(mixpipe.train.loss)")
+    parser.add_argument("--statistic", choices=("ema", "last"), default=d.statistic,
+                        help="mixtrain ranks samples by their loss EMA or their last loss")
     parser.add_argument("--gamma", type=float, default=d.gamma)
     parser.add_argument("--per-class", action="store_true",
                         help="mixtrain mixes the same share of every class (off by default: on "
@@ -618,7 +623,7 @@ def settings_from_args(args: argparse.Namespace) -> SpeedupSettings:
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         schedule=args.schedule, layout=args.layout, fraction=args.fraction,
         mix_schedule=args.mix_schedule, fraction_start=args.fraction_start,
-        loss_per=args.loss_per, gamma=args.gamma, w_min=args.w_min,
+        loss_per=args.loss_per, statistic=args.statistic, gamma=args.gamma, w_min=args.w_min,
         per_class=args.per_class,
         warmup_epochs=args.warmup_epochs, final_full_epochs=args.final_full_epochs,
         limit=args.limit if args.limit is not None else quick.get("limit"),
