@@ -47,12 +47,16 @@ def test_fallback_is_the_centred_window_with_the_aspect_clamped():
     assert (int(h[0]), int(w[0])) == (10, 13)
 
 
-def test_the_single_crop_is_the_first_row_of_the_same_draw():
-    for seed in range(20):
-        one = random_resized_crop_box(20, 30, (0.1, 1.0), (0.5, 2.0), np.random.default_rng(seed))
-        many = random_resized_crop_boxes(np.array([20]), np.array([30]), np.ones(1),
-                                         np.random.default_rng(seed), (0.1, 1.0), (0.5, 2.0))
-        assert one == tuple(int(v) for v in many[0])
+@settings(max_examples=150, deadline=None)
+@given(h=st.integers(1, 300), w=st.integers(1, 300), lo=st.floats(0.01, 1.0),
+       r0=st.floats(0.2, 1.0), spread=st.floats(1.0, 4.0), seed=st.integers(0, 2**16))
+def test_the_single_crop_is_the_first_row_of_the_same_draw(h, w, lo, r0, spread, seed):
+    # the scalar path is a plain-Python twin of the vectorised rule; fallbacks included
+    ratio = (r0, r0 * spread)
+    one = random_resized_crop_box(h, w, (lo, 1.0), ratio, np.random.default_rng(seed))
+    many = random_resized_crop_boxes(np.array([h]), np.array([w]), np.ones(1),
+                                     np.random.default_rng(seed), (lo, 1.0), ratio)
+    assert one == tuple(int(v) for v in many[0])
 
 
 def test_window_centres_the_ratio_on_the_region_aspect():

@@ -6,6 +6,7 @@ half-width crop at full resolution instead of a full image squeezed afterwards.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Tuple
 
 import numpy as np
@@ -68,10 +69,26 @@ def random_resized_crop_boxes(src_h: np.ndarray, src_w: np.ndarray, aspect: np.n
 def random_resized_crop_box(height: int, width: int, scale: Tuple[float, float],
                             ratio: Tuple[float, float],
                             rng: np.random.Generator) -> Tuple[int, int, int, int]:
-    """(top, left, h, w) of one crop: :func:`random_resized_crop_boxes` for a single image."""
-    box = random_resized_crop_boxes(np.array([height]), np.array([width]), np.ones(1), rng,
-                                    scale, ratio)[0]
-    return int(box[0]), int(box[1]), int(box[2]), int(box[3])
+    """(top, left, h, w) of one crop: exactly row 0 of :func:`random_resized_crop_boxes` for a
+    single image with aspect 1 (same draws, same result; tested), in plain Python because the
+    torch and DALI adapters call it once per constituent and numpy's per-call overhead on
+    one-element arrays made it cost 76 us instead of about 10."""
+    attempts = 10
+    shares = rng.uniform(scale[0], scale[1], (1, attempts))[0].tolist()
+    log_r = rng.uniform(math.log(ratio[0]), math.log(ratio[1]), (1, attempts))[0].tolist()
+    pos = rng.uniform(0.0, 1.0, (1, 2))[0].tolist()
+    area = float(height) * float(width)
+    for share, log_aspect in zip(shares, log_r):
+        aspect = math.exp(log_aspect)
+        target = area * share
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(pos[0] * (height - h + 1)), int(pos[1] * (width - w + 1)), h, w
+    fh, fw = fit_aspect(np.array([height]), np.array([width]),
+                        np.clip(width / height, ratio[0], ratio[1]))
+    h, w = int(fh[0]), int(fw[0])
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 @dataclasses.dataclass(frozen=True)
