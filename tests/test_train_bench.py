@@ -42,7 +42,7 @@ def test_summary_ratios_are_taken_seed_by_seed():
 
 
 @pytest.mark.parametrize("schedule", [
-    dict(fraction=0.8, final_full_epochs=1),
+    dict(fraction=0.8, final_full_epochs=1, mix_schedule="constant", fraction_start=None),
     dict(mix_schedule="ramp", fraction_start=1.0, fraction=0.3),
     dict(mix_schedule="ramp", fraction_start=0.2, fraction=0.9, layout="halves")])
 def test_random_arm_gets_mixtrains_forward_inputs_over_the_run(schedule):
@@ -69,9 +69,9 @@ def test_settings_are_validated_with_the_field_named():
     with pytest.raises(ValueError, match="final_full_epochs"):
         SpeedupSettings(epochs=3, warmup_epochs=1, final_full_epochs=3)
     with pytest.raises(ValueError, match="fraction_start"):
-        SpeedupSettings(mix_schedule="ramp")
+        SpeedupSettings(mix_schedule="ramp", fraction_start=None)
     with pytest.raises(ValueError, match="fraction_start"):
-        SpeedupSettings(fraction_start=0.5)
+        SpeedupSettings(mix_schedule="constant", fraction_start=0.5)
     with pytest.raises(ValueError, match="loss_per"):
         SpeedupSettings(loss_per="sample")
     with pytest.raises(ValueError, match="statistic"):
