@@ -82,6 +82,13 @@ def stat(key: str, scale: float = 1.0) -> Callable[[Dict[str, Any]], float]:
     return lambda stats: stats.get(key, float("nan")) * scale
 
 
+#: The columns both loader overhead tables open with: rates and CPU per source image.
+SOURCE_COLUMNS: List[Column] = [("src img/s", 10, stat("source_images_per_s")),
+                                ("comp/s", 9, stat("composites_per_s")),
+                                ("src/comp", 9, stat("source_images_per_composite")),
+                                ("CPU ms/src", 11, stat("cpu_s_per_source_image", 1e3))]
+
+
 def overhead_table(title: str, arms: Dict[str, Dict[str, Any]], columns: Sequence[Column],
                    targets: Dict[str, Any], arm_width: int = 9, digits: int = 3) -> str:
     """The loader overhead benchmarks' table: one row per arm, then one line per target.

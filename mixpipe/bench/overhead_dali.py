@@ -26,7 +26,8 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .common import machine_info, overhead_table, parse_fractions, stat, write_and_print
+from .common import (SOURCE_COLUMNS, machine_info, overhead_table, parse_fractions, stat,
+                     write_and_print)
 
 __all__ = ["add_arguments", "run", "generate_tree"]
 
@@ -236,14 +237,11 @@ def _targets(result: Dict) -> Dict[str, object]:
     return out
 
 
-_COLUMNS = [("src img/s", 10, stat("source_images_per_s")),
-            ("comp/s", 9, stat("composites_per_s")),
-            ("src/comp", 9, stat("source_images_per_composite")),
-            ("CPU ms/src", 11, stat("cpu_s_per_source_image", 1e3)),
-            ("thru/mix0", 10, stat("throughput_vs_mix0")),
-            ("CPU/mix0", 9, stat("cpu_per_image_vs_mix0")),
-            ("thru/plain", 11, stat("throughput_vs_plain")),
-            ("CPU/plain", 10, stat("cpu_per_image_vs_plain"))]
+_COLUMNS = SOURCE_COLUMNS + [
+    ("thru/mix0", 10, stat("throughput_vs_mix0")),
+    ("CPU/mix0", 9, stat("cpu_per_image_vs_mix0")),
+    ("thru/plain", 11, stat("throughput_vs_plain")),
+    ("CPU/plain", 10, stat("cpu_per_image_vs_plain"))]
 
 
 def _table(name: str, result: Dict) -> str:

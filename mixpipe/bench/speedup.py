@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from mixpipe.core.policies.mixtrain import STATISTICS
+
 __all__ = ["SpeedupSettings", "run_benchmark", "add_arguments", "run", "format_table"]
 
 POLICIES = ("none", "random", "mixtrain", "shrink", "assist", "assist+mixtrain")
@@ -101,7 +103,7 @@ class SpeedupSettings:
              "fraction_start", "set exactly when mix_schedule is 'ramp'")
         need(self.fraction_start is None or 0.0 <= self.fraction_start <= 1.0, "fraction_start",
              "in [0, 1]")
-        need(self.statistic in ("ema", "last"), "statistic", "'ema' or 'last'")
+        need(self.statistic in STATISTICS, "statistic", f"one of {STATISTICS}")
         need(self.loss_per in NORMALISATIONS, "loss_per", f"one of {NORMALISATIONS}")
         need(0 <= self.warmup_epochs < self.epochs, "warmup_epochs", "in [0, epochs)")
         need(0 <= self.final_full_epochs <= self.epochs - self.warmup_epochs,
@@ -119,6 +121,11 @@ class SpeedupSettings:
                                      and len(self.policies) == 1 and len(self.seeds) == 1),
              "server", "None, or a tcp:// URL with one policy and one seed (a server runs one "
              "policy and seed; arms otherwise get their own embedded servers)")
+
+    @property
+    def prepared_root(self) -> str:
+        """The directory the loaders read: where Fashion-MNIST is prepared, or ``--data``."""
+        return self.data_root if self.data == FASHION else self.data
 
     @property
     def grid_cells(self) -> int:
@@ -197,18 +204,16 @@ def load_data(s: SpeedupSettings, log=print):
     """(train, val, num_classes); prepares Fashion-MNIST on first use."""
     from mixpipe.data import ArrayDataset, FileListDataset, find_prepared
 
+    root = s.prepared_root
     if s.data == FASHION:
-        root = s.data_root
         arrays = [os.path.join(root, f"{split}_arrays.npz") for split in ("train", "val")]
         if not all(os.path.exists(p) for p in arrays):
             from mixpipe.data import prepare_fashion_mnist
 
             log(f"preparing Fashion-MNIST in {root} (once)")
             prepare_fashion_mnist(root, log=log)
-    else:
-        root = s.data
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"--data {root!r}: not a directory (give 'fashion-mnist' or "
+    elif not os.path.isdir(root):
+        raise FileNotFoundError(f"--data {root!r}: not a directory (give 'fashion-mnist' or "
                                     "a directory written by `mixpipe data prepare tree`)")
     prepared = find_prepared(root)
     kinds = prepared.splits.get("train", {})
@@ -305,8 +310,7 @@ def _ffcv_loader(s: SpeedupSettings, train, service):
     if s.limit is not None and s.limit < len(train.base):
         raise SystemExit("--loader ffcv reads the whole .beton: --limit subsets are "
                          "for the torch loader")
-    root = s.data_root if s.data == FASHION else s.data
-    beton = find_prepared(root).path("train", "beton")
+    beton = find_prepared(s.prepared_root).path("train", "beton")
     pipelines = {
         "image": [SimpleMixDecoder((s.image_size, s.image_size), stride=s.stride,
                                    flip_prob=0.5 if s.augment != "none" else 0.0),
@@ -579,7 +583,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loss-per", choices=NORMALISATIONS, default=d.loss_per,
                         help="divide the summed loss by real constituents or by composites "
                              "(mixpipe.train.loss)")
-    parser.add_argument("--statistic", choices=("ema", "last"), default=d.statistic,
+    parser.add_argument("--statistic", choices=STATISTICS, default=d.statistic,
                         help="mixtrain ranks samples by their loss EMA or their last loss")
     parser.add_argument("--gamma", type=float, default=d.gamma)
     parser.add_argument("--per-class", action="store_true",

@@ -30,7 +30,7 @@ from .pipeline import PipelineSettings, make_train_loader
 from .source import FixedView, RandomView
 
 __all__ = ["speedup_loader", "SpeedupEpochs", "FirstImages", "WholeImageFlip", "device_id_of",
-           "prepared_root", "warm_files"]
+           "warm_files"]
 
 #: Pipeline mean/std that turn 0..255 into 0..1, the float scale Normalize expects.
 UNIT_MEAN = (0.0, 0.0, 0.0)
@@ -94,11 +94,6 @@ def device_id_of(device: str) -> Optional[int]:
     raise ValueError(f"--device {device!r}: the DALI arm runs on 'cpu' or 'cuda[:N]'")
 
 
-def prepared_root(settings) -> str:
-    """The prepared directory the benchmark's data came from (the arrays' directory)."""
-    return settings.data_root if settings.data == "fashion-mnist" else settings.data
-
-
 def _view(augment: str):
     if augment == "none":
         return FixedView(flip=False)
@@ -111,7 +106,7 @@ def _view(augment: str):
 
 def _train_images(settings, dataset) -> FirstImages:
     """The JPEG file list of the benchmark's training samples, checked against the dataset."""
-    root = prepared_root(settings)
+    root = settings.prepared_root
     file_list = os.path.join(root, "train_files.txt")
     if not os.path.isfile(file_list):
         raise FileNotFoundError(f"--loader dali reads {file_list}, which does not exist: "
