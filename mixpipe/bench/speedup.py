@@ -59,7 +59,7 @@ class SpeedupSettings:
     layout: str = "quads"
     # mixtrain's defaults are the pilots' best on full Fashion-MNIST (benchmarks/README.md): a
     # ramp that mixes more as the losses of the easy samples settle, ranked by the last loss
-    fraction: float = 0.85
+    fraction: float = 0.80
     mix_schedule: str = "ramp"
     fraction_start: Optional[float] = 0.45
     statistic: str = "last"
