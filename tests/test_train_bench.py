@@ -109,3 +109,23 @@ def test_subset_passes_the_labels_of_its_samples_on():
     with pytest.raises(IndexError):
         sub[4]
     assert _Subset([(np.zeros(1), 0)], None).labels is None
+
+
+def test_demo_plans_follow_the_ramp_and_bound_its_docs_state():
+    """The README and mixpipe.demo quote the demo's shares (45 %, 62.5 %, 80 %) and bound (1.54x);
+    the plans the mixtrain policy makes from the demo's settings must match them."""
+    from mixpipe.demo import DEMO
+
+    n = 4000
+    ledger = Ledger(n)
+    ledger.update(0, np.arange(n), np.random.default_rng(1).random(n).astype(np.float32))
+    snap = ledger.snapshot()
+    settings = policy_settings("mixtrain", DEMO)
+    slots = [make_plan(snap, settings, seed=0, epoch=e).num_slots for e in range(DEMO.epochs)]
+    # independent reference: warm-up unmixed, then a linear ramp; a QUADS composite of 4 mixed
+    # samples is one forward input, so an epoch with share f costs n * (1 - 3f / 4) inputs
+    shares = np.r_[np.zeros(DEMO.warmup_epochs),
+                   np.linspace(DEMO.fraction_start, DEMO.fraction, DEMO.mixed_epochs)]
+    np.testing.assert_allclose(shares, [0, 0.45, 0.625, 0.80])
+    np.testing.assert_allclose(slots, n * (1 - 0.75 * shares), atol=4)
+    assert round(n * DEMO.epochs / sum(slots), 2) == 1.54
