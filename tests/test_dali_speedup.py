@@ -15,13 +15,14 @@ import torch
 pytest.importorskip("nvidia.dali")
 from PIL import Image  # noqa: E402
 
-from mixpipe.bench.speedup import SpeedupSettings, _Subset, run_benchmark  # noqa: E402
+from mixpipe.bench.speedup import SpeedupSettings, run_benchmark  # noqa: E402
 from mixpipe.core.compose import compose_slot  # noqa: E402
 from mixpipe.core.layouts import regions  # noqa: E402
 from mixpipe.core.plan import Layout  # noqa: E402
-from mixpipe.dali import speedup_loader  # noqa: E402
+from mixpipe.bench.speedup.dali_arm import speedup_loader  # noqa: E402
 from mixpipe.dali import FileList  # noqa: E402
-from mixpipe.dali.speedup import FirstImages, device_id_of, warm_files  # noqa: E402
+from mixpipe.bench.speedup.dali_arm import FirstImages, device_id_of, warm_files  # noqa: E402
+from mixpipe.data.subset import FirstN as _Subset  # noqa: E402
 from mixpipe.data import ArrayDataset, prepare_tree  # noqa: E402
 from mixpipe.server import InProcessService  # noqa: E402
 from mixpipe.train import Normalize  # noqa: E402
@@ -52,7 +53,7 @@ def prepared(tmp_path_factory):
             Image.fromarray(picture(i + 1000 * (split == "val"))).save(
                 folder / f"{i:03d}.jpg", quality=95, subsampling=0)
     out = root / "out"
-    prepare_tree(str(root / "src"), str(out), arrays=True, workers=1,
+    prepare_tree(str(root / "src"), str(out), arrays=True, workers=1, holdout=0.0,
                  log=lambda *a, **k: None)
     return str(out)
 
@@ -60,7 +61,7 @@ def prepared(tmp_path_factory):
 def settings(data: str, **kw) -> SpeedupSettings:
     base = dict(data=data, loader="dali", batch_size=BATCH, epochs=2, policies=("none",),
                 seeds=(0,), workers=0, threads=1, augment="none", layout="halves",
-                progress=False)
+                progress=False, eval_split="test")
     base.update(kw)
     base.setdefault("warmup_epochs", min(1, base["epochs"] - 1))
     return SpeedupSettings(**base)
@@ -228,7 +229,7 @@ def test_device_ids():
 
 def test_warm_files_reads_the_subset_or_nothing(prepared):
     images = FirstImages(FileList.for_split(prepared, "train"), 5)
-    sizes = [os.path.getsize(images.images.path(i)) for i in range(5)]
+    sizes = [os.path.getsize(images.path(i)) for i in range(5)]
     assert warm_files(images) == sum(sizes)
     assert warm_files(images, limit_bytes=sum(sizes) - 1) == 0  # too big to keep cached: skip
     with pytest.raises(IndexError):
@@ -239,9 +240,10 @@ def test_warm_files_reads_the_subset_or_nothing(prepared):
 def test_unfinished_run_exits_without_hanging(prepared):
     """A loader dropped mid-run (no close) must not keep the interpreter from exiting."""
     script = textwrap.dedent(f"""
-        from mixpipe.bench.speedup import SpeedupSettings, _Subset
+        from mixpipe.bench.speedup import SpeedupSettings
+        from mixpipe.data.subset import FirstN as _Subset
         from mixpipe.data import ArrayDataset
-        from mixpipe.dali import speedup_loader
+        from mixpipe.bench.speedup.dali_arm import speedup_loader
 
         if __name__ == "__main__":
             s = SpeedupSettings(data={prepared!r}, loader="dali", batch_size=8, epochs=3,
@@ -263,7 +265,7 @@ def test_benchmark_runs_the_dali_arm(prepared):
     try:
         payload = run_benchmark(settings(prepared, epochs=2, policies=("none", "mixtrain"),
                                          layout="quads", model="resnet-tiny", workers=1,
-                                         batch_size=16, val_limit=None),
+                                         batch_size=16, eval_limit=None),
                                 out=None, log=lambda *a, **k: None)
     finally:
         torch.set_num_threads(threads)
@@ -272,5 +274,5 @@ def test_benchmark_runs_the_dali_arm(prepared):
     assert none["forward_inputs_per_epoch"] == [N_TRAIN, N_TRAIN]
     assert mix["forward_inputs_per_epoch"][0] == N_TRAIN  # warm-up epoch: no mixing
     assert mix["forward_inputs_per_epoch"][1] < N_TRAIN
-    assert mix["bound"] > 1.0
+    assert mix["speedup_bound"] > 1.0
     assert not multiprocessing.active_children()  # every arm closed its workers

@@ -20,8 +20,11 @@ from mixpipe.data import ArrayDataset, DataError, FileListDataset, find_prepared
 SRC = "/usr/share/datasets/fashion-mnist"
 NAMES = ["T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
          "Bag", "Ankle_boot"]
-LIMITS = {"train": 200, "val": 100}
-PREFIX = {"train": "train", "val": "t10k"}
+#: source images read (the prepared train and val splits share the first 200 training images)
+LIMITS = {"train": 200, "test": 100}
+PREFIX = {"train": "train", "test": "t10k"}
+SOURCE = {"train": "train", "val": "train", "test": "test"}
+HELD = 21  # 10 % of each class's count among the first 200 (rounded), see the hold-out test
 # JPEG at quality 95 of these images: pillow's round trip stays within 10 grey levels, FFCV's
 # OpenCV encoder within ~26 at the sharpest edges; the mean error is about 1.5.
 MAX_ERR, MEAN_ERR = 40, 3.0
@@ -38,7 +41,8 @@ def idx_array(path: str) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
-def reference(split: str):
+def source(split: str):
+    """The padded RGB images and labels of an IDX source, computed here from the files."""
     n = LIMITS[split]
     gray = idx_array(f"{SRC}/{PREFIX[split]}-images-idx3-ubyte.gz")[:n]
     labels = idx_array(f"{SRC}/{PREFIX[split]}-labels-idx1-ubyte.gz")[:n].astype(np.int64)
@@ -48,9 +52,23 @@ def reference(split: str):
     return rgb, labels
 
 
+def rows_of(prepared, split: str) -> np.ndarray:
+    """The source rows a prepared split holds, read from its file names (``<row:06d>.jpg``)."""
+    lines = (prepared / f"{split}_files.txt").read_text().splitlines()
+    return np.asarray([int(line.split(" ")[0].rsplit("/", 1)[1][:6]) for line in lines])
+
+
+def reference(split: str, prepared=None):
+    rgb, labels = source(SOURCE[split])
+    if split == "test":
+        return rgb, labels
+    rows = rows_of(prepared, split)
+    return rgb[rows], labels[rows]
+
+
 def prepare(out, *extra, src=SRC):
     return main(["data", "prepare", "fashion-mnist", "--out", str(out), "--src", str(src),
-                 "--limit", str(LIMITS["train"]), "--val-limit", str(LIMITS["val"]),
+                 "--limit", str(LIMITS["train"]), "--test-limit", str(LIMITS["test"]),
                  "--workers", "1", *extra])
 
 
@@ -92,12 +110,26 @@ def prepared(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("split", ["train", "val"])
+def test_holdout_is_a_stratified_disjoint_part_of_the_training_images(prepared):
+    train, val = rows_of(prepared, "train"), rows_of(prepared, "val")
+    assert len(val) == HELD and len(train) == LIMITS["train"] - HELD
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(LIMITS["train"]))
+    labels = source("train")[1]
+    # every class keeps its share on both sides: 10 % of its images, rounded, at least one
+    counts = np.bincount(labels, minlength=10)
+    expected = [min(max(round(0.1 * c), 1), c - 1) for c in counts]
+    assert np.bincount(labels[val], minlength=10).tolist() == expected
+    assert sum(expected) == HELD
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(val) > 0)  # dataset order kept
+
+
+@pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_every_form_in_dataset_order(prepared, split):
-    rgb, labels = reference(split)
+    rgb, labels = reference(split, prepared)
     # File list: line i names sample i, in its class folder, with its label.
     lines = (prepared / f"{split}_files.txt").read_text().splitlines()
-    assert lines == [f"{split}/{NAMES[y]}/{i:06d}.jpg {y}" for i, y in enumerate(labels)]
+    rows = rows_of(prepared, split) if split != "test" else range(len(labels))
+    assert lines == [f"{split}/{NAMES[y]}/{i:06d}.jpg {y}" for i, y in zip(rows, labels)]
     # Arrays: the exact padded pixels (before JPEG).
     with np.load(prepared / f"{split}_arrays.npz") as z:
         assert z["images"].dtype == np.uint8 and z["labels"].dtype == np.int64
@@ -118,10 +150,10 @@ def test_every_form_in_dataset_order(prepared, split):
 
 
 def test_datasets(prepared):
-    rgb, labels = reference("train")
+    rgb, labels = reference("train", prepared)
     arrays, files = ArrayDataset(prepared, "train"), FileListDataset(prepared, "train")
     for ds in (arrays, files):
-        assert len(ds) == LIMITS["train"] and ds.num_classes == 10
+        assert len(ds) == LIMITS["train"] - HELD and ds.num_classes == 10
         np.testing.assert_array_equal(ds.labels, labels)
         assert ds.labels.dtype == np.int64
     for i in (0, 57, len(labels) - 1):
@@ -131,9 +163,11 @@ def test_datasets(prepared):
         image, label = files[i]
         assert image.dtype == np.uint8 and image.shape == (32, 32, 3) and label == labels[i]
         close_to(image, rgb[i])
-    found = find_prepared(prepared)
-    assert found.samples == LIMITS and list(found.classes) == NAMES
-    assert set(found.splits["val"]) == {"images", "files", "arrays", "beton"}
+    found = find_prepared(prepared, ("train", "val", "test"))
+    assert found.samples == {"train": LIMITS["train"] - HELD, "val": HELD, "test": LIMITS["test"]}
+    assert list(found.classes) == NAMES
+    for split in ("train", "val", "test"):
+        assert set(found.splits[split]) == {"images", "files", "arrays", "beton"}
 
 
 @pytest.fixture
@@ -149,11 +183,12 @@ def test_rerun_skips_everything(copy, capsys):
     assert prepare(copy) == 0
     assert mtimes(copy) == before
     log = capsys.readouterr().out
-    assert log.count("skip ") == 9 and "write " not in log
+    assert log.count("skip ") == 13 and "write " not in log
 
 
 def test_missing_jpeg_is_redone(copy, capsys):
-    victim = copy / "train/Ankle_boot/000000.jpg"
+    victim = copy / ("train/" + (copy / "train_files.txt").read_text().split(" ")[0]
+                     .split("/", 1)[1])
     content = victim.read_bytes()
     victim.unlink()
     with pytest.raises(DataError, match="content changed"):
@@ -169,16 +204,16 @@ def test_missing_jpeg_is_redone(copy, capsys):
 
 
 def test_truncated_npz_is_redone(copy):
-    path = copy / "val_arrays.npz"
+    path = copy / "test_arrays.npz"
     size = path.stat().st_size
     with open(path, "r+b") as f:
         f.truncate(size // 2)
     with pytest.raises(DataError, match="cannot be used"):
-        ArrayDataset(copy, "val")
-    assert "arrays" not in find_prepared(copy).splits["val"]
+        ArrayDataset(copy, "test")
+    assert "arrays" not in find_prepared(copy, ("test",)).splits["test"]
     assert prepare(copy) == 0
     assert path.stat().st_size == size
-    np.testing.assert_array_equal(ArrayDataset(copy, "val").images, reference("val")[0])
+    np.testing.assert_array_equal(ArrayDataset(copy, "test").images, reference("test")[0])
 
 
 def test_leftover_temp_dir_is_redone(copy):
@@ -193,7 +228,7 @@ def test_leftover_temp_dir_is_redone(copy):
     after = mtimes(copy)
     assert after["val_files.txt"] != before["val_files.txt"]
     assert after["val_arrays.npz"] == before["val_arrays.npz"]
-    assert len(FileListDataset(copy, "val")) == LIMITS["val"]
+    assert len(FileListDataset(copy, "val")) == HELD
 
 
 def test_failed_build_leaves_no_usable_artifact(copy, monkeypatch):
@@ -214,7 +249,8 @@ def test_failed_build_leaves_no_usable_artifact(copy, monkeypatch):
         ArrayDataset(copy, "train")
     monkeypatch.undo()
     assert prepare(copy) == 0
-    np.testing.assert_array_equal(ArrayDataset(copy, "train").labels, reference("train")[1])
+    np.testing.assert_array_equal(ArrayDataset(copy, "train").labels,
+                                  reference("train", copy)[1])
 
 
 def test_new_quality_redoes_only_the_jpegs(copy, capsys):
@@ -280,4 +316,5 @@ def test_verify_catches_same_size_damage(copy, capsys, monkeypatch):
     assert "write train_arrays.npz" not in capsys.readouterr().out
     assert prepare(copy, "--verify") == 0
     assert "write train_arrays.npz: its content changed" in capsys.readouterr().out
-    np.testing.assert_array_equal(ArrayDataset(copy, "train").images, reference("train")[0])
+    np.testing.assert_array_equal(ArrayDataset(copy, "train").images,
+                                  reference("train", copy)[0])

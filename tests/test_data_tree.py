@@ -55,19 +55,25 @@ def src(tmp_path):
 
 
 def run_tree(src, out, *extra):
+    """Prepare without a hold-out, so the train split is SRC/train itself (the hold-out has its
+    own test)."""
     return main(["data", "prepare", "tree", "--src", str(src), "--out", str(out), "--workers",
-                 "1", *extra])
+                 "1", "--holdout", "0", *extra])
+
+
+#: prepared split -> the source folder it comes from (SRC/val is the test split)
+SOURCE_OF = {"train": "train", "test": "val"}
 
 
 def test_file_lists_and_decoding(src, tmp_path):
     out = tmp_path / "out"
     assert run_tree(src, out) == 0
     assert (out / "classes.txt").read_text().splitlines() == CLASSES
-    for split in ("train", "val"):
-        rel, labels = expected(src, split)
+    for split, source in SOURCE_OF.items():
+        rel, labels = expected(src, source)
         lines = (out / f"{split}_files.txt").read_text().splitlines()
-        assert lines == [f"{r} {y}" for r, y in zip(rel, labels)]
-        assert os.path.realpath(out / split) == os.path.realpath(src / split)
+        assert lines == [f"{split}/{r.split('/', 1)[1]} {y}" for r, y in zip(rel, labels)]
+        assert os.path.realpath(out / split) == os.path.realpath(src / source)
         ds = FileListDataset(out, split)
         np.testing.assert_array_equal(ds.labels, labels)
         assert ds.num_classes == 3
@@ -78,12 +84,33 @@ def test_file_lists_and_decoding(src, tmp_path):
             assert image.dtype == np.uint8 and image.ndim == 3 and label == labels[i]
             np.testing.assert_array_equal(image, reference)
     assert not (out / "train_arrays.npz").exists() and not (out / "train.beton").exists()
+    assert not (out / "val_files.txt").exists()  # --holdout 0
+
+
+def test_holdout_is_carved_from_train_and_src_val_is_test(src, tmp_path):
+    out = tmp_path / "out"
+    prepare_tree(src, out, log=lambda _: None)  # default hold-out: 10 %, seed 0
+    rel, labels = expected(src, "train")
+    train = (out / "train_files.txt").read_text().splitlines()
+    val = (out / "val_files.txt").read_text().splitlines()
+    names = sorted(line.rsplit(" ", 1)[0].split("/", 1)[1] for line in train + val)
+    assert names == sorted(r.split("/", 1)[1] for r in rel)  # disjoint and complete
+    held = [line.rsplit(" ", 1)[0].split("/")[1] for line in val]
+    # ant (3 images) and dog (2) give one each; cat has a single image and keeps it
+    assert sorted(held) == ["ant", "dog"]
+    assert os.path.realpath(out / "val") == os.path.realpath(src / "train")
+    for line in val:  # the val split reads its images through its own link
+        path, label = line.rsplit(" ", 1)
+        image, got = FileListDataset(out, "val")[val.index(line)]
+        assert got == int(label) and image.shape[2] == 3
+        assert (out / path).is_file()
+    assert len(FileListDataset(out, "test")) == len(expected(src, "val")[0])
 
 
 def test_dali_reads_the_file_list(src, tmp_path):
     dali = pytest.importorskip("nvidia.dali")
     out = tmp_path / "out"
-    prepare_tree(src, out, log=lambda _: None)
+    prepare_tree(src, out, holdout=0.0, log=lambda _: None)
     rel, labels = expected(src, "train")
 
     @dali.pipeline_def(batch_size=len(rel), num_threads=1, device_id=None)
@@ -105,7 +132,8 @@ def test_arrays_need_one_size(src, tmp_path):
     with pytest.raises(DataError, match="--array-size"):
         prepare_tree(src, tmp_path / "out", arrays=True, log=lambda _: None)
     assert "arrays" not in find_prepared(tmp_path / "out").splits.get("train", {})
-    prepare_tree(src, tmp_path / "out", arrays=True, array_size=8, log=lambda _: None)
+    prepare_tree(src, tmp_path / "out", arrays=True, array_size=8, holdout=0.0,
+                 log=lambda _: None)
     ds = ArrayDataset(tmp_path / "out", "train")
     rel, labels = expected(src, "train")
     assert ds.images.shape == (len(rel), 8, 8, 3)
@@ -117,7 +145,7 @@ def test_arrays_need_one_size(src, tmp_path):
     val = tmp_path / "val_only"
     make_tree(val, {"val": VAL})
     prepare_tree(val, tmp_path / "out2", arrays=True, log=lambda _: None)
-    assert ArrayDataset(tmp_path / "out2", "val").images.shape == (2, 10, 10, 3)
+    assert ArrayDataset(tmp_path / "out2", "test").images.shape == (2, 10, 10, 3)
 
 
 def test_beton_with_max_side(src, tmp_path):
@@ -125,7 +153,7 @@ def test_beton_with_max_side(src, tmp_path):
     from ffcv.reader import Reader
 
     out = tmp_path / "out"
-    prepare_tree(src, out, beton=True, max_side=16, log=lambda _: None)
+    prepare_tree(src, out, beton=True, max_side=16, holdout=0.0, log=lambda _: None)
     rel, labels = expected(src, "train")
     reader = Reader(str(out / "train.beton"))
     np.testing.assert_array_equal(np.asarray(reader.metadata["f1"]), labels)

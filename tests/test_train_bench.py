@@ -2,8 +2,10 @@
 import numpy as np
 import pytest
 
-from mixpipe.bench.speedup import SpeedupSettings, format_table, policy_settings, summarise, \
+from mixpipe.bench.speedup import SpeedupSettings, format_table, summarise, targets, \
     time_to_reach
+from mixpipe.bench.speedup.settings import arm_policy as policy_settings
+from mixpipe.bench.speedup.settings import budget_epochs, run_epochs
 from mixpipe.core.ledger import Ledger
 from mixpipe.core.policies import make_plan
 
@@ -31,14 +33,76 @@ def test_summary_ratios_are_taken_seed_by_seed():
     summary = summarise(s, runs, num_samples=100)
     mix = summary["mixtrain"]
     assert mix["speedup"] == pytest.approx(np.mean([20 / 15, 40 / 40]))
-    assert mix["bound"] == pytest.approx(np.mean([200 / 150, 1.0]))
-    assert mix["bound_efficiency"] == pytest.approx(mix["speedup"] / mix["bound"])
-    assert mix["top1_delta_pts"] == pytest.approx(np.mean([-2.0, 2.0]))
+    assert mix["speedup_per_seed"] == pytest.approx({0: 20 / 15, 1: 1.0})
+    assert mix["speedup_bound"] == pytest.approx(np.mean([200 / 150, 1.0]))
+    assert mix["bound_efficiency"] == pytest.approx(mix["speedup"] / mix["speedup_bound"])
+    assert mix["delta_vs_none"] == pytest.approx(np.mean([-2.0, 2.0]))
+    assert mix["delta_vs_none_per_seed"] == pytest.approx({0: -2.0, 1: 2.0})
+    assert mix["final_top1_per_seed"] == {0: 0.88, 1: 0.92}
     assert mix["reached_baseline"] == 1  # seed 0 never reached 0.9, seed 1 did at 40 s
     assert mix["time_to_baseline_top1"] == pytest.approx(40)
     assert summary["none"]["speedup"] == pytest.approx(1.0)
     table = format_table(s, summary)
     assert "mixtrain" in table and "1.17x" in table
+
+
+def test_budget_deltas_and_targets_are_taken_seed_by_seed():
+    s = SpeedupSettings(epochs=2, policies=("none", "budget", "random", "mixtrain"),
+                        seeds=(0, 1, 2))
+    top = {"none": [0.930, 0.931, 0.929], "budget": [0.925, 0.926, 0.930],
+           "random": [0.910, 0.912, 0.935], "mixtrain": [0.929, 0.930, 0.931]}
+    runs = [_history(arm, seed, [10, 10 if arm == "none" else 5.5], [100, 100 if arm == "none"
+                                                                     else 80], [0.5, t])
+            for seed in range(3) for arm, tops in top.items() for t in [tops[seed]]]
+    summary = summarise(s, runs, num_samples=100)
+    mix = summary["mixtrain"]
+    assert mix["delta_vs_budget_per_seed"] == pytest.approx({0: 0.4, 1: 0.4, 2: 0.1})
+    assert mix["delta_vs_budget"] == pytest.approx(0.3)
+    assert mix["seeds_at_or_above_budget"] == 3
+    assert summary["budget"]["delta_vs_budget"] == pytest.approx(0.0)
+    met = targets(s, summary)
+    assert met["mixtrain_vs_budget"]["met"] is True
+    assert met["mixtrain_beats_random"]["seeds_won"] == 2
+    assert met["mixtrain_beats_random"]["met"] is False  # seed 2: random 93.5 > 93.1
+    assert met["mixtrain_vs_none"]["met"] is False  # bound 200 / 180 = 1.11x < 1.6x
+    assert "Δ vs budget" in format_table(s, summary)
+
+
+@pytest.mark.parametrize("schedule", [
+    dict(epochs=20),
+    dict(epochs=7, fraction=0.6, mix_schedule="constant", fraction_start=None),
+    dict(epochs=5, layout="halves", fraction_start=0.2, fraction=0.9, final_full_epochs=1)])
+def test_budget_arm_trains_on_mixtrains_forward_inputs(schedule):
+    """Independent count: the mixtrain policy's real plans, epoch by epoch, against the budget
+    arm's real plans (whole epochs and the partial last one)."""
+    n = 997
+    s = SpeedupSettings(**schedule)
+    ledger = Ledger(n)
+    ledger.update(0, np.arange(n), np.random.default_rng(0).random(n).astype(np.float32))
+    snap = ledger.snapshot()
+    mixtrain = sum(make_plan(snap, policy_settings("mixtrain", s), 0, e).num_forward_inputs
+                   for e in range(s.epochs))
+    assert budget_epochs(s, n) == pytest.approx(mixtrain / n)
+    budget = policy_settings("budget", s, n)
+    epochs = run_epochs("budget", s, n)
+    assert epochs == int(np.ceil(mixtrain / n)) <= s.epochs
+    inputs = [make_plan(snap, budget, 0, e).num_forward_inputs for e in range(epochs)]
+    assert sum(inputs) == mixtrain  # to the sample: a partial last epoch, not rounding
+    assert 0 < inputs[-1] < n or mixtrain % n == 0
+
+
+def test_frontier_arms_train_fractions_of_the_run():
+    from mixpipe.bench.speedup.settings import arm_names
+
+    s = SpeedupSettings(epochs=10, policies=("none", "mixtrain"), frontier=(0.4, 0.55, 1.0))
+    assert arm_names(s) == ["none", "mixtrain", "none@0.4", "none@0.55"]  # 1.0 is none itself
+    n = 200
+    snap = Ledger(n).snapshot()
+    for arm, want in (("none@0.4", 4 * n), ("none@0.55", 5.5 * n)):
+        settings = policy_settings(arm, s, n)
+        got = sum(make_plan(snap, settings, 1, e).num_forward_inputs
+                  for e in range(run_epochs(arm, s, n)))
+        assert got == want
 
 
 @pytest.mark.parametrize("schedule", [
@@ -92,7 +156,7 @@ def test_a_ramp_runs_over_the_mixed_epochs_from_start_to_end():
 
 
 def test_subset_passes_the_labels_of_its_samples_on():
-    from mixpipe.bench.speedup import _Subset
+    from mixpipe.data.subset import FirstN as _Subset
 
     class Base:
         labels = np.arange(10) % 3

@@ -99,7 +99,7 @@ def _speedup_settings(s: LocalBenchSettings):
 
     return SpeedupSettings(model=s.model, epochs=s.epochs, policies=("none",), seeds=s.seeds,
                            batch_size=s.batch_size, lr=s.lr, momentum=s.momentum,
-                           weight_decay=s.weight_decay, limit=s.limit, val_limit=s.val_limit,
+                           weight_decay=s.weight_decay, limit=s.limit, eval_limit=s.val_limit,
                            data_root=s.data_root, augment="flip", channels_last=True,
                            warmup_epochs=0, progress=s.progress)
 
@@ -203,7 +203,7 @@ def make_arm(s: LocalBenchSettings, arm: str, seed: int, train, num_classes: int
     the seeded initial weights do not depend on thread timing."""
     import torch
 
-    from mixpipe.bench.speedup import make_loader, policy_settings
+    from mixpipe.bench.speedup import arm_policy, make_loader
     from mixpipe.server import InProcessService
     from mixpipe.train import build_model
 
@@ -212,7 +212,7 @@ def make_arm(s: LocalBenchSettings, arm: str, seed: int, train, num_classes: int
     model = build_model(s.model, num_classes)
     optimizer = _optimizer(model, s)
     local = _local(arm, model, optimizer, s)
-    service = InProcessService(len(train), policy=policy_settings("none", ss), seed=seed)
+    service = InProcessService(len(train), policy=arm_policy("none", ss), seed=seed)
     return {"arm": arm, "seed": seed, "model": model, "optimizer": optimizer, "local": local,
             "service": service, "loader": make_loader(ss, train, service, seed)}
 

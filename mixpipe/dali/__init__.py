@@ -24,10 +24,9 @@ from .ops import (MixInputs, compose, constituent_bytes, constituent_geometry, d
                   plan_inputs)
 from .plans import PlanBoard, PlanNotPublished, epoch_walk
 from .source import META_FIELDS, FixedView, PlanSource, RandomView, image_size, unpack_meta
-from .speedup import speedup_loader
 
 __all__ = ["EncodedImages", "FileList", "InMemoryImages", "ListedFiles", "read_file_list",
            "OUTPUT_NAMES", "FixedPlans", "MixIterator", "close_pipeline", "MixInputs", "compose",
            "decode_view", "mix", "plan_inputs", "PlanBoard", "PlanNotPublished", "epoch_walk",
            "FixedView", "PlanSource", "RandomView", "image_size", "constituent_bytes",
-           "constituent_geometry", "META_FIELDS", "unpack_meta", "speedup_loader"]
+           "constituent_geometry", "META_FIELDS", "unpack_meta"]

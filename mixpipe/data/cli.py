@@ -15,6 +15,7 @@ import sys
 
 from .errors import DataError
 from .fashion_mnist import DEFAULT_ROOT
+from .holdout import DEFAULT_FRACTION, DEFAULT_SEED
 
 __all__ = ["add_arguments", "run"]
 
@@ -25,6 +26,11 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="JPEG quality 1..100 for written JPEGs and the .beton (default 95)")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: all CPU cores)")
+    p.add_argument("--holdout", type=float, default=DEFAULT_FRACTION,
+                   help="share of the training split held out, stratified and seeded, as the "
+                        "'val' split where settings are chosen (default %(default)s; 0: none)")
+    p.add_argument("--holdout-seed", type=int, default=DEFAULT_SEED,
+                   help="seed of the hold-out (default %(default)s)")
     p.add_argument("--verify", action="store_true",
                    help="hash every large artifact to check it (default: sizes and headers)")
 
@@ -36,18 +42,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sources = parser.add_subparsers(dest="source", metavar="SOURCE")
     sources.required = True
     fm = sources.add_parser("fashion-mnist", help="Fashion-MNIST from the Debian package "
-                            "dataset-fashion-mnist (train 60k, val = the 10k test set)")
+                            "dataset-fashion-mnist (train 54k, val 6k held out of train, test = the 10k test set)")
     fm.add_argument("--src", default=DEFAULT_ROOT,
                     help=f"folder with the four *-ubyte.gz files (default {DEFAULT_ROOT})")
     fm.add_argument("--limit", type=int, default=None,
-                    help="keep only the first N samples of each split")
-    fm.add_argument("--val-limit", type=int, default=None,
-                    help="keep only the first N val samples (default: --limit)")
+                    help="keep only the first N training images (before the hold-out) and the "
+                         "first N test images")
+    fm.add_argument("--test-limit", type=int, default=None,
+                    help="keep only the first N test images (default: --limit)")
     fm.add_argument("--no-beton", dest="beton", action="store_false",
                     help="skip the FFCV .beton files")
     _common(fm)
     tree = sources.add_parser("tree", help="a class-folder tree SRC/{train,val}/<class>/<image> "
-                              "(ImageNet layout); images are linked, not copied")
+                              "(ImageNet layout; SRC/val becomes the test split); images are linked, not copied")
     tree.add_argument("--src", required=True, help="root of the class-folder tree")
     tree.add_argument("--beton", action="store_true", help="also write FFCV .beton files")
     tree.add_argument("--max-side", type=int, default=None,
@@ -65,12 +72,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.source == "fashion-mnist":
             paths = prepare_fashion_mnist(args.out, args.limit, args.beton, args.quality,
-                                          src=args.src, val_limit=args.val_limit,
+                                          src=args.src, test_limit=args.test_limit,
+                                          holdout=args.holdout, holdout_seed=args.holdout_seed,
                                           workers=args.workers, verify=args.verify)
         else:
             paths = prepare_tree(args.src, args.out, beton=args.beton, max_side=args.max_side,
                                  quality=args.quality, arrays=args.arrays,
-                                 array_size=args.array_size, workers=args.workers,
+                                 array_size=args.array_size, holdout=args.holdout,
+                                 holdout_seed=args.holdout_seed, workers=args.workers,
                                  verify=args.verify)
     except DataError as err:
         print(f"mixpipe data prepare: error: {err}", file=sys.stderr)

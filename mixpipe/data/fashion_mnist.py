@@ -21,8 +21,9 @@ DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 #: Label i is CLASSES[i]; names are safe as folder names (no spaces or slashes).
 CLASSES = ("T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
            "Bag", "Ankle_boot")
-#: Our split name -> the IDX file prefix; the official test set serves as the validation split.
-SPLIT_FILES = {"train": "train", "val": "t10k"}
+#: The package's two IDX sources -> their file prefix. The prepared ``val`` split is carved from
+#: ``train`` (:mod:`mixpipe.data.holdout`); ``test`` is the official test set, kept for the record.
+SPLIT_FILES = {"train": "train", "test": "t10k"}
 PAD = 2
 
 

@@ -1,11 +1,15 @@
 """Turn a source dataset into the prepared layout every mixpipe loader reads.
 
-Layout (``OUT`` is the output directory; line / row / record i is sample id i everywhere):
+Splits: ``train``, ``val`` (a stratified, seeded hold-out carved from the training images, where
+every setting is chosen) and ``test`` (the source's own test / validation set, scored once for the
+record). Layout (``OUT`` is the output directory; line / row / record i is sample id i
+everywhere):
 
 - ``OUT/classes.txt``: class name of label i on line i.
-- ``OUT/<split>/<class>/<file>``: the images. Fashion-MNIST: ``<index:06d>.jpg`` written here.
-  A user tree: ``OUT/<split>`` is a symlink to ``SRC/<split>`` (nothing copied; the user's files
-  keep their names), so one ``file_root=OUT`` serves every split.
+- ``OUT/<split>/<class>/<file>``: the images. Fashion-MNIST: ``<source row:06d>.jpg`` written
+  here. A user tree: ``OUT/train`` and ``OUT/val`` link to ``SRC/train``, ``OUT/test`` to
+  ``SRC/val`` (nothing copied; the user's files keep their names), so one ``file_root=OUT``
+  serves every split.
 - ``OUT/<split>_files.txt``: ``<split>/<class>/<file> <label>``, relative to ``OUT``: DALI's
   ``fn.readers.file(file_root=OUT, file_list=OUT/<split>_files.txt)`` reads it as is.
 - ``OUT/<split>_arrays.npz``: ``images`` uint8[N, H, W, 3], ``labels`` int64[N]. For
@@ -22,6 +26,7 @@ import numpy as np
 from . import fashion_mnist as fm
 from .artifacts import Artifact, OutputDir
 from .errors import DataError
+from .holdout import DEFAULT_FRACTION, DEFAULT_SEED, stratified_holdout
 from .tree import SplitListing, scan_tree
 from .writers import (check_arrays, check_beton, ffcv_available, iter_chunks, load_rgb,
                       parallel_map, write_arrays, write_beton, write_file_list, write_jpegs)
@@ -124,18 +129,23 @@ def _optional(target: OutputDir, wanted: bool, art: Artifact) -> None:
         target.discard(art.name, art.relpath, art.recipe)
 
 
-def _fashion_split(target: OutputDir, src: str, split: str, labels: np.ndarray,
-                   source: Dict[str, Any], quality: int, beton: bool, workers: int) -> None:
-    n = len(labels)
+def _fashion_split(target: OutputDir, src: str, source_split: str, split: str,
+                   rows: np.ndarray, labels: np.ndarray, source: Dict[str, Any], quality: int,
+                   beton: bool, workers: int) -> None:
+    """Write prepared ``split``: the ``rows`` of IDX source ``source_split`` (files keep the
+    source row in their name, so a hold-out image can be traced back)."""
+    n = len(rows)
+    labels = labels[rows]
     cache: Dict[str, np.ndarray] = {}
 
     def rgb() -> np.ndarray:
         """The padded RGB images, read from the IDX file only if some artifact needs them."""
         if "rgb" not in cache:
-            cache["rgb"] = fm.pad_to_rgb(fm.load_split(src, split, n)[0])
+            upto = int(rows[-1]) + 1 if n else 0
+            cache["rgb"] = fm.pad_to_rgb(fm.load_split(src, source_split, upto)[0][rows])
         return cache["rgb"]
 
-    names = [f"{fm.CLASSES[label]}/{i:06d}.jpg" for i, label in enumerate(labels)]
+    names = [f"{fm.CLASSES[label]}/{int(i):06d}.jpg" for i, label in zip(rows, labels)]
     rel = artifact_paths(target.root, split)
     target.ensure(Artifact(
         f"{split}.images", rel["images"], {**source, "quality": quality, "pad": fm.PAD},
@@ -153,38 +163,49 @@ def _fashion_split(target: OutputDir, src: str, split: str, labels: np.ndarray,
 
 def prepare_fashion_mnist(out: str, limit: Optional[int] = None, beton: bool = True,
                           quality: int = 95, *, src: str = fm.DEFAULT_ROOT,
-                          val_limit: Optional[int] = None, workers: Optional[int] = None,
-                          verify: bool = False, log: Log = print) -> Dict[str, str]:
-    """Write Fashion-MNIST (train = 60k, val = the 10k test set) into ``out``; see the module
-    docstring for the layout. ``limit`` keeps the first N samples of each split (``val_limit``
-    overrides it for val). Returns the paths written, keyed ``train``, ``train_files``, ...
-    Complete artifacts from an earlier run with the same settings are kept as they are."""
+                          test_limit: Optional[int] = None,
+                          holdout: float = DEFAULT_FRACTION, holdout_seed: int = DEFAULT_SEED,
+                          workers: Optional[int] = None, verify: bool = False,
+                          log: Log = print) -> Dict[str, str]:
+    """Write Fashion-MNIST into ``out`` as three splits: ``train`` and ``val`` (a stratified,
+    seeded ``holdout`` share of the 60k training images) and ``test`` (the official 10k); see the
+    module docstring for the layout. ``limit`` keeps the first N training images before the
+    hold-out is carved, ``test_limit`` the first N test images (default: ``limit``). Returns the
+    paths written, keyed ``train``, ``train_files``, ... Complete artifacts from an earlier run
+    with the same settings are kept as they are."""
     _positive("limit", limit)
-    _positive("val_limit", val_limit)
+    _positive("test_limit", test_limit)
     _positive("quality", quality, 1, 100)
     workers = _workers(workers)
     out = os.path.abspath(out)
-    limits = {"train": limit, "val": val_limit if val_limit is not None else limit}
+    limits = {"train": limit, "test": test_limit if test_limit is not None else limit}
     want_beton = beton and ffcv_available()
     if beton and not want_beton:
         log("note: ffcv is not importable, so no .beton is written "
             "(pip install --no-build-isolation ffcv==1.0.2)")
-    splits = list(fm.SPLIT_FILES)
     # Read and check the sources before touching the output, so bad input leaves nothing.
-    sources = {}
-    for split in splits:
-        files = fm.source_files(src, split)
-        labels = fm.load_labels(src, split)[:limits[split]]
-        sources[split] = labels, {
-            "dataset": "fashion-mnist", "split": split, "samples": len(labels),
-            "files": {os.path.basename(p): [os.path.getsize(p), os.stat(p).st_mtime_ns]
-                      for p in files.values()}}
+    parts = []  # (source split, prepared split, rows, all labels, recipe)
+    for source_split in fm.SPLIT_FILES:
+        files = fm.source_files(src, source_split)
+        labels = fm.load_labels(src, source_split)[:limits[source_split]]
+        recipe = {"dataset": "fashion-mnist", "source_split": source_split,
+                  "files": {os.path.basename(p): [os.path.getsize(p), os.stat(p).st_mtime_ns]
+                            for p in files.values()}}
+        if source_split == "train":
+            keep, held = stratified_holdout(labels, holdout, holdout_seed)
+            carve = {"holdout": holdout, "holdout_seed": holdout_seed}
+            parts.append((source_split, "train", keep, labels, {**recipe, **carve}))
+            if held.size:
+                parts.append((source_split, "val", held, labels, {**recipe, **carve}))
+        else:
+            parts.append((source_split, "test", np.arange(len(labels)), labels, recipe))
     with OutputDir(out, verify=verify, log=log) as target:
         target.ensure(_classes_artifact(fm.CLASSES))
-        for split in splits:
-            labels, source = sources[split]
-            _fashion_split(target, src, split, labels, source, quality, want_beton, workers)
-    return _result(out, splits)
+        for source_split, split, rows, labels, recipe in parts:
+            recipe = {**recipe, "split": split, "samples": len(rows)}
+            _fashion_split(target, src, source_split, split, rows, labels, recipe, quality,
+                           want_beton, workers)
+    return _result(out, [split for _, split, *_ in parts])
 
 
 def _decode_chunk(job: Tuple[List[str], Optional[Tuple[int, int]]]) -> List[np.ndarray]:
@@ -214,23 +235,26 @@ def _check_disjoint(src: str, out: str) -> None:
                         "the output must be a separate directory")
 
 
-def _tree_split(target: OutputDir, root: str, classes: Sequence[str], part: SplitListing, *,
-                beton: bool, max_side: Optional[int], quality: int, arrays: bool,
-                array_size: Optional[int], workers: int) -> None:
-    split = part.split
-    labels = np.asarray(part.labels, dtype=np.int64)
+def _tree_split(target: OutputDir, root: str, classes: Sequence[str], part: SplitListing,
+                split: str, rows: np.ndarray, carve: Dict[str, Any], *, beton: bool,
+                max_side: Optional[int], quality: int, arrays: bool, array_size: Optional[int],
+                workers: int) -> None:
+    """Write prepared ``split`` from the ``rows`` of source split ``part``: ``OUT/<split>``
+    links to ``SRC/<part.split>`` and the file list names the chosen images through it."""
+    relpaths = [part.relpaths[i] for i in rows]
+    labels = np.asarray(part.labels, dtype=np.int64)[rows]
     n = len(labels)
-    split_dir = os.path.realpath(os.path.join(root, split))
-    source = {"dataset": "tree", "split": split, "src": split_dir,
-              "fingerprint": part.fingerprint, "samples": n, "classes": list(classes)}
-    paths = [os.path.join(split_dir, r) for r in part.relpaths]
+    split_dir = os.path.realpath(os.path.join(root, part.split))
+    source = {"dataset": "tree", "split": split, "source_split": part.split, "src": split_dir,
+              "fingerprint": part.fingerprint, "samples": n, "classes": list(classes), **carve}
+    paths = [os.path.join(split_dir, r) for r in relpaths]
     rel = artifact_paths(target.root, split)
-    target.ensure(Artifact(f"{split}.images", rel["images"], source,
+    target.ensure(Artifact(f"{split}.images", rel["images"],
+                           {k: v for k, v in source.items() if k not in carve},
                            _build(lambda p: os.symlink(split_dir, p), n)))
     target.ensure(Artifact(
         f"{split}.files", rel["files"], source,
-        _build(lambda p: write_file_list(p, [f"{split}/{r}" for r in part.relpaths], labels),
-               n)))
+        _build(lambda p: write_file_list(p, [f"{split}/{r}" for r in relpaths], labels), n)))
     _optional(target, arrays, Artifact(
         f"{split}.arrays", rel["arrays"], {**source, "size": array_size},
         _build(lambda p: write_arrays(p, _tree_arrays(paths, array_size, workers), labels), n),
@@ -241,11 +265,32 @@ def _tree_split(target: OutputDir, root: str, classes: Sequence[str], part: Spli
         lambda: _FileSource(paths, labels), quality, max_side, workers, _LARGE_PAGE))
 
 
+def _tree_parts(listing: Any, holdout: float, holdout_seed: int
+                ) -> List[Tuple[SplitListing, str, np.ndarray, Dict[str, Any]]]:
+    """Prepared splits of a tree: ``SRC/train`` gives ``train`` and the ``val`` hold-out,
+    ``SRC/val`` (ImageNet's validation set, scored once for the record) gives ``test``."""
+    parts = []
+    for source_split, part in listing.splits.items():
+        if source_split == "train":
+            keep, held = stratified_holdout(np.asarray(part.labels), holdout, holdout_seed)
+            carve = {"holdout": holdout, "holdout_seed": holdout_seed}
+            parts.append((part, "train", keep, carve))
+            if held.size:
+                parts.append((part, "val", held, carve))
+        else:
+            parts.append((part, "test", np.arange(len(part.labels)), {}))
+    return parts
+
+
 def prepare_tree(src: str, out: str, *, beton: bool = False, max_side: Optional[int] = None,
                  quality: int = 95, arrays: bool = False, array_size: Optional[int] = None,
+                 holdout: float = DEFAULT_FRACTION, holdout_seed: int = DEFAULT_SEED,
                  workers: Optional[int] = None, verify: bool = False,
                  log: Log = print) -> Dict[str, str]:
     """Prepare a user's class-folder tree ``SRC/{train,val}/<class>/<image>`` in ``out``.
+
+    Splits: ``train`` and ``val`` (a stratified, seeded ``holdout`` share of ``SRC/train``, where
+    settings are chosen) and ``test`` (``SRC/val``, scored once for the record).
 
     The images are not copied: ``OUT/<split>`` links to ``SRC/<split>`` and the file lists name
     them relative to ``OUT``. Arrays (``arrays=True``; all images one size, or ``array_size``
@@ -264,13 +309,15 @@ def prepare_tree(src: str, out: str, *, beton: bool = False, max_side: Optional[
     out = os.path.abspath(out)
     _check_disjoint(src, out)
     listing = scan_tree(src)
+    parts = _tree_parts(listing, holdout, holdout_seed)
     with OutputDir(out, verify=verify, log=log) as target:
         target.ensure(_classes_artifact(listing.classes))
-        for split, part in listing.splits.items():
+        for source_split, part in listing.splits.items():
             if part.ignored:
-                log(f"note: {part.ignored} non-image file(s) under {listing.root}/{split} "
-                    "ignored")
-            _tree_split(target, listing.root, listing.classes, part, beton=beton,
-                        max_side=max_side, quality=quality, arrays=arrays,
+                log(f"note: {part.ignored} non-image file(s) under {listing.root}/"
+                    f"{source_split} ignored")
+        for part, split, rows, carve in parts:
+            _tree_split(target, listing.root, listing.classes, part, split, rows, carve,
+                        beton=beton, max_side=max_side, quality=quality, arrays=arrays,
                         array_size=array_size, workers=workers)
-    return _result(out, list(listing.splits))
+    return _result(out, [split for _, split, _, _ in parts])

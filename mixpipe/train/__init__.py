@@ -16,9 +16,9 @@ from .loss import MixedLoss, batch_loss, mixed_loss
 from .models import SmallResNet, SmallResNetSettings, SmallViT, SmallViTSettings, build_model
 from .pooling import RegionMasks, region_pool, token_region_pool
 from .reporter import LossReporter, ReportError
-from .schedule import Schedule
+from .schedule import BudgetSchedule, Schedule
 
 __all__ = ["adapt", "RegionPooledModel", "model_family", "mixed_loss", "batch_loss", "MixedLoss",
-           "LossReporter", "ReportError", "fit", "Schedule", "evaluate", "EvalBatches",
+           "LossReporter", "ReportError", "fit", "Schedule", "BudgetSchedule", "evaluate", "EvalBatches",
            "Normalize", "RegionMasks", "region_pool", "token_region_pool", "SmallResNet",
            "SmallResNetSettings", "SmallViT", "SmallViTSettings", "build_model"]

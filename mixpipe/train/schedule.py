@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-__all__ = ["Schedule"]
+__all__ = ["Schedule", "BudgetSchedule"]
 
 _KINDS = ("cosine", "linear", "constant")
 
@@ -41,3 +41,41 @@ class Schedule:
         if self.kind == "linear":
             return 1.0 - rest
         return 0.5 * (1.0 + math.cos(math.pi * rest))
+
+
+@dataclasses.dataclass(frozen=True)
+class BudgetSchedule:
+    """A schedule spread over a run of ``budget`` epochs of data, fractional ones included.
+
+    The training loop measures progress in whole epochs of its loop (``epoch + step / steps``
+    over ``ceil(budget)`` epochs), but a partial last epoch covers only ``budget - floor(budget)``
+    of the data. Mapping loop progress to data progress makes the rate reach zero exactly at the
+    end of the budget and follow ``base`` over the data in between, as a run planned for that
+    length would.
+    """
+
+    base: Schedule
+    budget: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.budget) and self.budget > 0):
+            raise ValueError(f"BudgetSchedule.budget must be a positive number of epochs, got "
+                             f"{self.budget!r}")
+
+    @property
+    def kind(self) -> str:
+        return self.base.kind
+
+    @property
+    def run_epochs(self) -> int:
+        return max(1, math.ceil(self.budget - 1e-9))
+
+    def data_progress(self, progress: float) -> float:
+        """Share of the budget's data seen at loop ``progress`` in [0, 1]."""
+        t = min(max(float(progress), 0.0), 1.0) * self.run_epochs
+        epoch = min(int(t), self.run_epochs - 1)
+        share = min(1.0, self.budget - epoch)
+        return min((epoch + (t - epoch) * share) / self.budget, 1.0)
+
+    def factor(self, progress: float) -> float:
+        return self.base.factor(self.data_progress(progress))

@@ -66,7 +66,7 @@ def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
 
 def _load_builtin() -> None:
     from . import none  # noqa: F401  (registers itself)
-    for optional in ("random", "mixtrain", "shrink", "assist"):
+    for optional in ("budget", "random", "mixtrain", "shrink", "assist"):
         try:
             __import__(f"{__name__}.{optional}")
         except ModuleNotFoundError as err:  # a policy module not written yet

@@ -1,4 +1,4 @@
-"""The DALI arm of ``mixpipe bench speedup`` (``--loader dali``).
+"""The DALI loader of ``mixpipe bench speedup`` (``--loader dali``).
 
 The benchmark compares arms that differ only in the plan, so this arm must feed
 :func:`mixpipe.train.fit` the same images the torch arm would: the same samples (the first
@@ -21,13 +21,14 @@ from typing import Iterator, Optional, Tuple
 
 import numpy as np
 
-from ..core.augment import RandomResizedCropFlip
-from ..core.batch import MixedBatch
-from ..core.plan import MixPlan
-from .files import EncodedImages, FileList
-from .iterator import MixIterator
-from .pipeline import PipelineSettings, make_train_loader
-from .source import FixedView, RandomView
+from mixpipe.core.augment import RandomResizedCropFlip
+from mixpipe.core.batch import MixedBatch
+from mixpipe.core.plan import MixPlan
+from mixpipe.dali.files import EncodedImages, FileList
+from mixpipe.dali.iterator import MixIterator
+from mixpipe.dali.pipeline import PipelineSettings, make_train_loader
+from mixpipe.dali.source import FixedView
+from mixpipe.data.subset import FirstN
 
 __all__ = ["speedup_loader", "SpeedupEpochs", "FirstImages", "WholeImageFlip", "device_id_of",
            "warm_files"]
@@ -49,38 +50,9 @@ class WholeImageFlip:
         return 0, 0, height, width, bool(rng.random() < 0.5)
 
 
-class FirstImages(EncodedImages):
-    """The first ``n`` images of another source: the benchmark's ``--limit`` subset.
-
-    Plans index ``0..n-1``, which are the same samples in the file list as in the arrays because
-    both are written in dataset-index order.
-    """
-
-    def __init__(self, images: EncodedImages, n: int) -> None:
-        if not 1 <= n <= len(images):
-            raise ValueError(f"FirstImages: n must be in [1, {len(images)}], got {n}")
-        self.images, self.n = images, int(n)
-
-    def __len__(self) -> int:
-        return self.n
-
-    @property
-    def labels(self) -> np.ndarray:
-        labels = getattr(self.images, "labels", None)
-        if labels is None:
-            return np.asarray([self.images.label(i) for i in range(self.n)], np.int64)
-        return np.asarray(labels, np.int64)[:self.n]
-
-    def _check(self, index: int) -> int:
-        if not 0 <= index < self.n:
-            raise IndexError(f"index {index} out of range [0, {self.n})")
-        return int(index)
-
-    def encoded(self, index: int) -> np.ndarray:
-        return self.images.encoded(self._check(index))
-
-    def label(self, index: int) -> int:
-        return self.images.label(self._check(index))
+class FirstImages(FirstN, EncodedImages):
+    """The first ``n`` images of an encoded source (the ``--limit`` subset), usable wherever
+    the DALI pipeline takes :class:`EncodedImages`."""
 
 
 def device_id_of(device: str) -> Optional[int]:
@@ -144,8 +116,8 @@ def warm_files(images: FirstImages, limit_bytes: int = WARM_LIMIT_BYTES) -> int:
     made the second arm look 9% faster than its forward-input bound). Returns the bytes read, or
     0 when the set is larger than ``limit_bytes`` (then nothing is read).
     """
-    paths = [images.images.path(i) for i in range(len(images))] \
-        if hasattr(images.images, "path") else []
+    paths = [images.base.path(i) for i in range(len(images))] \
+        if hasattr(images.base, "path") else []
     if not paths:
         return 0
     total = sum(os.path.getsize(p) for p in paths)
@@ -221,7 +193,8 @@ class SpeedupEpochs:
         self.close()
 
 
-def speedup_loader(settings, dataset, service, seed: int) -> SpeedupEpochs:
+def speedup_loader(settings, dataset, service, seed: int, rank: int = 0,
+                   world_size: int = 1) -> SpeedupEpochs:
     """``make_loader``'s DALI arm: ``settings`` is a :class:`mixpipe.bench.speedup
     .SpeedupSettings`, ``dataset`` the benchmark's training subset (its first ``len(dataset)``
     samples), ``service`` the arm's selection service.
@@ -229,9 +202,6 @@ def speedup_loader(settings, dataset, service, seed: int) -> SpeedupEpochs:
     The pipeline and its workers are started here, and the files read once (:func:`warm_files`),
     so neither start-up nor cold disk reads are charged to the first arm's training time.
     """
-    from ..train.distributed import world
-
-    rank, world_size = world()
     images = _train_images(settings, dataset)
     warm_files(images)
     threads = settings.threads if settings.threads and settings.threads >= 1 else 1

@@ -1,0 +1,124 @@
+"""``mixpipe bench speedup``: training wall-clock and accuracy, arm by arm, in one run.
+
+Every arm trains the same model from the same initial weights, with the same optimiser, schedule
+(by progress through the arm's own run, decaying to zero) and data order seed; only the plan
+differs. Seeds are the outer loop and arms the inner one, so a change of machine load during the
+run falls on every arm alike. The equal-compute arm ``budget`` (the plain model on mixtrain's
+forward inputs) and the ``--frontier`` arms answer the question a user asks first: is mixing
+better than simply training the plain model for fewer epochs?
+
+Modules, one job each: :mod:`.settings` (what a run is, arm -> policy), :mod:`.data`,
+:mod:`.loaders` (one factory per loader), :mod:`.arms` (train one arm), :mod:`.report`
+(summary, targets, table, plot). Output: JSON (machine, versions, git hash, settings, per-run
+histories, summary, targets), a PNG and a table on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+from mixpipe.bench.flags import add_flags, settings_from_args
+
+from .arms import train_arm
+from .data import load_data
+from .loaders import make_loader
+from .report import format_table, plot, summarise, targets, time_to_reach
+from .settings import QUICK, SpeedupSettings, arm_names, arm_policy, budget_epochs
+
+__all__ = ["SpeedupSettings", "QUICK", "run_benchmark", "add_arguments", "run", "format_table",
+           "summarise", "targets", "arm_policy", "budget_epochs", "load_data", "make_loader",
+           "time_to_reach", "train_arm"]
+
+
+def run_benchmark(s: SpeedupSettings, out: Optional[str] = None,
+                  log: Callable[..., None] = print) -> Dict[str, Any]:
+    """Run every (seed, arm), write JSON and PNG next to ``out``, return the payload."""
+    import torch
+
+    from mixpipe.bench.common import machine_info, write_json
+    from mixpipe.train import EvalBatches
+    from mixpipe.train.distributed import barrier, init_distributed
+
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    env = init_distributed()  # torchrun: join the job; plain python: one process
+    if not env.is_main:
+        log = lambda *args, **kwargs: None  # noqa: E731 - rank 0 alone reports
+        barrier()  # rank 0 prepares the data first
+    train, scored, num_classes = load_data(s, log)
+    if env.is_main:
+        barrier()
+    eval_batches = EvalBatches(scored, batch_size=512)
+    arms = arm_names(s)
+    log(f"speedup: {len(train)} train / {len(scored)} {s.eval_split} samples, {num_classes} "
+        f"classes; arms {', '.join(arms)}; seeds {list(s.seeds)}; torch threads "
+        f"{torch.get_num_threads()}")
+    runs: List[Dict[str, Any]] = []
+    started = time.time()
+    for seed in s.seeds:
+        for arm in arms:
+            history = train_arm(s, arm, seed, train, eval_batches, num_classes, log)
+            runs.append(history)
+            log(f"  {arm:<9} seed {seed}: {history['train_seconds']:.1f}s, "
+                f"{history['forward_inputs']} inputs, final top-1 "
+                f"{100 * history['final_top1']:.2f}%")
+    per_rank = -(-len(train) // env.world_size)  # inputs are counted per rank
+    summary = summarise(s, runs, per_rank)
+    payload = {
+        "benchmark": "speedup",
+        "machine_info": machine_info(),
+        "command": "mixpipe bench speedup " + " ".join(sys.argv[3:]) if sys.argv[1:3] == [
+            "bench", "speedup"] else " ".join(sys.argv),
+        "settings": dataclasses.asdict(s),
+        "num_train": len(train),
+        "num_eval": len(scored),
+        "eval_split": s.eval_split,
+        "budget_epochs": budget_epochs(s, per_rank),
+        "world_size": env.world_size,
+        "wall_seconds": time.time() - started,
+        "summary": summary,
+        "targets": targets(s, summary),
+        "runs": runs,
+    }
+    table = format_table(s, summary)
+    payload["table"] = table
+    if out and env.is_main:
+        write_json(out, payload)
+        png = os.path.splitext(out)[0] + ".png"
+        plot(runs, s, summary, png)
+        log(f"wrote {out} and {png}")
+    if env.is_main:
+        print(table, flush=True)
+    return payload
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.splitlines()[0]
+    add_flags(parser, SpeedupSettings)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a short run: {QUICK} unless given explicitly")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (PNG beside it); default benchmarks/results/"
+                             "speedup[-quick].json")
+
+
+def settings_from(args: argparse.Namespace) -> SpeedupSettings:
+    """The defaults (or the quick presets) with every given flag laid over them."""
+    base = SpeedupSettings(**QUICK) if getattr(args, "quick", False) else SpeedupSettings()
+    return settings_from_args(args, SpeedupSettings, base)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        s = settings_from(args)
+    except ValueError as err:
+        print(f"mixpipe bench speedup: {err}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.join("benchmarks", "results",
+                                   "speedup-quick.json" if args.quick else "speedup.json")
+    run_benchmark(s, out)
+    return 0

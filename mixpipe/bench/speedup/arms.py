@@ -1,0 +1,82 @@
+"""Training one arm of one seed: the same model, initial weights, optimiser and data for every
+arm; only the plan source (and, for budget arms, the run's length) differs."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict
+
+import numpy as np
+
+from .loaders import make_loader
+from .settings import SpeedupSettings, arm_epochs, arm_policy, run_epochs
+
+__all__ = ["train_arm", "build_model"]
+
+
+def build_model(name: str, num_classes: int) -> Any:
+    if name.startswith("tv:"):
+        try:
+            import torchvision
+        except ImportError as err:
+            raise SystemExit(f"--model {name}: torchvision is not installed ({err}); pip "
+                             "install torchvision matching your torch") from err
+        return getattr(torchvision.models, name[3:])(num_classes=num_classes)
+    from mixpipe.train import build_model as build
+
+    return build(name, num_classes)
+
+
+def _optimizer(model: Any, s: SpeedupSettings) -> Any:
+    import torch
+
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)
+    return torch.optim.SGD([{"params": decay, "weight_decay": s.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}], lr=s.lr,
+                           momentum=s.momentum, nesterov=s.momentum > 0)
+
+
+def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches: Any,
+              num_classes: int, log: Callable[..., None] = print) -> Dict[str, Any]:
+    """One (arm, seed) run; returns its history with the arm's identity."""
+    import torch
+
+    from mixpipe.train import BudgetSchedule, Normalize, Schedule, fit
+    from mixpipe.train.distributed import barrier, job_service
+
+    torch.manual_seed(seed)
+    model = build_model(s.model, num_classes)
+    optimizer = _optimizer(model, s)
+    settings = arm_policy(arm, s, len(train))
+    epochs = run_epochs(arm, s, len(train))
+    schedule = Schedule(s.schedule, s.warmup)
+    if epochs != s.epochs or arm_epochs(arm, s, len(train)) != s.epochs:
+        schedule = BudgetSchedule(schedule, arm_epochs(arm, s, len(train)))
+    # one process: the embedded service; under torchrun: rank 0 serves it to every rank
+    service, owned = job_service(len(train), settings, seed, server=s.server)
+    labels = getattr(train, "labels", None)
+    if labels is not None and hasattr(service, "set_labels"):
+        service.set_labels(np.asarray(labels))  # per-class policies read them
+    loader = make_loader(s, train, service, seed)
+    local = None
+    if s.local:
+        from mixpipe.train.local import from_kind
+
+        local = from_kind(s.local, model, optimizer, epochs)
+    try:
+        history = fit(model, loader, optimizer, epochs, schedule,
+                      on_epoch=local.on_epoch if local is not None else None,
+                      eval_loader=eval_batches, service=service, stride=s.stride,
+                      device=s.device, prepare=Normalize(channels_last=s.channels_last),
+                      progress=s.progress, desc=f"{arm} seed {seed}", loss_per=s.loss_per)
+    finally:
+        close = getattr(loader, "close", None)
+        if close is not None:
+            close()
+    barrier()  # every rank is done with this arm's server before rank 0 stops it
+    if owned is not None:
+        owned.stop()
+    history.update(policy=arm, seed=seed, policy_settings=settings.to_dict(),
+                   epochs_of_data=arm_epochs(arm, s, len(train)),
+                   local=local.history if local is not None else None)
+    return history

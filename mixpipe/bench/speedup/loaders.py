@@ -1,0 +1,116 @@
+"""One loader factory per ``--loader``: each gives :func:`mixpipe.train.fit` an arm's batches.
+
+The arms of a comparison differ only in their plan source; every factory feeds the same samples
+with the same per-constituent augmentation and value scale, so the loaders are interchangeable.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+
+from .settings import SpeedupSettings
+
+__all__ = ["make_loader", "constituent_transform"]
+
+
+class _Flip:
+    """Constituent transform: horizontal flip with probability 1/2 (the composer resizes)."""
+
+    def __call__(self, image: np.ndarray, region: Any, rng: np.random.Generator) -> np.ndarray:
+        return image[:, ::-1] if rng.random() < 0.5 else image
+
+
+def constituent_transform(s: SpeedupSettings) -> Optional[Any]:
+    if s.augment == "none":
+        return None
+    if s.augment == "flip":
+        return _Flip()
+    from mixpipe.core.augment import RandomResizedCropFlip
+
+    return RandomResizedCropFlip()
+
+
+def _torch_loader(s: SpeedupSettings, train: Any, service: Any, seed: int, rank: int,
+                  world_size: int) -> Any:
+    from mixpipe.torch import MixedLoader
+
+    return MixedLoader(train, service, s.batch_size, size=(s.image_size, s.image_size),
+                       stride=s.stride, num_workers=s.workers, seed=seed,
+                       constituent_transform=constituent_transform(s),
+                       persistent_workers=s.workers > 0, rank=rank, world_size=world_size)
+
+
+class _FfcvEpochs:
+    """A :class:`mixpipe.ffcv.MixLoader` seen through the ``set_epoch`` / ``len`` / iterate
+    protocol of :func:`mixpipe.train.fit` (FFCV counts epochs itself, one per iteration)."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.batches = loader.mixed()
+
+    def set_epoch(self, epoch: int) -> Any:
+        if epoch != self.loader.next_epoch:
+            raise RuntimeError(f"the FFCV loader is at epoch {self.loader.next_epoch}, fit asked "
+                               f"for {epoch}: epochs must run in order")
+        return self.loader.plan(epoch)
+
+    @property
+    def plan(self) -> Any:
+        return self.loader.plan()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Any:
+        return iter(self.batches)
+
+
+def _ffcv_loader(s: SpeedupSettings, train: Any, service: Any, seed: int, rank: int,
+                 world_size: int) -> Any:
+    try:
+        from ffcv.transforms import ToTensor, ToTorchImage
+
+        from mixpipe.ffcv import MixLabelDecoder, MixLoader, SimpleMixDecoder
+    except ImportError as err:
+        raise SystemExit(f"--loader ffcv: cannot import ffcv / mixpipe.ffcv ({err}); install "
+                         "the extra: pip install mixpipe[ffcv]") from err
+    from mixpipe.data import find_prepared
+
+    if s.limit is not None and s.limit < len(train.base):
+        raise SystemExit("--loader ffcv reads the whole .beton: --limit subsets are "
+                         "for the torch and DALI loaders")
+    beton = find_prepared(s.prepared_root).path("train", "beton")
+    pipelines = {
+        "image": [SimpleMixDecoder((s.image_size, s.image_size), stride=s.stride,
+                                   flip_prob=0.5 if s.augment != "none" else 0.0),
+                  ToTensor(), ToTorchImage()],
+        "label": [MixLabelDecoder(), ToTensor()],
+    }
+    loader = MixLoader(beton, s.batch_size, service, pipelines=pipelines,
+                       num_workers=max(1, s.workers))
+    return _FfcvEpochs(loader)
+
+
+def _dali_loader(s: SpeedupSettings, train: Any, service: Any, seed: int, rank: int,
+                 world_size: int) -> Any:
+    try:
+        from .dali_arm import speedup_loader
+    except ImportError as err:
+        raise SystemExit(f"--loader dali: cannot import DALI ({err}); install the extra: "
+                         "pip install mixpipe[dali]") from err
+    return speedup_loader(s, train, service, seed, rank, world_size)
+
+
+_FACTORIES = {"torch": _torch_loader, "ffcv": _ffcv_loader, "dali": _dali_loader}
+
+
+def make_loader(s: SpeedupSettings, train: Any, service: Any, seed: int) -> Any:
+    """The arm's loader over ``train``, fetching plans from ``service``."""
+    from mixpipe.train.distributed import world
+
+    rank, world_size = world()
+    if world_size > 1 and s.loader == "ffcv":
+        raise SystemExit("--loader ffcv under torchrun: the FFCV loader does not take "
+                         "rank / world_size here yet; use --loader torch or dali")
+    return _FACTORIES[s.loader](s, train, service, seed, rank, world_size)

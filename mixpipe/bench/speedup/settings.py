@@ -1,0 +1,252 @@
+"""What defines a speed-up run, and how each arm's selection policy follows from it.
+
+Arms (``policies``):
+
+- ``none``: every sample alone, every epoch: the full-length baseline.
+- ``budget``: the plain model trained on as many forward inputs as ``mixtrain`` uses, with the
+  learning-rate schedule spread over that shorter run (a partial last epoch rather than rounding).
+  The equal-compute baseline every mixing arm must beat.
+- ``random``: naive mixing, matched to mixtrain's forward inputs over the run.
+- ``mixtrain``: the loss-driven policy; ``shrink``, ``assist``, ``assist+mixtrain``: skipping.
+
+``frontier`` adds the plain model at fractions of the run (``none@0.55`` ...), the curve a method
+must lie above to be worth using.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from typing import List, Optional, Tuple
+
+from mixpipe.bench.flags import field
+from mixpipe.core.policies import PolicySettings, settings_from_dict
+
+__all__ = ["SpeedupSettings", "POLICIES", "QUICK", "arm_names", "arm_policy", "arm_epochs",
+           "budget_epochs", "FRONTIER_PREFIX"]
+
+POLICIES = ("none", "budget", "random", "mixtrain", "shrink", "assist", "assist+mixtrain")
+LOADERS = ("torch", "dali", "ffcv")
+LAYOUTS = ("halves", "quads")
+MIX_SCHEDULES = ("constant", "ramp")
+STATISTICS = ("ema", "last")  # mixpipe.core.policies.mixtrain.STATISTICS
+NORMALISATIONS = ("constituent", "slot")  # mixpipe.train.loss.NORMALISATIONS, without torch
+AUGMENTS = ("none", "flip", "crop")
+EVAL_SPLITS = ("val", "test")
+FASHION = "fashion-mnist"
+FRONTIER_PREFIX = "none@"
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeedupSettings:
+    """Everything that defines a speed-up run; recorded in the JSON beside the results.
+
+    Every field is a flag of ``mixpipe bench speedup`` (:mod:`mixpipe.bench.flags`).
+    """
+
+    data: str = field(FASHION, "'fashion-mnist' (prepared on first use) or a directory written "
+                               "by `mixpipe data prepare tree`")
+    data_root: str = field("data/fashion-mnist", "where Fashion-MNIST is prepared")
+    eval_split: str = field("val", "split scored after every epoch: 'val' (held out of the "
+                                   "training images; choose settings here) or 'test' (score once,"
+                                   " for the record)", choices=EVAL_SPLITS, flag="--eval")
+    loader: str = field("torch", "loader that composes the batches", choices=LOADERS)
+    model: str = field("resnet-tiny", "resnet-tiny | resnet-small | resnet-wide | vit-small, or "
+                                      "tv:NAME for torchvision.models.NAME when installed")
+    epochs: int = field(10, "epochs of the full-length arms")
+    policies: Tuple[str, ...] = field(("none", "budget", "random", "mixtrain"),
+                                      "arms, run side by side in every seed", choices=POLICIES)
+    frontier: Tuple[float, ...] = field((), "also train the plain model for these fractions of "
+                                            "the epochs (e.g. 0.4,0.55,0.7): the frontier a "
+                                            "mixing arm must beat")
+    seeds: Tuple[int, ...] = field((0, 1), "seeds (the outer loop; arms run inside each)")
+    batch_size: int = field(128, "composites per batch")
+    lr: float = field(0.1, "base learning rate (SGD)")
+    momentum: float = field(0.9, "SGD momentum (Nesterov when > 0)")
+    weight_decay: float = field(5e-4, "weight decay of the weights (not of biases and norms)")
+    schedule: str = field("cosine", "learning-rate decay to zero over each arm's own run",
+                          choices=("cosine", "linear"))
+    warmup: float = field(0.0, "share of the run spent ramping the learning rate up")
+    layout: str = field("quads", "composite layout of the mixing arms", choices=LAYOUTS)
+    fraction: float = field(0.80, "share of the dataset mixtrain mixes per epoch after warm-up "
+                                  "(with a ramp: in its last mixed epoch)")
+    mix_schedule: str = field("ramp", "mixtrain's share per epoch: constant, or a linear ramp "
+                                      "over the mixed epochs from --fraction-start to --fraction",
+                              choices=MIX_SCHEDULES)
+    fraction_start: Optional[float] = field(0.45, "the ramp's first mixed epoch (none with "
+                                                  "--mix-schedule constant)")
+    statistic: str = field("last", "mixtrain ranks samples by their loss EMA or last loss",
+                           choices=STATISTICS)
+    gamma: float = field(1.0, "sharpness of the loss-driven shares (0: equal shares)")
+    w_min: float = field(0.25, "smallest share a constituent gets")
+    per_class: bool = field(False, "mixtrain mixes the same share of every class")
+    warmup_epochs: int = field(1, "first epochs that mix nothing")
+    final_full_epochs: int = field(0, "last epochs that mix nothing")
+    loss_per: str = field("slot", "divide the summed loss by composites or by real "
+                                  "constituents (mixpipe.train.loss)", choices=NORMALISATIONS)
+    prune_ratio: float = field(0.5, "shrink: share of the below-mean samples skipped per epoch")
+    limit: Optional[int] = field(None, "train on the first N samples (torch and DALI loaders)")
+    eval_limit: Optional[int] = field(None, "score the first N samples of the eval split")
+    workers: int = field(1, "loader worker processes")
+    threads: Optional[int] = field(1, "torch intra-op threads (1: on a shared 2-core machine "
+                                      "two threads stall on each other; none: torch's default)")
+    augment: str = field("flip", "per-constituent augmentation", choices=AUGMENTS)
+    image_size: int = field(32, "composite side in px (224 for ImageNet-style models)")
+    stride: int = field(8, "the network's total stride: region boundaries snap to it")
+    channels_last: bool = field(True, "train in channels_last memory format")
+    device: str = field("cpu", "torch device to train on (cpu, cuda, cuda:N)")
+    progress: bool = field(True, "progress bars")
+    server: Optional[str] = field(None, "tcp://host:port of a running `mixpipe serve` (one "
+                                        "policy and seed); default: an embedded server")
+    local: Optional[str] = field(None, "LoCal+SGD for the early blocks: static or dynamic",
+                                 choices=("static", "dynamic"))
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, name: str, allowed: str) -> None:
+            if not cond:
+                raise ValueError(f"speedup setting {name}={getattr(self, name)!r}: must be "
+                                 f"{allowed}")
+        need(self.loader in LOADERS, "loader", f"one of {LOADERS}")
+        need(self.eval_split in EVAL_SPLITS, "eval_split", f"one of {EVAL_SPLITS}")
+        need(self.epochs >= 1, "epochs", ">= 1")
+        need(len(self.policies) >= 1 and all(p in POLICIES for p in self.policies), "policies",
+             f"a non-empty list drawn from {POLICIES}")
+        need(len(set(self.policies)) == len(self.policies), "policies", "without repeats")
+        need(all(0.0 < f <= 1.0 for f in self.frontier), "frontier", "fractions in (0, 1]")
+        need(len(self.seeds) >= 1, "seeds", "at least one seed")
+        need(self.batch_size >= 1, "batch_size", ">= 1")
+        need(self.lr > 0, "lr", "> 0")
+        need(self.layout in LAYOUTS, "layout", f"one of {LAYOUTS}")
+        need(0.0 <= self.fraction <= 1.0, "fraction", "in [0, 1]")
+        need(self.mix_schedule in MIX_SCHEDULES, "mix_schedule", f"one of {MIX_SCHEDULES}")
+        need((self.fraction_start is None) == (self.mix_schedule == "constant"),
+             "fraction_start", "set exactly when mix_schedule is 'ramp' (give --fraction-start "
+             "none with --mix-schedule constant)")
+        need(self.fraction_start is None or 0.0 <= self.fraction_start <= 1.0, "fraction_start",
+             "in [0, 1]")
+        need(self.statistic in STATISTICS, "statistic", f"one of {STATISTICS}")
+        need(self.loss_per in NORMALISATIONS, "loss_per", f"one of {NORMALISATIONS}")
+        mixing = set(self.policies) - {"none", "budget"}
+        need(not mixing or 0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
+             "in [0, epochs) when a mixing arm runs")
+        need(0 <= self.final_full_epochs <= max(self.epochs - self.warmup_epochs, 0),
+             "final_full_epochs", "in [0, epochs - warmup_epochs]")
+        need(0.0 <= self.prune_ratio < 1.0, "prune_ratio", "in [0, 1)")
+        need(self.limit is None or self.limit >= 1, "limit", ">= 1 or None")
+        need(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", ">= 1 or None")
+        need(self.workers >= 0, "workers", ">= 0")
+        need(self.threads is None or self.threads >= 0, "threads", ">= 0 or None")
+        need(self.local in (None, "static", "dynamic"), "local", "None, 'static' or 'dynamic'")
+        need(self.augment in AUGMENTS, "augment", f"one of {AUGMENTS}")
+        need(self.image_size >= 2 * self.stride, "image_size", f">= 2 * stride ({self.stride})")
+        need(self.image_size % self.stride == 0, "image_size", f"a multiple of stride "
+             f"({self.stride})")
+        need(self.server is None or (str(self.server).startswith("tcp://")
+                                     and len(self.policies) == 1 and len(self.seeds) == 1
+                                     and not self.frontier),
+             "server", "None, or a tcp:// URL with one policy and one seed (a server runs one "
+             "policy and seed; arms otherwise get their own embedded servers)")
+
+    @property
+    def prepared_root(self) -> str:
+        """The directory the loaders read: where Fashion-MNIST is prepared, or ``--data``."""
+        return self.data_root if self.data == FASHION else self.data
+
+    @property
+    def grid_cells(self) -> int:
+        return self.image_size // self.stride
+
+    @property
+    def mixed_epochs(self) -> int:
+        return self.epochs - self.warmup_epochs - self.final_full_epochs
+
+    @property
+    def group_size(self) -> int:
+        return 2 if self.layout == "halves" else 4
+
+    def mixtrain_fractions(self) -> List[float]:
+        """mixtrain's mixed fraction in every epoch (0 in warm-up and final epochs)."""
+        from mixpipe.core.policies.mixtrain import mixing_fraction
+
+        mix = arm_policy("mixtrain", self)
+        return [mixing_fraction(mix, e) for e in range(self.epochs)]
+
+    def random_fraction(self) -> float:
+        """Random's per-epoch fraction that matches mixtrain's forward inputs over the run."""
+        return statistics.fmean(self.mixtrain_fractions())
+
+
+#: the quick run: the whole training set for a few epochs. An 8k subset for more epochs was
+#: tried first: that little data leaves every mixing arm far behind, which says nothing about
+#: full training (benchmarks/README.md).
+QUICK = dict(epochs=4, seeds=(0,))
+
+
+def budget_epochs(s: SpeedupSettings, num_samples: int) -> float:
+    """Epochs of plain training that use as many forward inputs as mixtrain's run.
+
+    Computed from mixtrain's schedule: each epoch mixes ``groups_for_fraction`` groups of the
+    whole (seen) dataset, and a group of K costs one forward input instead of K. The warm-up
+    epoch reports every sample, so from the first mixed epoch on the whole dataset is seen.
+    """
+    from mixpipe.core.policies._common import groups_for_fraction
+
+    k = s.group_size
+    inputs = 0
+    for fraction in s.mixtrain_fractions():
+        groups = groups_for_fraction(fraction, num_samples, k, num_samples) if fraction else 0
+        inputs += num_samples - groups * (k - 1)
+    return inputs / num_samples
+
+
+def arm_names(s: SpeedupSettings) -> List[str]:
+    """Every arm of a seed, in run order: the policies, then the frontier points."""
+    frontier = [f"{FRONTIER_PREFIX}{f:g}" for f in s.frontier
+                if not (f == 1.0 and "none" in s.policies)]
+    return list(s.policies) + frontier
+
+
+def arm_epochs(arm: str, s: SpeedupSettings, num_samples: int) -> float:
+    """The arm's run length in epochs of data (fractional for budget and frontier arms)."""
+    if arm == "budget":
+        return budget_epochs(s, num_samples)
+    if arm.startswith(FRONTIER_PREFIX):
+        return s.epochs * float(arm[len(FRONTIER_PREFIX):])
+    return float(s.epochs)
+
+
+def arm_policy(arm: str, s: SpeedupSettings, num_samples: Optional[int] = None
+               ) -> PolicySettings:
+    """The selection-policy settings of one arm (budget and frontier arms need the dataset
+    size, to match forward inputs)."""
+    if arm == "none":
+        return settings_from_dict({"policy": "none"})
+    if arm == "budget" or arm.startswith(FRONTIER_PREFIX):
+        if num_samples is None:
+            raise ValueError(f"arm {arm!r} needs the number of training samples")
+        return settings_from_dict({"policy": "budget",
+                                   "epochs": arm_epochs(arm, s, num_samples)})
+    if arm == "random":
+        return settings_from_dict({"policy": "random", "fraction": s.random_fraction(),
+                                   "layout": s.layout, "grid_cells": s.grid_cells})
+    # a ramp runs linearly over the mixed epochs, from fraction_start to fraction
+    ramp = {} if s.mix_schedule == "constant" else {
+        "fraction_start": s.fraction_start, "ramp_epochs": max(s.mixed_epochs - 1, 0)}
+    mix = {"policy": "mixtrain", "warmup_epochs": s.warmup_epochs, "schedule": s.mix_schedule,
+           **ramp, "fraction": s.fraction, "statistic": s.statistic, "gamma": s.gamma,
+           "w_min": s.w_min, "layout": s.layout, "grid_cells": s.grid_cells, "epochs": s.epochs,
+           "final_full_epochs": s.final_full_epochs, "per_class": s.per_class}
+    if arm == "mixtrain":
+        return settings_from_dict(mix)
+    if arm in ("assist", "assist+mixtrain"):
+        return settings_from_dict({"policy": "assist", "epochs": s.epochs,
+                                   "mix": mix if arm == "assist+mixtrain" else None})
+    if arm == "shrink":
+        return settings_from_dict({"policy": "shrink", "prune_ratio": s.prune_ratio,
+                                   "epochs": s.epochs})
+    raise ValueError(f"unknown arm {arm!r}; known: {POLICIES} and {FRONTIER_PREFIX}<fraction>")
+
+
+def run_epochs(arm: str, s: SpeedupSettings, num_samples: int) -> int:
+    """Whole epochs the arm's loop runs (a partial last epoch counts as one)."""
+    return max(1, math.ceil(arm_epochs(arm, s, num_samples) - 1e-9))
