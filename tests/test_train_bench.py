@@ -193,3 +193,28 @@ def test_demo_plans_follow_the_ramp_and_bound_its_docs_state():
     np.testing.assert_allclose(shares, [0, 0.45, 0.625, 0.80])
     np.testing.assert_allclose(slots, n * (1 - 0.75 * shares), atol=4)
     assert round(n * DEMO.epochs / sum(slots), 2) == 1.54
+
+
+def test_budget_waits_for_an_arm_whose_inputs_only_its_run_knows():
+    from mixpipe.bench.speedup.settings import run_order
+
+    s = SpeedupSettings(policies=("none", "budget", "shrink+mixtrain"),
+                        budget_match="shrink+mixtrain")
+    assert run_order(s) == ["none", "shrink+mixtrain", "budget"]
+    with pytest.raises(ValueError, match="known only after its run"):
+        policy_settings("budget", s, 100)
+    budget = policy_settings("budget", s, 100, matched_inputs=1234)
+    assert budget.epochs == pytest.approx(12.34) and run_epochs("budget", s, 100, 1234) == 13
+    with pytest.raises(ValueError, match="must run too"):
+        run_order(SpeedupSettings(policies=("budget", "mixtrain"), budget_match="shrink"))
+    # mixtrain's inputs follow from its schedule: no reordering needed
+    assert run_order(SpeedupSettings(policies=("budget", "mixtrain"))) == ["budget", "mixtrain"]
+
+
+def test_shrink_mixtrain_arm_skips_some_and_mixes_others():
+    n = 2000
+    s = SpeedupSettings(epochs=6, policies=("shrink+mixtrain",), prune_ratio=0.3)
+    ledger = Ledger(n)
+    ledger.update(0, np.arange(n), np.random.default_rng(2).random(n).astype(np.float32))
+    plan = make_plan(ledger.snapshot(), policy_settings("shrink+mixtrain", s), 0, 2)
+    assert plan.skipped.size > 0 and (plan.counts == 4).any() and (plan.counts == 1).any()

@@ -27,7 +27,7 @@ from .arms import train_arm
 from .data import load_data
 from .loaders import make_loader
 from .report import format_table, plot, summarise, targets, time_to_reach
-from .settings import QUICK, SpeedupSettings, arm_names, arm_policy, budget_epochs
+from .settings import QUICK, SpeedupSettings, arm_policy, budget_epochs, run_order
 
 __all__ = ["SpeedupSettings", "QUICK", "run_benchmark", "add_arguments", "run", "format_table",
            "summarise", "targets", "arm_policy", "budget_epochs", "load_data", "make_loader",
@@ -53,15 +53,18 @@ def run_benchmark(s: SpeedupSettings, out: Optional[str] = None,
     if env.is_main:
         barrier()
     eval_batches = EvalBatches(scored, batch_size=512)
-    arms = arm_names(s)
+    arms = run_order(s)
     log(f"speedup: {len(train)} train / {len(scored)} {s.eval_split} samples, {num_classes} "
         f"classes; arms {', '.join(arms)}; seeds {list(s.seeds)}; torch threads "
         f"{torch.get_num_threads()}")
     runs: List[Dict[str, Any]] = []
     started = time.time()
     for seed in s.seeds:
+        inputs: Dict[str, int] = {}
         for arm in arms:
-            history = train_arm(s, arm, seed, train, eval_batches, num_classes, log)
+            matched = inputs.get(s.budget_match) if arm == "budget" else None
+            history = train_arm(s, arm, seed, train, eval_batches, num_classes, log, matched)
+            inputs[arm] = history["forward_inputs"] * env.world_size  # counted per rank
             runs.append(history)
             log(f"  {arm:<9} seed {seed}: {history['train_seconds']:.1f}s, "
                 f"{history['forward_inputs']} inputs, final top-1 "
@@ -77,7 +80,8 @@ def run_benchmark(s: SpeedupSettings, out: Optional[str] = None,
         "num_train": len(train),
         "num_eval": len(scored),
         "eval_split": s.eval_split,
-        "budget_epochs": budget_epochs(s, per_rank),
+        "budget_epochs": {r["seed"]: r["epochs_of_data"] for r in runs
+                          if r["policy"] == "budget"},
         "world_size": env.world_size,
         "wall_seconds": time.time() - started,
         "summary": summary,

@@ -2,7 +2,7 @@
 arm; only the plan source (and, for budget arms, the run's length) differs."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
@@ -37,8 +37,10 @@ def _optimizer(model: Any, s: SpeedupSettings) -> Any:
 
 
 def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches: Any,
-              num_classes: int, log: Callable[..., None] = print) -> Dict[str, Any]:
-    """One (arm, seed) run; returns its history with the arm's identity."""
+              num_classes: int, log: Callable[..., None] = print,
+              matched_inputs: Optional[int] = None) -> Dict[str, Any]:
+    """One (arm, seed) run; returns its history with the arm's identity. ``matched_inputs``:
+    the forward inputs a budget arm matches, where they were measured."""
     import torch
 
     from mixpipe.train import BudgetSchedule, Normalize, Schedule, fit
@@ -47,11 +49,13 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
     torch.manual_seed(seed)
     model = build_model(s.model, num_classes)
     optimizer = _optimizer(model, s)
-    settings = arm_policy(arm, s, len(train))
-    epochs = run_epochs(arm, s, len(train))
+    n = len(train)
+    settings = arm_policy(arm, s, n, matched_inputs)
+    length = arm_epochs(arm, s, n, matched_inputs)
+    epochs = run_epochs(arm, s, n, matched_inputs)
     schedule = Schedule(s.schedule, s.warmup)
-    if epochs != s.epochs or arm_epochs(arm, s, len(train)) != s.epochs:
-        schedule = BudgetSchedule(schedule, arm_epochs(arm, s, len(train)))
+    if length != s.epochs:
+        schedule = BudgetSchedule(schedule, length)
     # one process: the embedded service; under torchrun: rank 0 serves it to every rank
     service, owned = job_service(len(train), settings, seed, server=s.server)
     labels = getattr(train, "labels", None)
@@ -77,6 +81,6 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
     if owned is not None:
         owned.stop()
     history.update(policy=arm, seed=seed, policy_settings=settings.to_dict(),
-                   epochs_of_data=arm_epochs(arm, s, len(train)),
+                   epochs_of_data=length,
                    local=local.history if local is not None else None)
     return history

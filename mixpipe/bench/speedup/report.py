@@ -155,7 +155,7 @@ def format_table(s: SpeedupSettings, summary: Dict[str, Any]) -> str:
                  f"{s.model}, loader {s.loader}, layout {s.layout}, fraction "
                  f"{s.fraction if s.fraction_start is None else f'{s.fraction_start}->{s.fraction}'}"
                  f", loss per {s.loss_per}; speed-up and Δ seed by seed; ± is the spread over "
-                 "seeds; budget = the plain model on mixtrain's forward inputs)")
+                 f"seeds; budget = the plain model on {s.budget_match}'s forward inputs)")
     return "\n".join(lines)
 
 

@@ -7,7 +7,12 @@ Arms (``policies``):
   learning-rate schedule spread over that shorter run (a partial last epoch rather than rounding).
   The equal-compute baseline every mixing arm must beat.
 - ``random``: naive mixing, matched to mixtrain's forward inputs over the run.
-- ``mixtrain``: the loss-driven policy; ``shrink``, ``assist``, ``assist+mixtrain``: skipping.
+- ``mixtrain``: the loss-driven policy; ``shrink``, ``assist``: skipping;
+  ``shrink+mixtrain``, ``assist+mixtrain``: skip some easy samples, mix the next ones.
+
+``budget`` matches the arm ``budget_match`` names: its forward inputs are predicted from the
+schedule for mixtrain and random, and taken from that arm's run in the same seed otherwise (the
+matched arm then runs first).
 
 ``frontier`` adds the plain model at fractions of the run (``none@0.55`` ...), the curve a method
 must lie above to be worth using.
@@ -20,12 +25,21 @@ import statistics
 from typing import List, Optional, Tuple
 
 from mixpipe.bench.flags import field
-from mixpipe.core.policies import PolicySettings, settings_from_dict
+from mixpipe.core.policies import PolicySettings
+from mixpipe.core.policies.assist import AssistSettings
+from mixpipe.core.policies.budget import BudgetSettings
+from mixpipe.core.policies.mixtrain import MixTrainSettings
+from mixpipe.core.policies.none import NoneSettings
+from mixpipe.core.policies.random import RandomSettings
+from mixpipe.core.policies.shrink import ShrinkSettings
 
-__all__ = ["SpeedupSettings", "POLICIES", "QUICK", "arm_names", "arm_policy", "arm_epochs",
-           "budget_epochs", "FRONTIER_PREFIX"]
+__all__ = ["SpeedupSettings", "POLICIES", "MIXING", "QUICK", "arm_names", "arm_policy",
+           "arm_epochs", "budget_epochs", "run_epochs", "run_order", "FRONTIER_PREFIX"]
 
-POLICIES = ("none", "budget", "random", "mixtrain", "shrink", "assist", "assist+mixtrain")
+POLICIES = ("none", "budget", "random", "mixtrain", "shrink", "shrink+mixtrain", "assist",
+            "assist+mixtrain")
+#: arms whose forward inputs a budget arm can match
+MIXING = ("random", "mixtrain", "shrink", "shrink+mixtrain", "assist", "assist+mixtrain")
 LOADERS = ("torch", "dali", "ffcv")
 LAYOUTS = ("halves", "quads")
 MIX_SCHEDULES = ("constant", "ramp")
@@ -85,6 +99,9 @@ class SpeedupSettings:
     loss_per: str = field("slot", "divide the summed loss by composites or by real "
                                   "constituents (mixpipe.train.loss)", choices=NORMALISATIONS)
     prune_ratio: float = field(0.5, "shrink: share of the below-mean samples skipped per epoch")
+    anneal_epochs: int = field(0, "shrink: the last epochs skip nothing")
+    budget_match: str = field("mixtrain", "the mixing arm whose forward inputs the budget arm "
+                                          "matches", choices=MIXING)
     limit: Optional[int] = field(None, "train on the first N samples (torch and DALI loaders)")
     eval_limit: Optional[int] = field(None, "score the first N samples of the eval split")
     workers: int = field(1, "loader worker processes")
@@ -132,6 +149,8 @@ class SpeedupSettings:
         need(0 <= self.final_full_epochs <= max(self.epochs - self.warmup_epochs, 0),
              "final_full_epochs", "in [0, epochs - warmup_epochs]")
         need(0.0 <= self.prune_ratio < 1.0, "prune_ratio", "in [0, 1)")
+        need(0 <= self.anneal_epochs <= self.epochs, "anneal_epochs", "in [0, epochs]")
+        need(self.budget_match in MIXING, "budget_match", f"one of {MIXING}")
         need(self.limit is None or self.limit >= 1, "limit", ">= 1 or None")
         need(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", ">= 1 or None")
         need(self.workers >= 0, "workers", ">= 0")
@@ -206,47 +225,74 @@ def arm_names(s: SpeedupSettings) -> List[str]:
     return list(s.policies) + frontier
 
 
-def arm_epochs(arm: str, s: SpeedupSettings, num_samples: int) -> float:
-    """The arm's run length in epochs of data (fractional for budget and frontier arms)."""
+def predictable(s: SpeedupSettings) -> bool:
+    """Whether the budget arm's length follows from the settings alone (no loss-driven skipping
+    in the matched arm), so it need not wait for that arm's run."""
+    return s.budget_match in ("mixtrain", "random")
+
+
+def run_order(s: SpeedupSettings) -> List[str]:
+    """:func:`arm_names` with the budget arm after the arm it matches, where it must be."""
+    arms = arm_names(s)
+    if "budget" in arms and not predictable(s):
+        if s.budget_match not in arms:
+            raise ValueError(f"budget_match={s.budget_match!r}: that arm must run too (add it "
+                             "to --policies), since its forward inputs are only known after "
+                             "its run")
+        arms.remove("budget")
+        arms.insert(arms.index(s.budget_match) + 1, "budget")
+    return arms
+
+
+def arm_epochs(arm: str, s: SpeedupSettings, num_samples: int,
+               matched_inputs: Optional[int] = None) -> float:
+    """The arm's run length in epochs of data (fractional for budget and frontier arms);
+    ``matched_inputs`` are the matched arm's forward inputs where they were measured."""
     if arm == "budget":
+        if matched_inputs is not None:
+            return matched_inputs / num_samples
+        if not predictable(s):
+            raise ValueError(f"the budget arm matches {s.budget_match!r}, whose forward inputs "
+                             "are known only after its run")
         return budget_epochs(s, num_samples)
     if arm.startswith(FRONTIER_PREFIX):
         return s.epochs * float(arm[len(FRONTIER_PREFIX):])
     return float(s.epochs)
 
 
-def arm_policy(arm: str, s: SpeedupSettings, num_samples: Optional[int] = None
-               ) -> PolicySettings:
+def arm_policy(arm: str, s: SpeedupSettings, num_samples: Optional[int] = None,
+               matched_inputs: Optional[int] = None) -> PolicySettings:
     """The selection-policy settings of one arm (budget and frontier arms need the dataset
     size, to match forward inputs)."""
     if arm == "none":
-        return settings_from_dict({"policy": "none"})
+        return NoneSettings()
     if arm == "budget" or arm.startswith(FRONTIER_PREFIX):
         if num_samples is None:
             raise ValueError(f"arm {arm!r} needs the number of training samples")
-        return settings_from_dict({"policy": "budget",
-                                   "epochs": arm_epochs(arm, s, num_samples)})
+        return BudgetSettings(epochs=arm_epochs(arm, s, num_samples, matched_inputs))
     if arm == "random":
-        return settings_from_dict({"policy": "random", "fraction": s.random_fraction(),
-                                   "layout": s.layout, "grid_cells": s.grid_cells})
+        return RandomSettings(fraction=s.random_fraction(), layout=s.layout,
+                              grid_cells=s.grid_cells)
     # a ramp runs linearly over the mixed epochs, from fraction_start to fraction
     ramp = {} if s.mix_schedule == "constant" else {
         "fraction_start": s.fraction_start, "ramp_epochs": max(s.mixed_epochs - 1, 0)}
-    mix = {"policy": "mixtrain", "warmup_epochs": s.warmup_epochs, "schedule": s.mix_schedule,
-           **ramp, "fraction": s.fraction, "statistic": s.statistic, "gamma": s.gamma,
-           "w_min": s.w_min, "layout": s.layout, "grid_cells": s.grid_cells, "epochs": s.epochs,
-           "final_full_epochs": s.final_full_epochs, "per_class": s.per_class}
+    mix = MixTrainSettings(warmup_epochs=s.warmup_epochs, schedule=s.mix_schedule, **ramp,
+                           fraction=s.fraction, statistic=s.statistic, gamma=s.gamma,
+                           w_min=s.w_min, layout=s.layout, grid_cells=s.grid_cells,
+                           epochs=s.epochs, final_full_epochs=s.final_full_epochs,
+                           per_class=s.per_class)
     if arm == "mixtrain":
-        return settings_from_dict(mix)
+        return mix
     if arm in ("assist", "assist+mixtrain"):
-        return settings_from_dict({"policy": "assist", "epochs": s.epochs,
-                                   "mix": mix if arm == "assist+mixtrain" else None})
-    if arm == "shrink":
-        return settings_from_dict({"policy": "shrink", "prune_ratio": s.prune_ratio,
-                                   "epochs": s.epochs})
+        return AssistSettings(epochs=s.epochs, mix=mix if arm == "assist+mixtrain" else None)
+    if arm in ("shrink", "shrink+mixtrain"):
+        return ShrinkSettings(prune_ratio=s.prune_ratio, epochs=s.epochs,
+                              anneal_epochs=s.anneal_epochs,
+                              mix=mix if arm == "shrink+mixtrain" else None)
     raise ValueError(f"unknown arm {arm!r}; known: {POLICIES} and {FRONTIER_PREFIX}<fraction>")
 
 
-def run_epochs(arm: str, s: SpeedupSettings, num_samples: int) -> int:
+def run_epochs(arm: str, s: SpeedupSettings, num_samples: int,
+               matched_inputs: Optional[int] = None) -> int:
     """Whole epochs the arm's loop runs (a partial last epoch counts as one)."""
-    return max(1, math.ceil(arm_epochs(arm, s, num_samples) - 1e-9))
+    return max(1, math.ceil(arm_epochs(arm, s, num_samples, matched_inputs) - 1e-9))
