@@ -218,3 +218,35 @@ def test_shrink_mixtrain_arm_skips_some_and_mixes_others():
     ledger.update(0, np.arange(n), np.random.default_rng(2).random(n).astype(np.float32))
     plan = make_plan(ledger.snapshot(), policy_settings("shrink+mixtrain", s), 0, 2)
     assert plan.skipped.size > 0 and (plan.counts == 4).any() and (plan.counts == 1).any()
+
+
+def _cli(*argv):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "mixpipe", "bench", "speedup", "--no-progress",
+                           *argv], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--data", "/nonexistent/tree"], "not a directory"),
+    (["--device", "cuda", "--limit", "10"], "no usable CUDA device"),
+    (["--device", "tpu"], "use cpu, cuda or cuda:N")])
+def test_bad_command_lines_end_in_one_line_naming_the_fix(argv, message):
+    done = _cli(*argv)
+    assert done.returncode != 0
+    err = done.stderr.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in done.stderr
+
+
+def test_an_unprepared_tree_is_named_with_the_prepare_command(tmp_path):
+    (tmp_path / "tree" / "train" / "cls").mkdir(parents=True)
+    done = _cli("--data", str(tmp_path / "tree"))
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "mixpipe data prepare tree --src" in done.stderr
+
+
+def test_one_epoch_is_enough_for_the_plain_arms():
+    SpeedupSettings(epochs=1, policies=("none", "budget"))  # no mixing arm: no warm-up needed
+    with pytest.raises(ValueError, match="warmup_epochs"):
+        SpeedupSettings(epochs=1, policies=("none", "mixtrain"))

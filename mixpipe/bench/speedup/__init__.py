@@ -43,6 +43,7 @@ def run_benchmark(s: SpeedupSettings, out: Optional[str] = None,
     from mixpipe.train import EvalBatches
     from mixpipe.train.distributed import barrier, init_distributed
 
+    check_device(s.device)
     if s.threads:
         torch.set_num_threads(s.threads)
     env = init_distributed()  # torchrun: join the job; plain python: one process
@@ -98,6 +99,22 @@ def run_benchmark(s: SpeedupSettings, out: Optional[str] = None,
     if env.is_main:
         print(table, flush=True)
     return payload
+
+
+def check_device(device: str) -> None:
+    """A one-line error for a device this torch cannot train on (before any data is read)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise SystemExit(f"--device {device!r}: {err}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: this torch ({torch.__version__}) has no usable "
+                         "CUDA device; use --device cpu, or install a CUDA build of torch on a "
+                         "GPU machine")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise SystemExit(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,7 @@ def load_data(s: SpeedupSettings, log: Callable[..., None] = print) -> Tuple[Any
     ``eval`` is the split ``s.eval_split`` names: ``val`` (held out of the training images, where
     settings are chosen) or ``test`` (scored once, for the record).
     """
-    from mixpipe.data import ArrayDataset, FileListDataset, find_prepared
+    from mixpipe.data import ArrayDataset, DataError, FileListDataset, find_prepared
 
     root = s.prepared_root
     if s.data == FASHION:
@@ -30,7 +30,15 @@ def load_data(s: SpeedupSettings, log: Callable[..., None] = print) -> Tuple[Any
     elif not os.path.isdir(root):
         raise SystemExit(f"--data {root}: not a directory; give 'fashion-mnist' or a directory "
                          "written by `mixpipe data prepare tree --src TREE --out DIR`")
-    prepared = find_prepared(root, ("train", "val", "test"))
+    if not os.path.exists(os.path.join(root, "classes.txt")):
+        raise SystemExit(f"--data {root}: not a prepared directory (no classes.txt); prepare "
+                         f"the class-folder tree first: mixpipe data prepare tree --src {root} "
+                         f"--out {root.rstrip('/')}-prepared, then pass --data "
+                         f"{root.rstrip('/')}-prepared")
+    try:
+        prepared = find_prepared(root, ("train", "val", "test"))
+    except DataError as err:
+        raise SystemExit(f"--data {root}: {err}") from None
     kinds = prepared.splits.get("train", {})
     if "arrays" in kinds:
         dataset = ArrayDataset
