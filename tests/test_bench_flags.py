@@ -16,11 +16,21 @@ def _parser():
     return parser
 
 
-def test_every_speedup_setting_has_a_flag_with_help():
-    options = {o for action in _parser()._actions for o in action.option_strings}
-    for f in dataclasses.fields(SpeedupSettings):
-        assert flag_name(f) in options, f"SpeedupSettings.{f.name} has no flag"
-        assert f.metadata.get("help"), f"SpeedupSettings.{f.name} has no help text"
+def _benchmarks():
+    """(settings class, add_arguments) of every benchmark whose settings are a dataclass."""
+    from mixpipe.bench import local
+
+    return [(SpeedupSettings, add_arguments), (local.LocalBenchSettings, local.add_arguments)]
+
+
+@pytest.mark.parametrize("cls,add", _benchmarks(), ids=lambda x: getattr(x, "__name__", "add"))
+def test_every_benchmark_setting_has_a_flag_with_help(cls, add):
+    parser = argparse.ArgumentParser()
+    add(parser)
+    options = {o for action in parser._actions for o in action.option_strings}
+    for f in dataclasses.fields(cls):
+        assert flag_name(f) in options, f"{cls.__name__}.{f.name} has no flag"
+        assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
 
 
 def test_a_field_without_help_is_refused():

@@ -32,6 +32,8 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from mixpipe.bench.flags import add_flags, field, settings_from_args
+
 __all__ = ["LocalBenchSettings", "saved_activation_bytes", "run_benchmark", "add_arguments",
            "run"]
 
@@ -40,23 +42,25 @@ ARMS = ("sgd", "static", "dynamic")
 
 @dataclasses.dataclass(frozen=True)
 class LocalBenchSettings:
-    """What defines a run; recorded in the JSON beside the results."""
+    """What defines a run; recorded in the JSON beside the results. Every field is a flag
+    (:mod:`mixpipe.bench.flags`)."""
 
-    data_root: str = "data/fashion-mnist"
-    model: str = "resnet-tiny"
-    epochs: int = 6
-    arms: Tuple[str, ...] = ARMS
-    seeds: Tuple[int, ...] = (0,)
-    limit: Optional[int] = 12000
-    val_limit: Optional[int] = 2000
-    batch_size: int = 128
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    local_lr: float = 0.01
-    threads: Optional[int] = None
-    step_repeats: int = 15
-    progress: bool = True
+    data_root: str = field("data/fashion-mnist", "where Fashion-MNIST is (or will be) prepared")
+    model: str = field("resnet-tiny", "model (mixpipe.train.build_model names)")
+    epochs: int = field(6, "epochs per arm")
+    arms: Tuple[str, ...] = field(ARMS, "arms: plain SGD, LoCal with a static or a dynamic "
+                                        "boundary", choices=ARMS)
+    seeds: Tuple[int, ...] = field((0,), "seeds")
+    limit: Optional[int] = field(12000, "train on the first N samples (none: all)")
+    val_limit: Optional[int] = field(2000, "score the first N validation samples (none: all)")
+    batch_size: int = field(128, "batch size")
+    lr: float = field(0.1, "base learning rate (SGD)")
+    momentum: float = field(0.9, "SGD momentum")
+    weight_decay: float = field(5e-4, "weight decay")
+    local_lr: float = field(0.01, "learning rate of the local rule")
+    threads: Optional[int] = field(None, "torch intra-op threads (none: torch's default)")
+    step_repeats: int = field(15, "timed repeats of one training step per transition")
+    progress: bool = field(True, "progress bars")
 
     def __post_init__(self) -> None:
         def need(cond: bool, field: str, allowed: str) -> None:
@@ -375,46 +379,22 @@ QUICK = dict(limit=3000, val_limit=1000, epochs=3, step_repeats=5)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = LocalBenchSettings()
-    parser.add_argument("--data-root", default=d.data_root)
-    parser.add_argument("--model", default=d.model)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--arms", default=",".join(d.arms), help=f"comma list from {ARMS}")
-    parser.add_argument("--seeds", default="0", help="comma list of seeds")
-    parser.add_argument("--limit", type=int, default=None,
-                        help=f"train on the first N samples (default {d.limit}; 0 = all)")
-    parser.add_argument("--val-limit", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=d.batch_size)
-    parser.add_argument("--lr", type=float, default=d.lr)
-    parser.add_argument("--local-lr", type=float, default=d.local_lr)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help=f"a smoke run: {QUICK}")
-    parser.add_argument("--no-progress", action="store_true")
+    add_flags(parser, LocalBenchSettings)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a smoke run: {QUICK} unless given explicitly")
     parser.add_argument("--out", default=None, help="JSON path (default results/bench_local.json"
                                                     " or results/bench_local-quick.json)")
 
 
-def settings_from_args(args: argparse.Namespace) -> LocalBenchSettings:
-    d = LocalBenchSettings()
-    quick = dict(QUICK) if args.quick else {}
-
-    def pick(value, key, default):
-        return value if value is not None else quick.get(key, default)
-
-    limit = pick(args.limit, "limit", d.limit)
-    val_limit = pick(args.val_limit, "val_limit", d.val_limit)
-    return LocalBenchSettings(
-        data_root=args.data_root, model=args.model, epochs=pick(args.epochs, "epochs", d.epochs),
-        arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
-        seeds=tuple(int(x) for x in args.seeds.split(",") if x.strip()),
-        limit=limit or None, val_limit=val_limit or None, batch_size=args.batch_size,
-        lr=args.lr, local_lr=args.local_lr, threads=args.threads,
-        step_repeats=quick.get("step_repeats", d.step_repeats), progress=not args.no_progress)
+def settings_from(args: argparse.Namespace) -> LocalBenchSettings:
+    """The defaults (or the quick presets) with every given flag laid over them."""
+    base = LocalBenchSettings(**QUICK) if getattr(args, "quick", False) else None
+    return settings_from_args(args, LocalBenchSettings, base)
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        s = settings_from_args(args)
+        s = settings_from(args)
     except ValueError as err:
         print(f"local bench: {err}", file=sys.stderr)
         return 2
