@@ -173,7 +173,7 @@ class _ServerAt:
 
     def plan(self, epoch: int, rank: int = 0, world_size: int = 1) -> MixPlan:
         if self._client is None:
-            from ..server import connect  # written by the server issue
+            from ..server import connect
 
             # With num_samples the client itself falls back to the `none` policy's plan (the
             # same on every rank) and warns once.
@@ -181,5 +181,3 @@ class _ServerAt:
                                    seed=self.seed)
         return self._client.plan(epoch, rank, world_size)
 
-
-__all__ += ["FixedPlans"]
