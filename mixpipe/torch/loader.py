@@ -332,7 +332,8 @@ def collate_mixed(items: Sequence[dict]) -> MixedBatch:
 class MixedLoader:
     """DataLoader over a plan source: ``set_epoch(e)``, then iterate :class:`MixedBatch` es.
 
-    ``len()`` is the batch count of the current epoch's plan (it changes with the plan).
+    Meets :class:`mixpipe.core.loader.PlanLoader`. ``len()`` is the batch count of the current
+    epoch's plan (it changes with the plan).
     """
 
     def __init__(self, dataset: Dataset, source: PlanSource, batch_size: int,
@@ -354,6 +355,10 @@ class MixedLoader:
                                  persistent_workers=persistent_workers and num_workers > 0)
 
     @property
+    def source(self) -> PlanSource:
+        return self.sampler.source
+
+    @property
     def plan(self) -> Optional[MixPlan]:
         return self.sampler.plan
 
@@ -368,3 +373,10 @@ class MixedLoader:
         if self.sampler.plan is None:
             self.set_epoch(0)
         return iter(self.loader)
+
+    def close(self) -> None:
+        """End persistent workers now; torch's DataLoader has no public call for it, and
+        otherwise they live until the loader is garbage-collected."""
+        running, self.loader._iterator = self.loader._iterator, None
+        if running is not None and hasattr(running, "_shutdown_workers"):
+            running._shutdown_workers()
