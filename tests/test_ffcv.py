@@ -391,6 +391,16 @@ def test_a_decoder_serves_one_loader_only(simple_loader, textured_beton):
                   pipelines={"image": [decoder], "label": [MixLabelDecoder()]})
 
 
+def test_compiled_filter_taps_are_the_core_definition_bit_for_bit():
+    from mixpipe.core.filter import filter_taps
+    from mixpipe.ffcv.kernels import _taps
+
+    for src, dst in [(28, 16), (16, 32), (7, 3), (375, 224), (512, 112), (1000, 7)]:
+        for got, want in zip(_taps(src, dst), filter_taps(src, dst)):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
+
+
 # --------------------------------------------------------------------------------- geometry
 def test_region_tables_equal_core_regions():
     plan = mixed_plan(seed=11)
