@@ -1,7 +1,7 @@
 """The reference composer against a slow per-pixel reference written here.
 
 Resampling is checked against torch's own antialiased interpolate (an independent
-implementation); the layout geometry is re-derived in this file from the rules in DESIGN.md.
+implementation); the layout geometry is re-derived in this file from the rules in docs/design.md.
 """
 from __future__ import annotations
 
