@@ -6,12 +6,9 @@ works with persistent workers across epochs whose plans differ.
 
 The DataLoader hands a worker a whole batch of slots (``MixedDataset.__getitems__``), which is
 built in one go by :func:`mixpipe.core.compose.compose_slots`: item by item, the numpy per-call
-overhead of composing (about 400 us per HALVES slot of 32x32 images) ate a large share of the
-forward passes mixing saves. The composites are the same bytes as ``dataset[slot]`` gives.
-Measured side by side (8k Fashion-MNIST 32x32, flip, batch 128, 2 shared CPU cores at load ~3,
-median of 5 epochs, per composite): a QUADS plan mixing 71% went from 146 to 59 us with no
-worker and from 181 to 68 us with one; an unmixed plan from 54 to 36 us and 90 to 42 us; the
-training process's own CPU per composite with one worker from 20 to 11 us.
+overhead of composing ate a large share of the forward passes mixing saves (figures in
+benchmarks/README.md, "Loaders in the speed-up benchmark"). The composites are the same bytes as
+``dataset[slot]`` gives.
 """
 from __future__ import annotations
 
