@@ -239,6 +239,7 @@ def check_epoch(batches, plan: MixPlan, labels: np.ndarray, batch_size: int) -> 
     assert sorted(flat) == sorted(set(flat))  # no id twice
 
 
+@pytest.mark.slow
 def test_every_sample_once_per_epoch_with_parallel_workers_and_changing_plans():
     n, batch = 22, 4
     labels = (np.arange(n) * 7) % 10

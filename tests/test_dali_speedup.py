@@ -152,6 +152,7 @@ def test_crop_gives_region_sized_uint8_scale_composites(prepared):
 
 
 # ----------------------------------------------------------------------------- mixed
+@pytest.mark.slow
 def test_mixed_plans_cover_every_sample_once_with_parallel_source(prepared):
     train = _Subset(ArrayDataset(prepared, "train"), None)
     service = InProcessService(N_TRAIN, {"policy": "random", "fraction": 0.6, "layout": "halves",
@@ -236,6 +237,7 @@ def test_warm_files_reads_the_subset_or_nothing(prepared):
 
 
 # ----------------------------------------------------------------------------- shutdown
+@pytest.mark.slow
 def test_unfinished_run_exits_without_hanging(prepared):
     """A loader dropped mid-run (no close) must not keep the interpreter from exiting."""
     script = textwrap.dedent(f"""
@@ -258,6 +260,7 @@ def test_unfinished_run_exits_without_hanging(prepared):
 
 
 # ----------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_benchmark_runs_the_dali_arm(prepared):
     threads = torch.get_num_threads()  # run_benchmark sets torch's thread count
     try:

@@ -173,6 +173,7 @@ def simple_loader(textured_beton):
 
 
 # ------------------------------------------------------------------------------------ tests
+@pytest.mark.slow
 def test_composites_equal_reference_compose_for_every_layout(simple_loader, textured_beton):
     loader, plans = simple_loader
     _, decoded, labels = textured_beton
@@ -193,6 +194,7 @@ def test_composites_equal_reference_compose_for_every_layout(simple_loader, text
     np.testing.assert_array_equal(cat(batches, "targets"), want_targets)
 
 
+@pytest.mark.slow
 def test_each_epoch_covers_every_id_once_and_len_follows_the_plan(simple_loader):
     loader, plans = simple_loader
     # fewer slots than singles, then MORE slots than the epoch before, then fewer again
@@ -218,6 +220,7 @@ def test_each_epoch_covers_every_id_once_and_len_follows_the_plan(simple_loader)
             plans.next = script[i + 1]
 
 
+@pytest.mark.slow
 def test_abandoned_epoch_does_not_leak_into_the_next(simple_loader):
     loader, plans = simple_loader
     plans.next = MixPlan.singles(N)
@@ -228,6 +231,7 @@ def test_abandoned_epoch_does_not_leak_into_the_next(simple_loader):
     np.testing.assert_array_equal(cat(batches, "ids"), plans.next.ids)
 
 
+@pytest.mark.slow
 def test_random_resized_crops_match_reference_and_stay_in_bounds(textured_beton):
     path, decoded, _ = textured_beton
     plans = ScriptedPlans()
@@ -254,6 +258,7 @@ def test_random_resized_crops_match_reference_and_stay_in_bounds(textured_beton)
     np.testing.assert_array_equal(decoder.crops[:plan.num_slots], first)
 
 
+@pytest.mark.slow
 def test_fast_resize_mode_stays_close_to_the_reference(textured_beton):
     """resize="fast" (FFCV's OpenCV INTER_AREA) is not the reference filter: bounded drift."""
     path, decoded, labels = textured_beton
@@ -279,6 +284,7 @@ def coloured_beton(tmp_path_factory):
     return write_beton(tmp_path_factory.mktemp("ffcv") / "coloured.beton", id_coloured)
 
 
+@pytest.mark.slow
 def test_labels_and_ids_are_aligned_with_pixels(coloured_beton):
     plans = ScriptedPlans()
     loader = MixLoader(coloured_beton, 8, plans, num_workers=1, os_cache=False, pipelines={
@@ -301,6 +307,7 @@ def test_labels_and_ids_are_aligned_with_pixels(coloured_beton):
                     assert read_id(centre) == sample
 
 
+@pytest.mark.slow
 def test_compiler_disabled_gives_the_same_results(simple_loader, textured_beton):
     loader, plans = simple_loader
     plan = mixed_plan(seed=9)
@@ -321,6 +328,7 @@ def test_compiler_disabled_gives_the_same_results(simple_loader, textured_beton)
         np.testing.assert_array_equal(cat(py_batches, field), cat(compiled_batches, field))
 
 
+@pytest.mark.slow
 def test_ffcv_transforms_run_after_the_mixing_decoder(textured_beton, simple_loader):
     path = textured_beton[0]
     plans = ScriptedPlans()
@@ -342,6 +350,7 @@ def test_ffcv_transforms_run_after_the_mixing_decoder(textured_beton, simple_loa
 
 
 # --------------------------------------------------------------------------------- bad input
+@pytest.mark.slow
 def test_fields_without_a_mixing_decoder_are_refused(textured_beton):
     with pytest.raises(ValueError, match="'label' has no pipeline"):
         MixLoader(textured_beton[0], 8, ScriptedPlans(),
@@ -354,6 +363,7 @@ def test_fields_without_a_mixing_decoder_are_refused(textured_beton):
                   pipelines={"image": [SimpleMixDecoder()], "label": [SimpleMixDecoder()]})
 
 
+@pytest.mark.slow
 def test_plans_that_do_not_fit_are_refused(simple_loader):
     loader, plans = simple_loader
     plans.next = MixPlan.singles(N + 1)
@@ -367,6 +377,7 @@ def test_plans_that_do_not_fit_are_refused(simple_loader):
     plans.next = MixPlan.singles(N)  # leave the shared loader usable
 
 
+@pytest.mark.slow
 def test_an_unreachable_server_gives_an_unmixed_epoch(simple_loader):
     loader, plans = simple_loader
 
@@ -383,6 +394,7 @@ def test_an_unreachable_server_gives_an_unmixed_epoch(simple_loader):
     np.testing.assert_array_equal(cat(batches, "ids"), np.arange(N)[:, None])
 
 
+@pytest.mark.slow
 def test_a_decoder_serves_one_loader_only(simple_loader, textured_beton):
     loader, _ = simple_loader
     decoder = loader.ffcv.pipeline_specs["image"].decoder

@@ -220,6 +220,7 @@ def test_fallback_without_a_dataset_size_is_a_clear_error():
     client.close()
 
 
+@pytest.mark.slow
 def test_client_reconnects_when_the_server_comes_back(tmp_path):
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
@@ -250,6 +251,7 @@ def start_serve(state_dir, port, policy, seed=5):
     return proc, line
 
 
+@pytest.mark.slow
 def test_serve_killed_after_acks_restarts_with_every_acknowledged_report(tmp_path):
     policy = "mixtrain"
     port = free_port()
@@ -300,6 +302,7 @@ def test_serve_killed_after_acks_restarts_with_every_acknowledged_report(tmp_pat
     (["--policy", "none", "--policy-json", '{"no_such_field": 1}'], "no_such_field"),
     (["--policy", "none", "--policy-json", "{oops"], "not valid JSON"),
 ])
+@pytest.mark.slow
 def test_serve_refuses_bad_policy_settings(args, message):
     out = subprocess.run([PY, "-m", "mixpipe", "serve", "--num-samples", "10", "--bind",
                           f"tcp://127.0.0.1:{free_port()}", *args],
@@ -307,6 +310,7 @@ def test_serve_refuses_bad_policy_settings(args, message):
     assert out.returncode == 2 and message in out.stderr
 
 
+@pytest.mark.slow
 def test_serve_takes_policy_settings_as_json(tmp_path):
     port = free_port()
     proc = subprocess.Popen([PY, "-m", "mixpipe", "serve", "--num-samples", str(N), "--bind",
@@ -339,6 +343,7 @@ CLIENT = textwrap.dedent("""
 """).format(n=N)
 
 
+@pytest.mark.slow
 def test_eight_client_processes_reporting_at_once_lose_nothing(served):
     svc, server, _client = served
     procs = [subprocess.Popen([PY, "-c", CLIENT, server.endpoint, str(rank)],
