@@ -278,6 +278,9 @@ def test_epochs_advance_without_set_epoch_and_quads_arrive_whole():
         second = list(it)  # epoch 1 without set_epoch: the second plan
         assert it.epoch == 1
         check_epoch(second, MixPlan.singles(n), labels, batch)
+    it.close()  # a second close is a no-op
+    with pytest.raises(RuntimeError, match="closed"):
+        it.set_epoch(2)
 
 
 class _Down:
