@@ -1,4 +1,4 @@
-"""fit's named steps, each on its own: epoch start, step, loss report, commit, evaluation, record."""
+"""fit's named steps, each alone: epoch start, step, loss report, commit, evaluation, record."""
 import numpy as np
 import pytest
 import torch
