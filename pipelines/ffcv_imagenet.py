@@ -10,7 +10,7 @@ From Python::
     from pipelines.ffcv_imagenet import write_beton, train, val
     write_beton("data/imagenet", "train")           # -> data/imagenet/train.beton
     loader = train("data/imagenet/train.beton", 256, service)
-    for batch in loader.mixed(): ...                # mixpipe.core.batch.MixedBatch
+    for batch in loader: ...                        # mixpipe.core.batch.MixedBatch
 
 From the command line::
 

@@ -1,7 +1,7 @@
 """The reference composer against a slow per-pixel reference written here.
 
 Resampling is checked against torch's own antialiased interpolate (an independent
-implementation); the layout geometry is re-derived in this file from the rules in DESIGN.md.
+implementation); the layout geometry is re-derived in this file from the rules in docs/design.md.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mixpipe.core.compose import compose_batch, compose_slot, region_masks_batch, resize
+from mixpipe.core.filter import filter_taps, resize_weights
 from mixpipe.core.layouts import region_masks, regions, snap_weights, split_position
 from mixpipe.core.plan import Layout
 
@@ -120,6 +121,17 @@ def test_resize_rows_are_a_partition_of_unity() -> None:
     for src, dst in [(32, 16), (16, 32), (7, 3), (224, 96)]:
         image = np.ones((src, src, 1), np.float32)
         np.testing.assert_allclose(resize(image, dst, dst), 1.0, atol=1e-5)
+
+
+def test_the_resize_matrix_is_the_filter_taps_spread_out() -> None:
+    for src, dst in [(28, 16), (16, 32), (7, 3), (512, 112), (1000, 7)]:
+        first, count, taps = filter_taps(src, dst)
+        matrix = resize_weights(src, dst)
+        for i in range(dst):
+            lo, hi = first[i], first[i] + count[i]
+            np.testing.assert_array_equal(matrix[i, lo:hi], taps[i, :count[i]])
+            assert not matrix[i, :lo].any() and not matrix[i, hi:].any()
+            assert math.isclose(float(taps[i].sum(dtype=np.float64)), 1.0, abs_tol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])

@@ -17,7 +17,7 @@ from mixpipe.core.compose import compose_slot  # noqa: E402
 from mixpipe.core.layouts import regions  # noqa: E402
 from mixpipe.core.plan import Layout, MixPlan  # noqa: E402
 from mixpipe.dali import (FileList, FixedPlans, FixedView, InMemoryImages,  # noqa: E402
-                          MixIterator, PlanBoard, PlanNotPublished, PlanSource, RandomView, close_pipeline,
+                          MixIterator, PlanBoard, PlanNotPublished, SlotSource, RandomView, close_pipeline,
                           epoch_walk, image_size, mix, plan_inputs, unpack_meta)
 
 
@@ -52,7 +52,7 @@ def id_images(n: int, size=(24, 24)) -> list:
             for i in range(n)]
 
 
-def run_raw(source: PlanSource, walk: MixPlan, batch_size: int, parallel: bool = False):
+def run_raw(source: SlotSource, walk: MixPlan, batch_size: int, parallel: bool = False):
     """Run one round of a raw (un-normalised) mixing pipeline; outputs per slot as numpy."""
     source.board.publish(0, walk)
 
@@ -75,7 +75,7 @@ def run_raw(source: PlanSource, walk: MixPlan, batch_size: int, parallel: bool =
         close_pipeline(pipe)
 
 
-def raw_pipeline(source: PlanSource, batch_size: int, parallel: bool):
+def raw_pipeline(source: SlotSource, batch_size: int, parallel: bool):
     @pipeline_def(enable_conditionals=True, batch_size=batch_size, num_threads=1,
                   device_id=None, py_num_workers=2, py_start_method="fork",
                   prefetch_queue_depth=2)
@@ -116,7 +116,7 @@ def test_composite_matches_reference_compose_for_every_layout(flip):
     images = InMemoryImages(encoded, [i % 3 for i in range(len(encoded))])
     plan = MixPlan.from_slots([(ids, w, lay) for ids, w, lay in ALL_LAYOUTS], len(encoded),
                               skipped=[])
-    source = PlanSource(images, PlanBoard.temporary(), size=(32, 32), stride=8,
+    source = SlotSource(images, PlanBoard.temporary(), size=(32, 32), stride=8,
                         view=FixedView(flip=flip))
     walk = epoch_walk(plan, batch_size=len(ALL_LAYOUTS), shuffle=False)
     rows = run_raw(source, walk, len(ALL_LAYOUTS))
@@ -152,7 +152,7 @@ def test_constituents_already_region_sized_are_pasted_exactly():
             shapes[i] = (reg.height, reg.width)
     encoded = [jpeg(smooth_image(*shapes[i], seed=i)) for i in range(8)]
     plan = MixPlan.from_slots(plan_slots, 8)
-    source = PlanSource(InMemoryImages(encoded, [0] * 8), PlanBoard.temporary(), (32, 32), 8,
+    source = SlotSource(InMemoryImages(encoded, [0] * 8), PlanBoard.temporary(), (32, 32), 8,
                         view=FixedView())
     rows = run_raw(source, epoch_walk(plan, 3, shuffle=False), 3)
     for (ids, weights, layout), row in zip(plan_slots, rows):
@@ -162,7 +162,7 @@ def test_constituents_already_region_sized_are_pasted_exactly():
 
 def test_geometry_comes_from_core_regions_and_random_view_stays_inside_the_image():
     encoded = [jpeg(smooth_image(h, w, i)) for i, (h, w) in enumerate(SIZES)]
-    source = PlanSource(InMemoryImages(encoded, [0] * len(SIZES)), PlanBoard.temporary(),
+    source = SlotSource(InMemoryImages(encoded, [0] * len(SIZES)), PlanBoard.temporary(),
                         (64, 96), stride=16, view=RandomView())
     plan = MixPlan.from_slots([(ids, w, lay) for ids, w, lay in ALL_LAYOUTS], len(SIZES))
     for row in range(plan.num_slots):
@@ -239,13 +239,14 @@ def check_epoch(batches, plan: MixPlan, labels: np.ndarray, batch_size: int) -> 
     assert sorted(flat) == sorted(set(flat))  # no id twice
 
 
+@pytest.mark.slow
 def test_every_sample_once_per_epoch_with_parallel_workers_and_changing_plans():
     n, batch = 22, 4
     labels = (np.arange(n) * 7) % 10
     images = InMemoryImages(id_images(n), labels)
     plans = [pair_plan(n, 0, Layout.HALVES, 0.5), pair_plan(n, 1, Layout.BLEND, 0.9),
              MixPlan.singles(n, epoch=2, order=np.random.default_rng(3).permutation(n))]
-    source = PlanSource(images, PlanBoard.temporary(), (24, 24), stride=8, view=FixedView())
+    source = SlotSource(images, PlanBoard.temporary(), (24, 24), stride=8, view=FixedView())
     pipe = raw_pipeline(source, batch, parallel=True)
     with MixIterator(pipe, source, FixedPlans(*plans)) as it:
         for epoch, plan in enumerate(plans):
@@ -269,7 +270,7 @@ def test_epochs_advance_without_set_epoch_and_quads_arrive_whole():
                                 ([4, 5, 6, 7], [0.5, 0.25, 0.125, 0.125], Layout.QUADS),
                                 ([8], [1.0], Layout.SINGLE)], n, epoch=0)
     images = InMemoryImages(id_images(n, (32, 32)), labels)
-    source = PlanSource(images, PlanBoard.temporary(), (32, 32), stride=8, view=FixedView())
+    source = SlotSource(images, PlanBoard.temporary(), (32, 32), stride=8, view=FixedView())
     pipe = raw_pipeline(source, batch, parallel=False)
     with MixIterator(pipe, source, FixedPlans(quads, MixPlan.singles(n))) as it:
         first = list(it)
@@ -277,6 +278,9 @@ def test_epochs_advance_without_set_epoch_and_quads_arrive_whole():
         second = list(it)  # epoch 1 without set_epoch: the second plan
         assert it.epoch == 1
         check_epoch(second, MixPlan.singles(n), labels, batch)
+    it.close()  # a second close is a no-op
+    with pytest.raises(RuntimeError, match="closed"):
+        it.set_epoch(2)
 
 
 class _Down:
@@ -288,7 +292,7 @@ class _Down:
 def test_unreachable_server_gives_single_only_batches_with_one_warning(plans):
     n, batch = 10, 4
     labels = np.arange(n) % 3
-    source = PlanSource(InMemoryImages(id_images(n), labels), PlanBoard.temporary(), (24, 24),
+    source = SlotSource(InMemoryImages(id_images(n), labels), PlanBoard.temporary(), (24, 24),
                         stride=8, view=FixedView())
     pipe = raw_pipeline(source, batch, parallel=False)
     with warnings.catch_warnings(record=True) as caught:
@@ -359,7 +363,7 @@ def test_temporary_board_is_removed_with_its_owner():
 
 def test_source_pickles_and_refuses_plans_it_cannot_deliver(tmp_path):
     images = InMemoryImages(id_images(6), np.zeros(6))
-    source = PlanSource(images, PlanBoard(str(tmp_path)), (24, 24), stride=8,
+    source = SlotSource(images, PlanBoard(str(tmp_path)), (24, 24), stride=8,
                         max_constituents=2)
     clone = pickle.loads(pickle.dumps(source))
     assert clone.size == (24, 24) and clone.max_constituents == 2
@@ -369,11 +373,11 @@ def test_source_pickles_and_refuses_plans_it_cannot_deliver(tmp_path):
         source.check_plan(quads)
     with pytest.raises(ValueError, match="7 samples but the source has 6"):
         source.check_plan(MixPlan.singles(7))
-    tiny = PlanSource(images, PlanBoard(str(tmp_path)), (8, 24), stride=8)
+    tiny = SlotSource(images, PlanBoard(str(tmp_path)), (8, 24), stride=8)
     with pytest.raises(ValueError, match="QUADS"):
         tiny.check_plan(quads)
     with pytest.raises(ValueError, match="stride"):
-        PlanSource(images, PlanBoard(str(tmp_path)), (24, 24), stride=0)
+        SlotSource(images, PlanBoard(str(tmp_path)), (24, 24), stride=0)
 
 
 def test_file_list_reads_the_prepared_layout_and_reports_bad_lines(tmp_path):

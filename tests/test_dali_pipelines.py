@@ -54,6 +54,7 @@ class _Pairs:
         return MixPlan.from_slots(slots, self.n, epoch=epoch)
 
 
+@pytest.mark.slow
 def test_small_pipeline_trains_on_the_prepared_tree_and_delivers_every_sample(tmp_path):
     write_prepared(tmp_path, 14, 5, 32)
     loader = dali_small.train_loader(str(tmp_path), batch_size=4, plans=_Pairs(14),
@@ -90,6 +91,7 @@ def test_val_pipelines_read_in_order_and_normalise(tmp_path):
             close_pipeline(pipe)
 
 
+@pytest.mark.slow
 def test_imagenet_cli_runs_batches_and_prints_throughput(tmp_path, capsys):
     write_prepared(tmp_path, 12, 2, 64)
     code = dali_imagenet.cli_main(dali_imagenet.SETTINGS, "test", [

@@ -68,15 +68,19 @@ def settings(data: str, **kw) -> SpeedupSettings:
 
 
 def run_epochs(loader, epochs, service=None):
-    """Every epoch's (plan, batches); batches as numpy dicts, len() taken before iterating."""
+    """Every epoch's (plan, batches); batches as numpy dicts, len() taken before iterating. The
+    loader is closed afterwards, as the benchmark closes it after an arm's last epoch."""
     out = []
-    for epoch in range(epochs):
-        plan = loader.set_epoch(epoch)
-        steps = len(loader)
-        batches = [{k: getattr(b, k).numpy().copy() for k in b._fields} for b in loader]
-        out.append((plan, steps, batches))
-        if service is not None:
-            service.commit(epoch)
+    try:
+        for epoch in range(epochs):
+            plan = loader.set_epoch(epoch)
+            steps = len(loader)
+            batches = [{k: getattr(b, k).numpy().copy() for k in b._fields} for b in loader]
+            out.append((plan, steps, batches))
+            if service is not None:
+                service.commit(epoch)
+    finally:
+        loader.close()
     return out
 
 
@@ -95,7 +99,7 @@ def test_unmixed_epochs_cover_every_sample_on_the_torch_scale(prepared):
     s = settings(prepared)
     loader = speedup_loader(s, train, None, seed=0)
     epochs = run_epochs(loader, 2)
-    assert loader.closed  # closed itself after epoch s.epochs - 1
+    assert loader.closed
     for plan, steps, batches in epochs:
         assert plan.num_slots == N_TRAIN  # the plan, not the padded walk
         assert steps == len(batches) == -(-N_TRAIN // BATCH)
@@ -153,6 +157,7 @@ def test_crop_gives_region_sized_uint8_scale_composites(prepared):
 
 
 # ----------------------------------------------------------------------------- mixed
+@pytest.mark.slow
 def test_mixed_plans_cover_every_sample_once_with_parallel_source(prepared):
     train = _Subset(ArrayDataset(prepared, "train"), None)
     service = InProcessService(N_TRAIN, {"policy": "random", "fraction": 0.6, "layout": "halves",
@@ -237,6 +242,7 @@ def test_warm_files_reads_the_subset_or_nothing(prepared):
 
 
 # ----------------------------------------------------------------------------- shutdown
+@pytest.mark.slow
 def test_unfinished_run_exits_without_hanging(prepared):
     """A loader dropped mid-run (no close) must not keep the interpreter from exiting."""
     script = textwrap.dedent(f"""
@@ -260,6 +266,7 @@ def test_unfinished_run_exits_without_hanging(prepared):
 
 
 # ----------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_benchmark_runs_the_dali_arm(prepared):
     threads = torch.get_num_threads()  # run_benchmark sets torch's thread count
     try:

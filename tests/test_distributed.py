@@ -26,6 +26,7 @@ def two_ranks(tmp_path_factory):
     return results
 
 
+@pytest.mark.slow
 def test_ranks_cover_every_sample_exactly_once_per_epoch(two_ranks):
     assert [r["world"] for r in two_ranks] == [2, 2]
     assert {r["backend"] for r in two_ranks} == {"gloo"}
@@ -36,6 +37,7 @@ def test_ranks_cover_every_sample_exactly_once_per_epoch(two_ranks):
         assert all(0 < r["seen"][epoch].size < N for r in two_ranks)
 
 
+@pytest.mark.slow
 def test_every_rank_reports_its_losses_and_the_ledger_counts_each_sample_per_epoch(two_ranks):
     for epoch in range(EPOCHS):
         ids = np.concatenate([r["reports"][epoch][0] for r in two_ranks])
@@ -54,6 +56,7 @@ def test_every_rank_reports_its_losses_and_the_ledger_counts_each_sample_per_epo
     assert two_ranks[0]["state"]["pending"] == {}
 
 
+@pytest.mark.slow
 def test_each_rank_gets_its_shard_of_one_global_plan(two_ranks):
     """Replay the job's reports into a fresh in-process service: its global plans, sharded,
     must be byte for byte what each rank's loader got."""
@@ -71,6 +74,7 @@ def test_each_rank_gets_its_shard_of_one_global_plan(two_ranks):
     assert mixed_epochs == EPOCHS - 1  # warm-up, then mixing: the test exercises real plans
 
 
+@pytest.mark.slow
 def test_ddp_keeps_the_ranks_parameters_identical(two_ranks):
     # (BatchNorm running statistics are rank-local between forwards, as in any DDP job)
     a, b = (r["weights"] for r in two_ranks)
@@ -106,6 +110,7 @@ def test_resilient_service_passes_refusals_through():
     assert service.dropped_losses == 0
 
 
+@pytest.mark.slow
 def test_ranks_whose_plans_differ_in_length_still_take_the_same_steps(tmp_path):
     """Rank 1 cannot reach the server and trains on the longer unmixed fallback shard; without
     agreeing on the step count DDP would hang at the first all-reduce rank 0 skips."""
@@ -128,6 +133,7 @@ def test_ranks_whose_plans_differ_in_length_still_take_the_same_steps(tmp_path):
     assert r1["dropped"] > 0 and r0["dropped"] == 0
 
 
+@pytest.mark.slow
 def test_concurrent_rank_processes_over_loopback_lose_no_report():
     """The load benchmark's machinery, small: every acknowledged loss is in the ledger file."""
     from mixpipe.bench.load import LoadSettings, run_load

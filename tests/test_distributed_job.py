@@ -85,6 +85,13 @@ class Watched:
         self.seen: Dict[int, List[np.ndarray]] = {}
         self.epoch = -1
 
+    @property
+    def source(self):
+        return self.loader.source
+
+    def close(self):
+        self.loader.close()
+
     def set_epoch(self, epoch):
         self.epoch = epoch
         return self.loader.set_epoch(epoch)

@@ -6,6 +6,7 @@ import threading
 import warnings
 
 import numpy as np
+import pytest
 import torch
 
 from mixpipe.core.ledger import Ledger
@@ -44,6 +45,7 @@ def _reference(recorder, epochs):
     return ref, plans
 
 
+@pytest.mark.slow
 def test_server_sigkilled_and_restarted_mid_epoch_loses_nothing_acknowledged(tmp_path):
     import json
 
@@ -112,6 +114,7 @@ def test_unreachable_server_falls_back_to_no_mixing_with_one_warning():
     assert service.dropped_losses == 2 * N and service.dropped_commits == 2
 
 
+@pytest.mark.slow
 def test_a_rank_that_dies_leaves_the_server_consistent_and_the_survivors_reports_intact(
         tmp_path):
     state = str(tmp_path / "state")

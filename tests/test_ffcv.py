@@ -125,7 +125,7 @@ def plain_decoded(path: str) -> tuple:
 
 
 def run_epoch(loader: MixLoader):
-    batches = list(loader.mixed())
+    batches = list(loader)
     return ([np.asarray(b.image.permute(0, 2, 3, 1)) for b in batches],
             [b for b in batches])
 
@@ -173,12 +173,13 @@ def simple_loader(textured_beton):
 
 
 # ------------------------------------------------------------------------------------ tests
+@pytest.mark.slow
 def test_composites_equal_reference_compose_for_every_layout(simple_loader, textured_beton):
     loader, plans = simple_loader
     _, decoded, labels = textured_beton
     plans.next = mixed_plan(seed=1)
     images, batches = run_epoch(loader)
-    plan = loader.traversal_order.plan(loader.next_epoch - 1)
+    plan = loader.plan
     got = np.concatenate(images)
     assert got.shape == (plan.num_slots, SIZE, SIZE, 3)
     assert set(plan.layout.tolist()) == {int(v) for v in Layout}
@@ -193,6 +194,7 @@ def test_composites_equal_reference_compose_for_every_layout(simple_loader, text
     np.testing.assert_array_equal(cat(batches, "targets"), want_targets)
 
 
+@pytest.mark.slow
 def test_each_epoch_covers_every_id_once_and_len_follows_the_plan(simple_loader):
     loader, plans = simple_loader
     # fewer slots than singles, then MORE slots than the epoch before, then fewer again
@@ -205,7 +207,7 @@ def test_each_epoch_covers_every_id_once_and_len_follows_the_plan(simple_loader)
         # asked between epochs: len() speaks about the coming epoch's plan
         assert len(loader) == expected_batches
         batches = []
-        for batch in loader.mixed():
+        for batch in loader:
             assert len(loader) == expected_batches  # and about the running epoch during it
             batches.append(batch)
         assert len(batches) == expected_batches
@@ -218,16 +220,18 @@ def test_each_epoch_covers_every_id_once_and_len_follows_the_plan(simple_loader)
             plans.next = script[i + 1]
 
 
+@pytest.mark.slow
 def test_abandoned_epoch_does_not_leak_into_the_next(simple_loader):
     loader, plans = simple_loader
     plans.next = MixPlan.singles(N)
-    run = iter(loader.mixed())
+    run = iter(loader)
     next(run)  # leave the epoch after one batch
     plans.next = mixed_plan(seed=5)
-    batches = list(loader.mixed())
+    batches = list(loader)
     np.testing.assert_array_equal(cat(batches, "ids"), plans.next.ids)
 
 
+@pytest.mark.slow
 def test_random_resized_crops_match_reference_and_stay_in_bounds(textured_beton):
     path, decoded, _ = textured_beton
     plans = ScriptedPlans()
@@ -237,7 +241,7 @@ def test_random_resized_crops_match_reference_and_stay_in_bounds(textured_beton)
         "image": [decoder], "label": [MixLabelDecoder(), ToTensor()]})
     plans.next = mixed_plan(seed=6)
     images, _ = run_epoch(loader)
-    plan = loader.plan(loader.next_epoch - 1)
+    plan = loader.plan
     got = np.concatenate(images)
     crops = decoder.crops.copy()
     present = plan.ids >= 0
@@ -250,10 +254,11 @@ def test_random_resized_crops_match_reference_and_stay_in_bounds(textured_beton)
                                   f"slot {row}")
     # the same plan gives the same crops (seeded by plan seed and epoch), a new epoch new ones
     first = crops[:plan.num_slots].copy()
-    loader.traversal_order.tables.load(plan)
+    loader.tables.load(plan)
     np.testing.assert_array_equal(decoder.crops[:plan.num_slots], first)
 
 
+@pytest.mark.slow
 def test_fast_resize_mode_stays_close_to_the_reference(textured_beton):
     """resize="fast" (FFCV's OpenCV INTER_AREA) is not the reference filter: bounded drift."""
     path, decoded, labels = textured_beton
@@ -264,7 +269,7 @@ def test_fast_resize_mode_stays_close_to_the_reference(textured_beton):
         "image": [decoder], "label": [MixLabelDecoder(), ToTensor()]})
     plans.next = mixed_plan(seed=12)
     images, batches = run_epoch(loader)
-    plan = loader.plan(loader.next_epoch - 1)
+    plan = loader.plan
     got = np.concatenate(images).astype(np.int64)
     want = np.stack([reference(decoded, plan, row, (24, 40), decoder.crops)
                      for row in range(plan.num_slots)]).astype(np.int64)
@@ -279,6 +284,7 @@ def coloured_beton(tmp_path_factory):
     return write_beton(tmp_path_factory.mktemp("ffcv") / "coloured.beton", id_coloured)
 
 
+@pytest.mark.slow
 def test_labels_and_ids_are_aligned_with_pixels(coloured_beton):
     plans = ScriptedPlans()
     loader = MixLoader(coloured_beton, 8, plans, num_workers=1, os_cache=False, pipelines={
@@ -286,7 +292,7 @@ def test_labels_and_ids_are_aligned_with_pixels(coloured_beton):
         "label": [MixLabelDecoder(), ToTensor()]})
     for seed in (7, 8):
         plans.next = mixed_plan(seed=seed)
-        for batch in loader.mixed():
+        for batch in loader:
             image = np.asarray(batch.image.permute(0, 2, 3, 1))
             for b in range(image.shape[0]):
                 n = int((batch.ids[b] >= 0).sum())
@@ -301,6 +307,7 @@ def test_labels_and_ids_are_aligned_with_pixels(coloured_beton):
                     assert read_id(centre) == sample
 
 
+@pytest.mark.slow
 def test_compiler_disabled_gives_the_same_results(simple_loader, textured_beton):
     loader, plans = simple_loader
     plan = mixed_plan(seed=9)
@@ -321,6 +328,7 @@ def test_compiler_disabled_gives_the_same_results(simple_loader, textured_beton)
         np.testing.assert_array_equal(cat(py_batches, field), cat(compiled_batches, field))
 
 
+@pytest.mark.slow
 def test_ffcv_transforms_run_after_the_mixing_decoder(textured_beton, simple_loader):
     path = textured_beton[0]
     plans = ScriptedPlans()
@@ -333,7 +341,7 @@ def test_ffcv_transforms_run_after_the_mixing_decoder(textured_beton, simple_loa
         "label": [MixLabelDecoder(), ToTensor()]})
     plan = mixed_plan(seed=10)
     plans.next = plan
-    got = np.concatenate([np.asarray(b.image) for b in loader.mixed()])
+    got = np.concatenate([np.asarray(b.image) for b in loader])
     base_loader, base_plans = simple_loader
     base_plans.next = plan
     plain = np.concatenate(run_epoch(base_loader)[0])
@@ -342,6 +350,7 @@ def test_ffcv_transforms_run_after_the_mixing_decoder(textured_beton, simple_loa
 
 
 # --------------------------------------------------------------------------------- bad input
+@pytest.mark.slow
 def test_fields_without_a_mixing_decoder_are_refused(textured_beton):
     with pytest.raises(ValueError, match="'label' has no pipeline"):
         MixLoader(textured_beton[0], 8, ScriptedPlans(),
@@ -354,6 +363,7 @@ def test_fields_without_a_mixing_decoder_are_refused(textured_beton):
                   pipelines={"image": [SimpleMixDecoder()], "label": [SimpleMixDecoder()]})
 
 
+@pytest.mark.slow
 def test_plans_that_do_not_fit_are_refused(simple_loader):
     loader, plans = simple_loader
     plans.next = MixPlan.singles(N + 1)
@@ -367,6 +377,7 @@ def test_plans_that_do_not_fit_are_refused(simple_loader):
     plans.next = MixPlan.singles(N)  # leave the shared loader usable
 
 
+@pytest.mark.slow
 def test_an_unreachable_server_gives_an_unmixed_epoch(simple_loader):
     loader, plans = simple_loader
 
@@ -374,21 +385,32 @@ def test_an_unreachable_server_gives_an_unmixed_epoch(simple_loader):
         def plan(self, epoch, rank=0, world_size=1):
             raise ConnectionError("no server")
 
-    loader.traversal_order.plans = Down()
+    loader.source = Down()
     try:
         with pytest.warns(RuntimeWarning, match="without mixing"):
-            batches = list(loader.mixed())
+            batches = list(loader)
     finally:
-        loader.traversal_order.plans = plans
+        loader.source = plans
     np.testing.assert_array_equal(cat(batches, "ids"), np.arange(N)[:, None])
 
 
+@pytest.mark.slow
 def test_a_decoder_serves_one_loader_only(simple_loader, textured_beton):
     loader, _ = simple_loader
-    decoder = loader.pipeline_specs["image"].decoder
+    decoder = loader.ffcv.pipeline_specs["image"].decoder
     with pytest.raises(ValueError, match="another MixLoader"):
         MixLoader(textured_beton[0], 8, ScriptedPlans(),
                   pipelines={"image": [decoder], "label": [MixLabelDecoder()]})
+
+
+def test_compiled_filter_taps_are_the_core_definition_bit_for_bit():
+    from mixpipe.core.filter import filter_taps
+    from mixpipe.ffcv.kernels import _taps
+
+    for src, dst in [(28, 16), (16, 32), (7, 3), (375, 224), (512, 112), (1000, 7)]:
+        for got, want in zip(_taps(src, dst), filter_taps(src, dst)):
+            assert got.dtype == want.dtype
+            np.testing.assert_array_equal(got, want)
 
 
 # --------------------------------------------------------------------------------- geometry

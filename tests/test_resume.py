@@ -76,6 +76,7 @@ def _trainer(url, ckpt, marker):
     run(connect(url, timeout=20.0, num_samples=N, seed=SEED), ckpt, on_batch=on_batch)
 
 
+@pytest.mark.slow
 def test_trainer_sigkilled_with_a_network_server_resumes_to_the_same_plans(tmp_path,
                                                                          uninterrupted):
     plans, ledger, _ = uninterrupted

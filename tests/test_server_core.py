@@ -25,9 +25,6 @@ def _policies():
     return sorted(POLICIES)
 
 
-def _mixing_policy():
-    """mixtrain when it exists (it reads the losses), else none."""
-    return "mixtrain" if "mixtrain" in _policies() else "none"
 
 
 def reference_ledger(num_samples, epochs, decay=0.7):
@@ -69,7 +66,7 @@ def test_in_process_service_satisfies_the_protocol():
 
 
 def test_policy_given_as_name_dict_or_settings_gives_the_same_plan():
-    name = _mixing_policy()
+    name = "mixtrain"
     settings = settings_from_dict({"policy": name})
     plans = [InProcessService(N, p, seed=5).plan(0) for p in (name, {"policy": name}, settings)]
     assert plans[0].equals(plans[1]) and plans[0].equals(plans[2])
@@ -262,7 +259,7 @@ def test_shards_of_all_ranks_are_the_global_plan(policy, world):
 # ----------------------------------------------------------------------------- crash safety
 def test_restart_replays_uncommitted_reports_and_keeps_the_committed_ledger(tmp_path):
     rng = np.random.default_rng(5)
-    policy = _mixing_policy()
+    policy = "mixtrain"
     svc = InProcessService(N, policy, seed=9, state_dir=str(tmp_path))
     epochs = {0: [rand_report(rng)], 1: [rand_report(rng), rand_report(rng)],
               2: [rand_report(rng)]}
@@ -356,7 +353,7 @@ def test_fsync_option_logs_the_same_records(tmp_path):
 
 def test_state_dict_round_trip_into_another_service(tmp_path):
     rng = np.random.default_rng(9)
-    policy = _mixing_policy()
+    policy = "mixtrain"
     a = InProcessService(N, policy, seed=4)
     a.report(0, *rand_report(rng))
     a.commit(0)
@@ -372,7 +369,7 @@ def test_state_dict_round_trip_into_another_service(tmp_path):
 
 # ----------------------------------------------------------------------------- threads
 def test_concurrent_reporters_and_planners_lose_nothing():
-    svc = InProcessService(N, _mixing_policy(), seed=3)
+    svc = InProcessService(N, "mixtrain", seed=3)
     per_thread = {}
     errors = []
 

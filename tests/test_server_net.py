@@ -16,7 +16,7 @@ import pytest
 zmq = pytest.importorskip("zmq")
 
 from mixpipe.core.ledger import Ledger  # noqa: E402
-from mixpipe.core.policies import POLICIES, _load_builtin, settings_from_dict  # noqa: E402,E501
+from mixpipe.core.policies import settings_from_dict  # noqa: E402
 from mixpipe.server import (InProcessService, SelectionServer, SelectionService,  # noqa: E402
                             ServerUnavailable, ServerUnavailableWarning, connect)
 from mixpipe.server.protocol import HEADER, MAGIC, VERSION, Op, Status, decode, encode  # noqa
@@ -31,15 +31,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def mixing_policy() -> str:
-    _load_builtin()
-    return "mixtrain" if "mixtrain" in POLICIES else "none"
 
 
 @pytest.fixture
 def served(tmp_path):
     """An in-process service behind a SelectionServer thread, and a client for it."""
-    svc = InProcessService(N, mixing_policy(), seed=7, state_dir=str(tmp_path / "state"))
+    svc = InProcessService(N, "mixtrain", seed=7, state_dir=str(tmp_path / "state"))
     server = SelectionServer(svc, "tcp://127.0.0.1:*", poll_ms=20).start()
     client = connect(server.endpoint, timeout=5, retries=0)
     yield svc, server, client
@@ -79,7 +76,7 @@ def test_client_satisfies_the_protocol_and_learns_the_dataset(served):
 def test_remote_and_in_process_give_the_same_results(served):
     svc, _server, client = served
     rng = np.random.default_rng(1)
-    twin = InProcessService(N, mixing_policy(), seed=7)
+    twin = InProcessService(N, "mixtrain", seed=7)
     for epoch in range(3):
         for _ in range(3):
             r = rand_report(rng)
@@ -223,6 +220,7 @@ def test_fallback_without_a_dataset_size_is_a_clear_error():
     client.close()
 
 
+@pytest.mark.slow
 def test_client_reconnects_when_the_server_comes_back(tmp_path):
     port = free_port()
     url = f"tcp://127.0.0.1:{port}"
@@ -253,8 +251,9 @@ def start_serve(state_dir, port, policy, seed=5):
     return proc, line
 
 
+@pytest.mark.slow
 def test_serve_killed_after_acks_restarts_with_every_acknowledged_report(tmp_path):
-    policy = mixing_policy()
+    policy = "mixtrain"
     port = free_port()
     proc, _ = start_serve(tmp_path, port, policy)
     url = f"tcp://127.0.0.1:{port}"
@@ -303,6 +302,7 @@ def test_serve_killed_after_acks_restarts_with_every_acknowledged_report(tmp_pat
     (["--policy", "none", "--policy-json", '{"no_such_field": 1}'], "no_such_field"),
     (["--policy", "none", "--policy-json", "{oops"], "not valid JSON"),
 ])
+@pytest.mark.slow
 def test_serve_refuses_bad_policy_settings(args, message):
     out = subprocess.run([PY, "-m", "mixpipe", "serve", "--num-samples", "10", "--bind",
                           f"tcp://127.0.0.1:{free_port()}", *args],
@@ -310,9 +310,8 @@ def test_serve_refuses_bad_policy_settings(args, message):
     assert out.returncode == 2 and message in out.stderr
 
 
+@pytest.mark.slow
 def test_serve_takes_policy_settings_as_json(tmp_path):
-    if mixing_policy() != "mixtrain":
-        pytest.skip("needs the mixtrain policy")
     port = free_port()
     proc = subprocess.Popen([PY, "-m", "mixpipe", "serve", "--num-samples", str(N), "--bind",
                              f"tcp://127.0.0.1:{port}", "--policy", "mixtrain", "--policy-json",
@@ -344,6 +343,7 @@ CLIENT = textwrap.dedent("""
 """).format(n=N)
 
 
+@pytest.mark.slow
 def test_eight_client_processes_reporting_at_once_lose_nothing(served):
     svc, server, _client = served
     procs = [subprocess.Popen([PY, "-c", CLIENT, server.endpoint, str(rank)],

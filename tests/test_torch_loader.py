@@ -163,3 +163,17 @@ def test_random_resized_crop_is_seeded_and_fits_region() -> None:
         assert 0 <= top and top + h <= 20 and 0 <= left and left + w <= 30 and h > 0 and w > 0
     with pytest.raises(ValueError, match="scale"):
         RandomResizedCropFlip(scale=(0.0, 1.0))
+
+
+@pytest.mark.slow
+def test_close_ends_persistent_workers():
+    import multiprocessing
+
+    loader = MixedLoader(IdColouredImages(16), FixedPlans(MixPlan.singles(16)), 8, (32, 32),
+                         num_workers=1, persistent_workers=True)
+    loader.set_epoch(0)
+    assert len(list(loader)) == 2
+    assert multiprocessing.active_children()  # the persistent worker outlives the epoch
+    loader.close()
+    assert not multiprocessing.active_children()
+    loader.close()  # again: nothing left to do

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from mixpipe.core.policies.mixtrain import MixTrainSettings
 from mixpipe.server import InProcessService
 from mixpipe.torch import MixedLoader
 from mixpipe.train import EvalBatches, Schedule, fit
@@ -47,10 +48,9 @@ class Recording:
 
 
 def test_short_run_reports_every_sample_each_epoch_and_the_plan_mixes_after_warmup():
-    mixtrain = pytest.importorskip("mixpipe.core.policies.mixtrain")
     n = 160
     data = StripeDataset(n)
-    settings = mixtrain.MixTrainSettings(warmup_epochs=1, fraction=0.5, grid_cells=4)
+    settings = MixTrainSettings(warmup_epochs=1, fraction=0.5, grid_cells=4)
     service = Recording(InProcessService(n, policy=settings, seed=5))
     loader = MixedLoader(data, service, batch_size=32, size=(32, 32), stride=8, seed=5)
     torch.manual_seed(0)

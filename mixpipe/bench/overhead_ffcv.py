@@ -134,14 +134,13 @@ def _epoch(loader, mixed: bool) -> Dict[str, float]:
 
     sources = composites = 0
     cpu0, t0 = time.process_time(), time.perf_counter()
-    for image, label in loader:
-        composites += int(image.shape[0])
+    for batch in loader:  # MixedBatch from the mixing loader, (image, label) from FFCV's own
         if mixed:
-            k = (label.shape[1] - 1) // 4
-            ids, scale = label[:, 2 * k:3 * k], label[:, 3 * k:4 * k]
-            sources += int(torch.count_nonzero((ids >= 0) & (scale > 0)))
+            composites += int(batch.image.shape[0])
+            sources += int(torch.count_nonzero((batch.ids >= 0) & (batch.loss_scale > 0)))
         else:
-            sources += int(image.shape[0])
+            composites += int(batch[0].shape[0])
+            sources += int(batch[0].shape[0])
     return {"wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - cpu0,
             "source_images": sources, "composites": composites}
 

@@ -19,32 +19,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from .filter import resize_weights
 from .layouts import regions
 from .plan import Layout, constituent_range
 
 __all__ = ["resize_weights", "resize", "compose_slot", "compose_batch", "resize_torch",
            "infer_counts", "region_masks_batch", "resize_batch", "slot_regions", "compose_slots"]
-
-
-@functools.lru_cache(maxsize=256)
-def resize_weights(in_size: int, out_size: int) -> np.ndarray:
-    """float32[out, in]: the 1-D antialiased bilinear resampling matrix (rows sum to 1)."""
-    if in_size < 1 or out_size < 1:
-        raise ValueError(f"resize sizes must be >= 1, got {in_size} -> {out_size}")
-    scale = in_size / out_size
-    support = max(scale, 1.0)  # triangle filter half-width, widened when shrinking
-    matrix = np.zeros((out_size, in_size), dtype=np.float64)
-    for i in range(out_size):
-        center = (i + 0.5) * scale
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        taps = np.arange(lo, hi)
-        w = np.clip(1.0 - np.abs((taps - center + 0.5) / support), 0.0, None)
-        total = w.sum()
-        matrix[i, lo:hi] = w / total if total > 0 else 0.0
-    out = matrix.astype(np.float32)
-    out.setflags(write=False)
-    return out
 
 
 def resize(image: np.ndarray, height: int, width: int) -> np.ndarray:

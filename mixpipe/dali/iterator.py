@@ -6,16 +6,18 @@ is what starts DALI's workers on the next epoch.
 """
 from __future__ import annotations
 
-from typing import Optional
+import atexit
+import functools
+import weakref
+from typing import Optional, Union
 
 import torch
 
 from ..core.batch import MixedBatch
 from ..core.plan import MixPlan
-from ..core.source import (FixedPlans, PlanSource as PlanProvider, UnmixedPlans, fetch_plan,
-                           warn_fallback)
+from ..core.source import PlanSource, UnmixedPlans, fetch_plan, warn_fallback
 from .plans import epoch_walk
-from .source import PlanSource
+from .source import SlotSource
 
 __all__ = ["MixIterator", "OUTPUT_NAMES", "close_pipeline"]
 
@@ -38,13 +40,13 @@ def close_pipeline(pipeline) -> None:
 
 
 class MixIterator:
-    """Iterate a mixing DALI pipeline epoch by epoch.
+    """Iterate a mixing DALI pipeline epoch by epoch; meets :class:`mixpipe.core.loader.PlanLoader`.
 
     Args:
-        pipeline: a DALI pipeline whose outputs are :data:`OUTPUT_NAMES`, fed by ``source``.
-        source: the pipeline's :class:`PlanSource` (its board is where plans are published).
-        plans: anything with ``plan(epoch, rank, world_size) -> MixPlan`` (a SelectionService, a
-            network client, :class:`~mixpipe.torch.loader.FixedPlans`), a server URL (connected
+        pipeline: a DALI pipeline whose outputs are :data:`OUTPUT_NAMES`, fed by ``slots``.
+        slots: the pipeline's :class:`SlotSource` (its board is where walks are published).
+        source: anything with ``plan(epoch, rank, world_size) -> MixPlan`` (a SelectionService,
+            a network client, :class:`~mixpipe.core.source.FixedPlans`), a server URL (connected
             with ``mixpipe.server.connect``), or None for no mixing. If fetching fails the epoch
             runs without mixing and one warning says so.
         rank, world_size: this process's shard of each plan.
@@ -53,30 +55,33 @@ class MixIterator:
 
     Use::
 
-        it = MixIterator(pipe, source, service)
+        it = MixIterator(pipe, slots, service)
         for epoch in range(epochs):
             it.set_epoch(epoch)          # optional: defaults to the next epoch
             for batch in it: ...         # MixedBatch; rows with loss_scale 0 are padding
             service.commit(epoch)
+        it.close()
 
     ``set_epoch`` fetches the plan, so call it after the previous epoch's losses are committed.
-    Each epoch must be iterated to its end (DALI cannot reset mid-epoch).
+    Each epoch must be iterated to its end (DALI cannot reset mid-epoch). The pipeline's workers
+    are also stopped at interpreter exit if :meth:`close` was never called.
     """
 
-    def __init__(self, pipeline, source: PlanSource, plans: Optional[PlanProvider] = None,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 seed: int = 0, server_timeout: float = 10.0) -> None:
+    def __init__(self, pipeline, slots: SlotSource,
+                 source: Union[PlanSource, str, None] = None, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = True, seed: int = 0,
+                 server_timeout: float = 10.0) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, "
                              f"world_size={world_size}")
         self.pipeline = pipeline
-        self.source = source
-        self.num_samples = len(source.images)
-        if plans is None:
-            plans = UnmixedPlans(self.num_samples, seed)
-        elif isinstance(plans, str):
-            plans = _ServerAt(plans, self.num_samples, seed, server_timeout)
-        self.plans = plans
+        self.slots = slots
+        self.num_samples = len(slots.images)
+        if source is None:
+            source = UnmixedPlans(self.num_samples, seed)
+        elif isinstance(source, str):
+            source = _ServerAt(source, self.num_samples, seed, server_timeout)
+        self.source: PlanSource = source
         self.rank, self.world_size = int(rank), int(world_size)
         self.shuffle, self.seed = shuffle, int(seed)
         self.batch_size = int(pipeline.max_batch_size)
@@ -90,21 +95,33 @@ class MixIterator:
         self._in_epoch = False
         self._warned = False
         self.failures = 0  #: epochs that ran unmixed because the plan could not be fetched
+        self.closed = False
+        # Registered after multiprocessing's own exit hook (DALI imported it), so it runs first
+        # (atexit is last in, first out); a weak reference leaves garbage collection as it was.
+        self._exit_hook = functools.partial(_close_if_alive, weakref.ref(self))
+        atexit.register(self._exit_hook)
 
     # ------------------------------------------------------------------ epochs
     def set_epoch(self, epoch: int) -> MixPlan:
-        """Fetch and publish the plan of ``epoch`` for the next pass; returns the walk."""
+        """Fetch the plan of ``epoch`` and publish its walk for the next pass; returns the plan
+        as fetched (the walk, padded to whole batches, is :attr:`walk`)."""
         if self._in_epoch:
             raise RuntimeError("set_epoch() called in the middle of an epoch; finish iterating "
                                "the current epoch first (DALI cannot reset mid-epoch)")
-        plan = fetch_plan(self.plans, int(epoch), self.rank, self.world_size, self.num_samples,
+        self._check_open()
+        plan = fetch_plan(self.source, int(epoch), self.rank, self.world_size, self.num_samples,
                           self._on_failure)
-        self.source.check_plan(plan)
+        self.slots.check_plan(plan)
         walk = epoch_walk(plan, self.batch_size, self.shuffle, self.seed)
-        self.source.board.publish(self._round, walk)
+        self.slots.board.publish(self._round, walk)
         self.plan, self.walk, self.epoch = plan, walk, int(epoch)
         self._published = True
-        return walk
+        return plan
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this MixIterator is closed (its pipeline's workers are stopped); "
+                               "build a new one to train further")
 
     def _on_failure(self, epoch: int, err: Exception) -> None:
         self.failures += 1
@@ -121,6 +138,7 @@ class MixIterator:
     def __iter__(self) -> "MixIterator":
         if self._in_epoch:
             return self
+        self._check_open()
         if not self._published:
             self.set_epoch(self.epoch + 1)
         if self._inner is None:
@@ -152,7 +170,11 @@ class MixIterator:
                           loss_scale=out["loss_scale"].float())
 
     def close(self) -> None:
-        """Stop the pipeline's workers (see :func:`close_pipeline`)."""
+        """Stop the pipeline's workers (see :func:`close_pipeline`); again, a no-op."""
+        if self.closed:
+            return
+        self.closed = True
+        atexit.unregister(self._exit_hook)
         close_pipeline(self.pipeline)
         self._inner = None
 
@@ -161,6 +183,12 @@ class MixIterator:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _close_if_alive(ref: "weakref.ref[MixIterator]") -> None:
+    iterator = ref()
+    if iterator is not None:
+        iterator.close()
 
 
 class _ServerAt:
@@ -173,7 +201,7 @@ class _ServerAt:
 
     def plan(self, epoch: int, rank: int = 0, world_size: int = 1) -> MixPlan:
         if self._client is None:
-            from ..server import connect  # written by the server issue
+            from ..server import connect
 
             # With num_samples the client itself falls back to the `none` policy's plan (the
             # same on every rank) and warns once.
@@ -181,5 +209,3 @@ class _ServerAt:
                                    seed=self.seed)
         return self._client.plan(epoch, rank, world_size)
 
-
-__all__ += ["FixedPlans"]

@@ -3,7 +3,7 @@
 Use them inside a ``@pipeline_def(enable_conditionals=True)`` function, between the source and the
 normalisation::
 
-    inputs = plan_inputs(source)                     # fn.external_source over a PlanSource
+    inputs = plan_inputs(source)                     # fn.external_source over a SlotSource
     images = mix(inputs, device="mixed")             # decode + view each constituent, compose
     images = fn.crop_mirror_normalize(images, ...)   # your usual tail
 
@@ -28,7 +28,7 @@ from nvidia.dali import fn, types
 import nvidia.dali.math as dmath
 
 from ..core.plan import Layout
-from .source import GEOMETRY_FIELDS, META, PlanSource
+from .source import GEOMETRY_FIELDS, META, SlotSource
 
 __all__ = ["MixInputs", "plan_inputs", "constituent_bytes", "constituent_geometry",
            "decode_view", "mix", "compose"]
@@ -53,7 +53,7 @@ class MixInputs(NamedTuple):
     count: object
 
 
-def plan_inputs(source: PlanSource, parallel: bool = True, prefetch_queue_depth: int = 2,
+def plan_inputs(source: SlotSource, parallel: bool = True, prefetch_queue_depth: int = 2,
                 name: Optional[str] = None) -> MixInputs:
     """``fn.external_source`` over ``source`` in per-sample mode, unpacked as :class:`MixInputs`.
 

@@ -17,7 +17,7 @@ from .files import EncodedImages, FileList, ListedFiles
 from .iterator import MixIterator
 from .ops import mix, plan_inputs
 from .plans import PlanBoard
-from .source import FixedView, PlanSource, RandomView, ViewFn
+from .source import FixedView, SlotSource, RandomView, ViewFn
 
 __all__ = ["PipelineSettings", "open_images", "mixed_train_pipeline", "plain_train_pipeline",
            "val_pipeline", "make_train_loader", "Preset"]
@@ -83,19 +83,19 @@ def _device_of(device_id: Optional[int]) -> str:
     return "cpu" if device_id is None else "mixed"
 
 
-def mixed_train_pipeline(source: PlanSource, settings: PipelineSettings, batch_size: int,
+def mixed_train_pipeline(slots: SlotSource, settings: PipelineSettings, batch_size: int,
                          device_id: Optional[int] = 0, num_threads: int = 4,
                          py_num_workers: int = 4, py_start_method: str = "spawn",
                          parallel: bool = True, prefetch_queue_depth: int = 2,
                          seed: Optional[int] = None):
-    """The mixing training pipeline: plan source -> per-constituent view -> mix -> normalise."""
+    """The mixing training pipeline: slot source -> per-constituent view -> mix -> normalise."""
 
     @pipeline_def(enable_conditionals=True, batch_size=batch_size, num_threads=num_threads,
                   device_id=device_id, py_num_workers=py_num_workers,
                   py_start_method=py_start_method, prefetch_queue_depth=prefetch_queue_depth,
                   seed=seed)
     def build():
-        inputs = plan_inputs(source, parallel=parallel, prefetch_queue_depth=prefetch_queue_depth)
+        inputs = plan_inputs(slots, parallel=parallel, prefetch_queue_depth=prefetch_queue_depth)
         images = _normalize(mix(inputs, device=_device_of(device_id)), settings)
         return (images, inputs.targets, inputs.weights, inputs.ids, inputs.layout,
                 inputs.loss_scale)
@@ -169,14 +169,14 @@ def make_train_loader(data: Union[str, EncodedImages], settings: PipelineSetting
     None for no mixing. ``view``: each constituent's crop and flip (default: ``settings.view()``).
     """
     images = data if isinstance(data, EncodedImages) else open_images(data, split)
-    source = PlanSource(images, board or PlanBoard.temporary(), settings.size, settings.stride,
-                        settings.max_constituents,
-                        view if view is not None else settings.view(train=True), seed)
-    pipe = mixed_train_pipeline(source, settings, batch_size, device_id, num_threads,
+    slots = SlotSource(images, board or PlanBoard.temporary(), settings.size, settings.stride,
+                       settings.max_constituents,
+                       view if view is not None else settings.view(train=True), seed)
+    pipe = mixed_train_pipeline(slots, settings, batch_size, device_id, num_threads,
                                 max(1, py_num_workers), py_start_method,
                                 parallel=py_num_workers > 0,
                                 seed=seed)
-    return MixIterator(pipe, source, plans, rank, world_size, shuffle=True, seed=seed)
+    return MixIterator(pipe, slots, plans, rank, world_size, shuffle=True, seed=seed)
 
 
 def file_list_args(data: str, split: str) -> Tuple[str, str]:

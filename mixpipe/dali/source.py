@@ -24,7 +24,7 @@ from ..core.plan import Layout, MixPlan
 from .files import EncodedImages
 from .plans import PlanBoard
 
-__all__ = ["PlanSource", "RandomView", "FixedView", "GEOMETRY_FIELDS", "META_FIELDS", "META",
+__all__ = ["SlotSource", "RandomView", "FixedView", "GEOMETRY_FIELDS", "META_FIELDS", "META",
            "image_size", "unpack_meta"]
 
 #: Columns of the per-constituent view geometry (the first columns of ``meta``).
@@ -149,7 +149,7 @@ def unpack_meta(meta: np.ndarray) -> dict:
             "count": col("count")[..., 0].astype(np.int32)}
 
 
-class PlanSource:
+class SlotSource:
     """``fn.external_source`` callback (``batch=False``, ``parallel=True`` capable).
 
     Per slot it returns two arrays: ``blob``, the slot's constituents' encoded files back to
@@ -206,7 +206,7 @@ class PlanSource:
                 plan.counts.max(initial=0) > self.max_constituents):
             raise ValueError(f"plan has slots of {int(plan.counts.max())} constituents but the "
                              f"pipeline was built with max_constituents={self.max_constituents}; "
-                             "build the PlanSource with a larger max_constituents")
+                             "build the SlotSource with a larger max_constituents")
         h, w = self.size
         spatial = np.isin(plan.layout, [Layout.HALVES, Layout.QUADS])
         if spatial.any():

@@ -7,16 +7,17 @@ Typical use::
         "image": [RandomResizedCropMixDecoder((224, 224), stride=32), ToTensor(), ...],
         "label": [MixLabelDecoder(), ToTensor()]})
     for epoch in range(epochs):
-        for batch in loader.mixed():      # MixedBatch
+        loader.set_epoch(epoch)
+        for batch in loader:              # MixedBatch
             ...
 
 Importing this package needs ffcv (``pip install mixpipe[ffcv]``).
 """
 from .decoders import (CenterCropMixDecoder, MixImageDecoder, MixLabelDecoder,
                        RandomResizedCropMixDecoder, SimpleMixDecoder, unpack_labels)
-from .loader import MixedBatches, MixLoader, PlanOrder, PlanProvider
+from .loader import MixLoader
 from .tables import PlanTables
 
-__all__ = ["MixLoader", "MixedBatches", "PlanOrder", "PlanProvider", "PlanTables",
+__all__ = ["MixLoader", "PlanTables",
            "MixImageDecoder", "SimpleMixDecoder", "RandomResizedCropMixDecoder",
            "CenterCropMixDecoder", "MixLabelDecoder", "unpack_labels"]

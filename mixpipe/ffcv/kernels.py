@@ -1,11 +1,9 @@
 """Pixel kernels the FFCV mixing decoder calls per constituent, written for numba.
 
 They reproduce :mod:`mixpipe.core.compose` inside FFCV's compiled pipeline, where numpy's
-``tensordot`` is not available per pixel:
+``tensordot`` is not available per pixel. The resize filter is not re-derived here: the core's
+:func:`mixpipe.core.filter.filter_taps` is compiled as it is, so the weights are the reference's.
 
-* :func:`filter_taps` computes the same 1-D antialiased bilinear weights as
-  :func:`mixpipe.core.compose.resize_weights` (float64 maths, numpy's pairwise summation for the
-  normaliser, then float32), stored sparsely as (first tap, tap count, weights) per output pixel;
 * :func:`paste_window` resizes a crop window of a decoded image to a region (rows first, then
   columns, as the reference does), rounds half up and writes it into the composite;
 * :func:`blend_window` adds ``weight * resized window`` to a float32 accumulator and
@@ -16,7 +14,7 @@ They reproduce :mod:`mixpipe.core.compose` inside FFCV's compiled pipeline, wher
 A pass whose input and output sizes agree is the identity in the reference (weights exactly 1 and
 0), so it is skipped here: a constituent already at its region's size is copied untouched.
 
-Accuracy against the reference: the filter weights are bit-identical; each resize pass sums in
+Accuracy against the reference: the filter weights are the same; each resize pass sums in
 float64 in tap order and rounds to float32, where the reference sums in float32 with BLAS (other
 order, fused multiply-adds), so a resized pixel can differ by a few float32 ulps and, where the
 exact value sits on a .5 rounding boundary, the uint8 result by 1 (tests allow at most 1 level on
@@ -33,108 +31,13 @@ import math
 import numba
 import numpy as np
 
-__all__ = ["filter_taps", "paste_window", "blend_window", "round_into", "paste_u8", "blend_u8",
-           "compiled"]
+from ..core.filter import filter_taps
+
+__all__ = ["paste_window", "blend_window", "round_into", "paste_u8", "blend_u8", "compiled"]
 
 _HALF = np.float32(0.5)
 _ZERO = np.float32(0.0)
 _MAX = np.float32(255.0)
-
-
-def _block_sum(values, start, count):
-    """numpy's pairwise sum of a block of at most 128 float64 values (8 partial sums)."""
-    if count < 8:
-        total = 0.0
-        for i in range(count):
-            total += values[start + i]
-        return total
-    r0 = values[start]
-    r1 = values[start + 1]
-    r2 = values[start + 2]
-    r3 = values[start + 3]
-    r4 = values[start + 4]
-    r5 = values[start + 5]
-    r6 = values[start + 6]
-    r7 = values[start + 7]
-    full = count - count % 8
-    for i in range(8, full, 8):
-        r0 += values[start + i]
-        r1 += values[start + i + 1]
-        r2 += values[start + i + 2]
-        r3 += values[start + i + 3]
-        r4 += values[start + i + 4]
-        r5 += values[start + i + 5]
-        r6 += values[start + i + 6]
-        r7 += values[start + i + 7]
-    total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-    for i in range(full, count):
-        total += values[start + i]
-    return total
-
-
-def _pairwise_sum(values, start, count):
-    """numpy's float64 ``add.reduce`` on a contiguous run, in the same association order.
-
-    numpy splits runs longer than 128 in two (the first half rounded down to a multiple of 8) and
-    adds the halves' sums; this walks that tree with an explicit stack (numba's disk cache cannot
-    hold recursive functions).
-    """
-    if count <= 128:
-        return _block_sum(values, start, count)
-    starts = np.empty(128, np.int64)
-    counts = np.empty(128, np.int64)
-    combine = np.empty(128, np.bool_)
-    partial = np.empty(128, np.float64)
-    sp = 0
-    vp = 0
-    starts[0], counts[0], combine[0] = start, count, False
-    sp = 1
-    while sp > 0:
-        sp -= 1
-        s, c, merge = starts[sp], counts[sp], combine[sp]
-        if merge:
-            partial[vp - 2] = partial[vp - 2] + partial[vp - 1]
-            vp -= 1
-        elif c <= 128:
-            partial[vp] = _block_sum(values, s, c)
-            vp += 1
-        else:
-            half = c // 2
-            half -= half % 8
-            starts[sp], counts[sp], combine[sp] = s, c, True
-            starts[sp + 1], counts[sp + 1], combine[sp + 1] = s + half, c - half, False
-            starts[sp + 2], counts[sp + 2], combine[sp + 2] = s, half, False
-            sp += 3
-    return partial[0]
-
-
-def filter_taps(in_size, out_size):
-    """(first tap int64[out], tap count int64[out], weights float32[out, max taps]).
-
-    Row ``i`` of :func:`mixpipe.core.compose.resize_weights` is ``weights[i, :count[i]]`` placed
-    at columns ``first[i]:first[i] + count[i]``.
-    """
-    scale = in_size / out_size
-    support = max(scale, 1.0)
-    max_taps = int(math.ceil(2.0 * support)) + 2
-    first = np.zeros(out_size, np.int64)
-    count = np.zeros(out_size, np.int64)
-    weights = np.zeros((out_size, max_taps), np.float32)
-    raw = np.zeros(max_taps, np.float64)
-    for i in range(out_size):
-        center = (i + 0.5) * scale
-        lo = max(int(center - support + 0.5), 0)
-        hi = min(int(center + support + 0.5), in_size)
-        n = hi - lo
-        for t in range(n):
-            w = 1.0 - abs(((lo + t) - center + 0.5) / support)
-            raw[t] = w if w > 0.0 else 0.0
-        total = _pairwise_sum(raw, 0, n)
-        first[i] = lo
-        count[i] = n
-        for t in range(n):
-            weights[i, t] = np.float32(raw[t] / total) if total > 0.0 else _ZERO
-    return first, count, weights
 
 
 def _resample(image, top, left, height, width, flip, out_h, out_w):
@@ -159,7 +62,7 @@ def _resample(image, top, left, height, width, flip, out_h, out_w):
             for i in range(row_len):
                 rows[y, i] = np.float32(flat[base + i])
     else:
-        r_first, r_count, r_w = filter_taps(height, out_h)
+        r_first, r_count, r_w = _taps(height, out_h)
         line = np.empty(row_len, np.float64)
         for y in range(out_h):
             for i in range(row_len):
@@ -180,7 +83,7 @@ def _resample(image, top, left, height, width, flip, out_h, out_w):
                 out[y, x, 1] = rows[y, src + 1]
                 out[y, x, 2] = rows[y, src + 2]
         return out
-    c_first, c_count, c_w = filter_taps(width, out_w)
+    c_first, c_count, c_w = _taps(width, out_w)
     for y in range(out_h):
         for x in range(out_w):
             a0 = 0.0
@@ -278,9 +181,7 @@ _jit = numba.njit(nogil=True, cache=True)
 # Inner helpers are always compiled: with FFCV's Compiler disabled the public kernels below run
 # as Python (loops, control flow, table reads) and call these for the arithmetic, which gives the
 # same float32 results either way.
-_block_sum = _jit(_block_sum)
-_pairwise_sum = _jit(_pairwise_sum)
-filter_taps = _jit(filter_taps)
+_taps = _jit(filter_taps)  # the core's definition, compiled, not a copy of it
 _resample = _jit(_resample)
 _round_u8 = _jit(_round_u8)
 

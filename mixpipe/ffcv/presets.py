@@ -237,13 +237,13 @@ def cli_main(settings: FFCVSettings, description: str, argv=None, write_tree: bo
 
         plans = _plans_from_args(args, int(Reader(beton).num_samples), settings)
         loader = train_loader(beton, settings, args.batch_size, plans, num_workers=args.workers)
-    batches, done, sources, slots = loader.mixed(), 0, 0, 0
+    done, sources, slots = 0, 0, 0
     start = time.perf_counter()
     while done < args.batches:
-        for batch in batches:
+        for batch in loader:
             done += 1
             if done == 1:
-                print(f"epoch plan: {loader.plan().num_slots} slots; batch: image "
+                print(f"epoch plan: {loader.plan.num_slots} slots; batch: image "
                       f"{tuple(batch.image.shape)} {batch.image.dtype}, targets "
                       f"{tuple(batch.targets.shape)}")
                 start = time.perf_counter()  # skip the compile / warm-up batch

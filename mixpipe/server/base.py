@@ -12,7 +12,7 @@ __all__ = ["SelectionService"]
 
 @runtime_checkable
 class SelectionService(Protocol):
-    """What trainers report to and loaders fetch plans from (see DESIGN.md, the selection server).
+    """What trainers report to and loaders fetch plans from (docs/design.md, the selection server).
 
     * ``report`` is all or nothing: a refused report raises and leaves the ledger unchanged.
     * ``plan(epoch)`` is derived only from losses committed for epochs before ``epoch``, the policy

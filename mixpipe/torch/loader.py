@@ -6,12 +6,9 @@ works with persistent workers across epochs whose plans differ.
 
 The DataLoader hands a worker a whole batch of slots (``MixedDataset.__getitems__``), which is
 built in one go by :func:`mixpipe.core.compose.compose_slots`: item by item, the numpy per-call
-overhead of composing (about 400 us per HALVES slot of 32x32 images) ate a large share of the
-forward passes mixing saves. The composites are the same bytes as ``dataset[slot]`` gives.
-Measured side by side (8k Fashion-MNIST 32x32, flip, batch 128, 2 shared CPU cores at load ~3,
-median of 5 epochs, per composite): a QUADS plan mixing 71% went from 146 to 59 us with no
-worker and from 181 to 68 us with one; an unmixed plan from 54 to 36 us and 90 to 42 us; the
-training process's own CPU per composite with one worker from 20 to 11 us.
+overhead of composing ate a large share of the forward passes mixing saves (figures in
+benchmarks/README.md, "Loaders in the speed-up benchmark"). The composites are the same bytes as
+``dataset[slot]`` gives.
 """
 from __future__ import annotations
 
@@ -332,7 +329,8 @@ def collate_mixed(items: Sequence[dict]) -> MixedBatch:
 class MixedLoader:
     """DataLoader over a plan source: ``set_epoch(e)``, then iterate :class:`MixedBatch` es.
 
-    ``len()`` is the batch count of the current epoch's plan (it changes with the plan).
+    Meets :class:`mixpipe.core.loader.PlanLoader`. ``len()`` is the batch count of the current
+    epoch's plan (it changes with the plan).
     """
 
     def __init__(self, dataset: Dataset, source: PlanSource, batch_size: int,
@@ -354,6 +352,10 @@ class MixedLoader:
                                  persistent_workers=persistent_workers and num_workers > 0)
 
     @property
+    def source(self) -> PlanSource:
+        return self.sampler.source
+
+    @property
     def plan(self) -> Optional[MixPlan]:
         return self.sampler.plan
 
@@ -368,3 +370,10 @@ class MixedLoader:
         if self.sampler.plan is None:
             self.set_epoch(0)
         return iter(self.loader)
+
+    def close(self) -> None:
+        """End persistent workers now; torch's DataLoader has no public call for it, and
+        otherwise they live until the loader is garbage-collected."""
+        running, self.loader._iterator = self.loader._iterator, None
+        if running is not None and hasattr(running, "_shutdown_workers"):
+            running._shutdown_workers()

@@ -37,13 +37,8 @@ block's update, moves the boundary for the next epoch and adds ``local_*`` field
 record. The local rate follows the optimiser's learning-rate schedule: it is scaled by the ratio of
 the optimiser's current rate to its rate when the wrapper was built.
 
-Evidence (``python -m mixpipe.bench.local --threads 1 --seeds 0,1``, commit af4ca19, 2 shared
-CPU cores, resnet-tiny, batch 128, 10k Fashion-MNIST, 6 cosine epochs): one training step at
-boundary 1 / 2 / 3 took 1.16x / 1.47x / 1.48x less time than plain SGD (medians, round robin),
-and autograd kept 80% / 35% / 13% of plain SGD's activation bytes. End to end, static 1.13x with
--1.10 top-1 points and dynamic 1.16x with -0.27 points (mean of 2 seeds), but epoch times of
-identical SGD epochs varied by +-30% on that shared machine, so those two speed-ups are within
-noise; the local rule moved the local weights little (about 0.1% per step at lr 0.01).
+What it saves per step and end to end, and how noisy that is on a shared CPU, is measured by
+``mixpipe bench local`` (figures in benchmarks/README.md, "LoCal+SGD").
 
 Not supported: a model wrapped in DistributedDataParallel (it expects a fixed set of parameters
 with gradients), and an input that itself requires grad (autograd would then record the local part).

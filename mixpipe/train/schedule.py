@@ -4,7 +4,7 @@ A mixing policy changes the number of steps per epoch from one epoch to the next
 over steps would give each arm of a comparison a different learning rate at the same epoch.
 Indexing by progress (epochs done, fractional within an epoch) gives every arm the same rate at
 the same point of the data, and it reaches zero at the end: small runs with a constant rate end
-wherever the last noisy steps left them (DESIGN.md, known traps).
+wherever the last noisy steps left them (docs/design.md, known traps).
 """
 from __future__ import annotations
 

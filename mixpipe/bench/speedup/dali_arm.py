@@ -8,29 +8,25 @@ per-constituent augmentation, and the same value scale. ``fit`` normalises with
 so the pipeline's own normalise step is set to map 0..255 to 0..1 (mean 0, std 255) and the two
 paths meet on the same numbers.
 
-A DALI pipeline keeps source worker processes; ``fit`` never closes its loader, so the arm closes
-itself after its last epoch (and at interpreter exit, before ``multiprocessing`` joins children,
-if a run stops early).
+A DALI pipeline keeps source worker processes: the benchmark closes the iterator after the arm's
+last epoch (and the iterator closes itself at interpreter exit if a run stops early).
 """
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import os
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 
 from mixpipe.core.augment import RandomResizedCropFlip
-from mixpipe.core.batch import MixedBatch
-from mixpipe.core.plan import MixPlan
 from mixpipe.dali.files import EncodedImages, FileList
 from mixpipe.dali.iterator import MixIterator
 from mixpipe.dali.pipeline import PipelineSettings, make_train_loader
 from mixpipe.dali.source import FixedView
 from mixpipe.data.subset import FirstN
 
-__all__ = ["speedup_loader", "SpeedupEpochs", "FirstImages", "WholeImageFlip", "device_id_of",
+__all__ = ["speedup_loader", "FirstImages", "WholeImageFlip", "device_id_of",
            "warm_files"]
 
 #: Pipeline mean/std that turn 0..255 into 0..1, the float scale Normalize expects.
@@ -138,63 +134,8 @@ def pipeline_settings(settings) -> PipelineSettings:
                             max_constituents=settings.group_size)
 
 
-class SpeedupEpochs:
-    """A :class:`MixIterator` seen through :func:`mixpipe.train.fit`'s protocol, closing its
-    pipeline's workers after epoch ``last_epoch`` (or on :meth:`close`, or at exit).
-
-    ``set_epoch`` returns the fetched plan, not the delivered walk: the walk's padding copies
-    (to whole batches) are not forward inputs the policy asked for.
-    """
-
-    def __init__(self, iterator: MixIterator, last_epoch: Optional[int] = None) -> None:
-        self.iterator = iterator
-        self.last_epoch = last_epoch
-        self.closed = False
-        # Registered after multiprocessing's own exit hook, so it runs first (atexit is LIFO).
-        atexit.register(self.close)
-
-    @property
-    def plan(self) -> Optional[MixPlan]:
-        return self.iterator.plan
-
-    @property
-    def batch_size(self) -> int:
-        return self.iterator.batch_size
-
-    def set_epoch(self, epoch: int) -> MixPlan:
-        if self.closed:
-            raise RuntimeError("the DALI loader is closed (it closes itself after its last "
-                               "epoch); build a new one to train further")
-        self.iterator.set_epoch(epoch)
-        return self.iterator.plan
-
-    def __len__(self) -> int:
-        return len(self.iterator)
-
-    def __iter__(self) -> Iterator[MixedBatch]:
-        if self.closed:
-            raise RuntimeError("the DALI loader is closed; build a new one to train further")
-        yield from self.iterator
-        if self.last_epoch is not None and self.iterator.epoch >= self.last_epoch:
-            self.close()
-
-    def close(self) -> None:
-        """Stop the pipeline's worker processes (idempotent)."""
-        if self.closed:
-            return
-        self.closed = True
-        atexit.unregister(self.close)
-        self.iterator.close()
-
-    def __enter__(self) -> "SpeedupEpochs":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
 def speedup_loader(settings, dataset, service, seed: int, rank: int = 0,
-                   world_size: int = 1) -> SpeedupEpochs:
+                   world_size: int = 1) -> MixIterator:
     """``make_loader``'s DALI arm: ``settings`` is a :class:`mixpipe.bench.speedup
     .SpeedupSettings`, ``dataset`` the benchmark's training subset (its first ``len(dataset)``
     samples), ``service`` the arm's selection service.
@@ -211,10 +152,9 @@ def speedup_loader(settings, dataset, service, seed: int, rank: int = 0,
                                  py_num_workers=settings.workers, py_start_method="spawn",
                                  rank=rank, world_size=world_size, seed=seed,
                                  view=_view(settings.augment))
-    loader = SpeedupEpochs(iterator, last_epoch=settings.epochs - 1)
     try:
         iterator.pipeline.build()
     except BaseException:
-        loader.close()
+        iterator.close()
         raise
-    return loader
+    return iterator

@@ -1,4 +1,5 @@
-"""One loader factory per ``--loader``: each gives :func:`mixpipe.train.fit` an arm's batches.
+"""One loader factory per ``--loader``: each gives :func:`mixpipe.train.fit` an arm's batches
+through the one loader protocol (:class:`mixpipe.core.loader.PlanLoader`).
 
 The arms of a comparison differ only in their plan source; every factory feeds the same samples
 with the same per-constituent augmentation and value scale, so the loaders are interchangeable.
@@ -41,31 +42,6 @@ def _torch_loader(s: SpeedupSettings, train: Any, service: Any, seed: int, rank:
                        persistent_workers=s.workers > 0, rank=rank, world_size=world_size)
 
 
-class _FfcvEpochs:
-    """A :class:`mixpipe.ffcv.MixLoader` seen through the ``set_epoch`` / ``len`` / iterate
-    protocol of :func:`mixpipe.train.fit` (FFCV counts epochs itself, one per iteration)."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
-        self.batches = loader.mixed()
-
-    def set_epoch(self, epoch: int) -> Any:
-        if epoch != self.loader.next_epoch:
-            raise RuntimeError(f"the FFCV loader is at epoch {self.loader.next_epoch}, fit asked "
-                               f"for {epoch}: epochs must run in order")
-        return self.loader.plan(epoch)
-
-    @property
-    def plan(self) -> Any:
-        return self.loader.plan()
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Any:
-        return iter(self.batches)
-
-
 def _ffcv_loader(s: SpeedupSettings, train: Any, service: Any, seed: int, rank: int,
                  world_size: int) -> Any:
     try:
@@ -87,9 +63,8 @@ def _ffcv_loader(s: SpeedupSettings, train: Any, service: Any, seed: int, rank: 
                   ToTensor(), ToTorchImage()],
         "label": [MixLabelDecoder(), ToTensor()],
     }
-    loader = MixLoader(beton, s.batch_size, service, pipelines=pipelines,
-                       num_workers=max(1, s.workers))
-    return _FfcvEpochs(loader)
+    return MixLoader(beton, s.batch_size, service, pipelines=pipelines,
+                     num_workers=max(1, s.workers), rank=rank, world_size=world_size)
 
 
 def _dali_loader(s: SpeedupSettings, train: Any, service: Any, seed: int, rank: int,
@@ -110,7 +85,4 @@ def make_loader(s: SpeedupSettings, train: Any, service: Any, seed: int) -> Any:
     from mixpipe.train.distributed import world
 
     rank, world_size = world()
-    if world_size > 1 and s.loader == "ffcv":
-        raise SystemExit("--loader ffcv under torchrun: the FFCV loader does not take "
-                         "rank / world_size here yet; use --loader torch or dali")
     return _FACTORIES[s.loader](s, train, service, seed, rank, world_size)

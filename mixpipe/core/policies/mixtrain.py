@@ -86,11 +86,10 @@ class MixTrainSettings(PolicySettings):
             epochs mix nothing.
         per_class: when the service knows the labels, mix the same share of every class (the
             lowest-loss samples within each class) instead of the lowest-loss samples overall.
-            Low losses cluster by class, and on an 8k-image Fashion-MNIST subset mixing mostly
-            the easy classes made the model under-predict them on unmixed images; per-class
-            selection helped there (-18.7 instead of -21.8 points) but hurt on the full 60k
-            set (-2.58 instead of -1.09 points over 2 seeds, benchmarks/README.md), so it is
-            off by default. Without labels it has no effect.
+            Low losses cluster by class, so mixing by overall loss can turn "mixed" into a
+            class cue; per-class selection removes the cue. It is off by default because it
+            did not pay on the full data set (figures in benchmarks/README.md). Without labels
+            it has no effect.
     """
 
     name = "mixtrain"
