@@ -16,7 +16,8 @@ import dataclasses
 import typing
 from typing import Any, Callable, Dict, Optional, Tuple, Type, TypeVar
 
-__all__ = ["field", "add_flags", "settings_from_args", "flag_name", "given"]
+__all__ = ["field", "add_flags", "settings_from_args", "flag_name", "given",
+           "add_benchmark_arguments", "settings_from_cli", "run_benchmark_cli"]
 
 T = TypeVar("T")
 NONE_WORDS = ("none", "off")
@@ -124,3 +125,34 @@ def settings_from_args(args: argparse.Namespace, cls: Type[T], base: Optional[T]
     dataclass's own validation names any bad value."""
     start = base if base is not None else cls()
     return dataclasses.replace(start, **given(args, cls))
+
+
+def add_benchmark_arguments(parser: argparse.ArgumentParser, cls: Type[Any],
+                            quick: Dict[str, Any], out_help: str) -> None:
+    """A benchmark's whole command line: one flag per settings field, ``--quick`` (presets that
+    explicit flags override) and ``--out``."""
+    add_flags(parser, cls)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a short run: {quick} unless given explicitly")
+    parser.add_argument("--out", default=None, help=out_help)
+
+
+def settings_from_cli(args: argparse.Namespace, cls: Type[T], quick: Dict[str, Any]) -> T:
+    """The defaults (or the ``--quick`` presets) with every given flag laid over them."""
+    base = cls(**quick) if getattr(args, "quick", False) else cls()
+    return settings_from_args(args, cls, base)
+
+
+def run_benchmark_cli(args: argparse.Namespace, cls: Type[T], quick: Dict[str, Any],
+                      name: str, default_out: Callable[[bool], str],
+                      run: Callable[[T, str], Any]) -> int:
+    """Build the settings (a bad value: one line naming the field, exit 2) and run."""
+    import sys
+
+    try:
+        settings = settings_from_cli(args, cls, quick)
+    except ValueError as err:
+        print(f"{name}: {err}", file=sys.stderr)
+        return 2
+    run(settings, args.out or default_out(bool(getattr(args, "quick", False))))
+    return 0

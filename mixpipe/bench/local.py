@@ -32,7 +32,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from mixpipe.bench.flags import add_flags, field, settings_from_args
+from mixpipe.bench.flags import add_benchmark_arguments, field, run_benchmark_cli
 
 __all__ = ["LocalBenchSettings", "saved_activation_bytes", "run_benchmark", "add_arguments",
            "run"]
@@ -379,29 +379,16 @@ QUICK = dict(limit=3000, val_limit=1000, epochs=3, step_repeats=5)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_flags(parser, LocalBenchSettings)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"a smoke run: {QUICK} unless given explicitly")
-    parser.add_argument("--out", default=None, help="JSON path (default results/bench_local.json"
-                                                    " or results/bench_local-quick.json)")
-
-
-def settings_from(args: argparse.Namespace) -> LocalBenchSettings:
-    """The defaults (or the quick presets) with every given flag laid over them."""
-    base = LocalBenchSettings(**QUICK) if getattr(args, "quick", False) else None
-    return settings_from_args(args, LocalBenchSettings, base)
+    add_benchmark_arguments(parser, LocalBenchSettings, QUICK, "JSON path (default "
+                            "results/bench_local.json or results/bench_local-quick.json)")
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        s = settings_from(args)
-    except ValueError as err:
-        print(f"local bench: {err}", file=sys.stderr)
-        return 2
-    out = args.out or os.path.join("results", "bench_local-quick.json" if args.quick
-                                   else "bench_local.json")
-    run_benchmark(s, out)
-    return 0
+    return run_benchmark_cli(
+        args, LocalBenchSettings, QUICK, "local bench",
+        lambda quick: os.path.join("results", "bench_local-quick.json" if quick
+                                   else "bench_local.json"),
+        run_benchmark)
 
 
 def main(argv=None) -> int:

@@ -21,7 +21,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional
 
-from mixpipe.bench.flags import add_flags, settings_from_args
+from mixpipe.bench.flags import add_benchmark_arguments, run_benchmark_cli, settings_from_cli
 
 from .arms import train_arm
 from .data import load_data
@@ -119,27 +119,17 @@ def check_device(device: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.splitlines()[0]
-    add_flags(parser, SpeedupSettings)
-    parser.add_argument("--quick", action="store_true",
-                        help=f"a short run: {QUICK} unless given explicitly")
-    parser.add_argument("--out", default=None,
-                        help="JSON path (PNG beside it); default benchmarks/results/"
-                             "speedup[-quick].json")
+    add_benchmark_arguments(parser, SpeedupSettings, QUICK, "JSON path (PNG beside it); default "
+                            "benchmarks/results/speedup[-quick].json")
 
 
 def settings_from(args: argparse.Namespace) -> SpeedupSettings:
-    """The defaults (or the quick presets) with every given flag laid over them."""
-    base = SpeedupSettings(**QUICK) if getattr(args, "quick", False) else SpeedupSettings()
-    return settings_from_args(args, SpeedupSettings, base)
+    return settings_from_cli(args, SpeedupSettings, QUICK)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        s = settings_from(args)
-    except ValueError as err:
-        print(f"mixpipe bench speedup: {err}", file=sys.stderr)
-        return 2
-    out = args.out or os.path.join("benchmarks", "results",
-                                   "speedup-quick.json" if args.quick else "speedup.json")
-    run_benchmark(s, out)
-    return 0
+    return run_benchmark_cli(
+        args, SpeedupSettings, QUICK, "mixpipe bench speedup",
+        lambda quick: os.path.join("benchmarks", "results",
+                                   "speedup-quick.json" if quick else "speedup.json"),
+        run_benchmark)

@@ -42,6 +42,11 @@ def _torch_loader(s: SpeedupSettings, train: Any, service: Any, seed: int, rank:
                        persistent_workers=s.workers > 0, rank=rank, world_size=world_size)
 
 
+def _missing(extra: str, err: ImportError) -> SystemExit:
+    return SystemExit(f"--loader {extra}: cannot import it ({err}); install the extra: "
+                      f"pip install mixpipe[{extra}]")
+
+
 def _ffcv_loader(s: SpeedupSettings, train: Any, service: Any, seed: int, rank: int,
                  world_size: int) -> Any:
     try:
@@ -49,8 +54,7 @@ def _ffcv_loader(s: SpeedupSettings, train: Any, service: Any, seed: int, rank: 
 
         from mixpipe.ffcv import MixLabelDecoder, MixLoader, SimpleMixDecoder
     except ImportError as err:
-        raise SystemExit(f"--loader ffcv: cannot import ffcv / mixpipe.ffcv ({err}); install "
-                         "the extra: pip install mixpipe[ffcv]") from err
+        raise _missing("ffcv", err) from err
     from mixpipe.data import find_prepared
 
     if s.limit is not None and s.limit < len(train.base):
@@ -72,8 +76,7 @@ def _dali_loader(s: SpeedupSettings, train: Any, service: Any, seed: int, rank: 
     try:
         from .dali_arm import speedup_loader
     except ImportError as err:
-        raise SystemExit(f"--loader dali: cannot import DALI ({err}); install the extra: "
-                         "pip install mixpipe[dali]") from err
+        raise _missing("dali", err) from err
     return speedup_loader(s, train, service, seed, rank, world_size)
 
 
