@@ -258,7 +258,8 @@ def test_service_plans_validate_and_respect_caps(seed, max_skip, floor, mix):
     n = 240
     labels = np.random.default_rng(seed).integers(0, 4, n)
     s = AssistSettings(max_skip=max_skip, class_floor=floor, skip_ratio=1.0,
-                       mix=MixTrainSettings(fraction=0.5, grid_cells=4) if mix else None)
+                       mix=MixTrainSettings(schedule="constant", fraction=0.5, layout="halves",
+                                            grid_cells=4) if mix else None)
     svc = InProcessService(n, s, seed=seed)
     svc.set_labels(labels)
     run_service(svc, 3, class_rule_losses(labels, seed))
@@ -330,7 +331,7 @@ def test_composes_with_mixtrain_keeping_skips_and_scales():
     state = svc.state_dict()
     snapshot = dataclasses.replace(Ledger.from_bytes(state["ledger"]).snapshot(),
                                    labels=state["labels"])
-    mix = MixTrainSettings(fraction=0.5, grid_cells=4)
+    mix = MixTrainSettings(schedule="constant", fraction=0.5, layout="halves", grid_cells=4)
     alone, _ = make_plan_with_state(snapshot, AssistSettings(), 4, 3, state["policy_state"])
     mixed, _ = make_plan_with_state(snapshot, AssistSettings(mix=mix), 4, 3,
                                     state["policy_state"])

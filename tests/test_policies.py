@@ -19,6 +19,21 @@ from mixpipe.core.plan import Layout
 from mixpipe.core.policies import make_plan, settings_from_dict
 from mixpipe.core.policies._common import snap_shares
 from mixpipe.core.policies.mixtrain import MixTrainSettings
+
+#: the settings these rule tests were written for (a constant share of HALVES ranked by the
+#: EMA); the library's defaults are tested on their own at the end of this file
+CLASSIC = dict(schedule="constant", fraction=0.5, statistic="ema", layout="halves",
+               grid_cells=7)
+
+
+def classic(**kw) -> MixTrainSettings:
+    """MixTrainSettings with the classic rules unless ``kw`` says otherwise (w_min as the
+    classic default: half an equal share)."""
+    merged = {**CLASSIC, **kw}
+    if "w_min" not in kw:
+        k = kw.get("group_size") or {"quads": 4}.get(merged["layout"], 2)
+        merged["w_min"] = 0.5 / k
+    return MixTrainSettings(**merged)
 from mixpipe.core.policies.random import RandomSettings
 from mixpipe.core.policies.shrink import ShrinkSettings
 
@@ -103,7 +118,7 @@ def test_mixtrain_mixes_exactly_the_lowest_share_of_the_seen(losses, data):
     layout = data.draw(st.sampled_from(["halves", "quads", "blend"]))
     k = 4 if layout == "quads" else data.draw(st.sampled_from([2, 4])) if layout == "blend" else 2
     fraction = data.draw(st.floats(0.0, 1.0))
-    s = MixTrainSettings(fraction=fraction, layout=layout, group_size=k, w_min=0.0,
+    s = classic(fraction=fraction, layout=layout, group_size=k, w_min=0.0,
                          grid_cells=data.draw(st.integers(2, 9)))
     snap = snapshot_of(losses, seen)
     plan = make_plan(snap, s, seed=data.draw(st.integers(0, 2**32 - 1)), epoch=1)
@@ -128,7 +143,7 @@ def test_mixtrain_ranks_by_the_chosen_statistic():
     old, new = rng.random(200), rng.random(200)
     snap = snapshot_of(new, history=[old])
     for stat, column in (("last", snap.last_loss), ("ema", snap.ema)):
-        plan = make_plan(snap, MixTrainSettings(fraction=0.3, statistic=stat), 0, 2)
+        plan = make_plan(snap, classic(fraction=0.3, statistic=stat), 0, 2)
         want = np.sort(np.argsort(column, kind="stable")[:60])
         np.testing.assert_array_equal(mixed_ids(plan), want)
     assert not np.array_equal(np.argsort(snap.last_loss)[:60], np.argsort(snap.ema)[:60])
@@ -138,18 +153,18 @@ def test_unseen_samples_are_never_mixed_even_when_the_schedule_wants_more():
     losses = np.linspace(0.1, 1.0, 100)
     seen = np.zeros(100, bool)
     seen[::3] = True  # 34 seen
-    plan = make_plan(snapshot_of(losses, seen), MixTrainSettings(fraction=1.0), 5, 3)
+    plan = make_plan(snapshot_of(losses, seen), classic(fraction=1.0), 5, 3)
     assert np.array_equal(mixed_ids(plan), np.flatnonzero(seen)[:34])
     assert plan.num_slots == 100 - 17
     empty = Ledger(50).snapshot()
-    plan = make_plan(empty, MixTrainSettings(fraction=1.0, warmup_epochs=0), 5, 3)
+    plan = make_plan(empty, classic(fraction=1.0, warmup_epochs=0), 5, 3)
     assert (plan.counts == 1).all() and plan.num_slots == 50
 
 
 @pytest.mark.parametrize("warmup", [0, 1, 3])
 def test_warmup_and_final_full_epochs_are_single_only(warmup):
     snap = snapshot_of(np.random.default_rng(0).random(64))
-    s = MixTrainSettings(fraction=0.5, warmup_epochs=warmup, epochs=10, final_full_epochs=2)
+    s = classic(fraction=0.5, warmup_epochs=warmup, epochs=10, final_full_epochs=2)
     for epoch in range(12):
         plan = make_plan(snap, s, 1, epoch)
         single_only = bool((plan.counts == 1).all())
@@ -168,7 +183,7 @@ def test_pair_weights_follow_the_loss_ratio_clipped_then_snapped(data):
     w_min = data.draw(st.floats(0.0, 0.5))
     cells = data.draw(st.integers(2, 16))
     layout = data.draw(st.sampled_from(["halves", "blend"]))
-    s = MixTrainSettings(fraction=1.0, gamma=gamma, w_min=w_min, grid_cells=cells, layout=layout)
+    s = classic(fraction=1.0, gamma=gamma, w_min=w_min, grid_cells=cells, layout=layout)
     plan = make_plan(snapshot_of(losses), s, data.draw(st.integers(0, 99)), 1)
     for ids, w, _, lay in composites(plan):
         ref = reference_shares(losses[ids][None, :], gamma, w_min)[0]
@@ -196,7 +211,7 @@ def test_quad_weights_keep_the_loss_order_and_the_floor(data):
     w_min = data.draw(st.floats(0.0, 0.25))
     cells = data.draw(st.integers(2, 12))
     layout = data.draw(st.sampled_from(["quads", "blend"]))
-    s = MixTrainSettings(fraction=1.0, layout=layout, group_size=4, gamma=gamma, w_min=w_min,
+    s = classic(fraction=1.0, layout=layout, group_size=4, gamma=gamma, w_min=w_min,
                          grid_cells=cells)
     plan = make_plan(snapshot_of(losses), s, 7, 2)
     assert len(composites(plan)) == n // 4
@@ -220,7 +235,7 @@ def test_quad_weights_keep_the_loss_order_and_the_floor(data):
                                             ("blend", 2, 7), ("blend", 4, 7)])
 def test_equal_losses_give_equal_shares(layout, k, cells):
     snap = snapshot_of(np.full(40, 0.8))
-    s = MixTrainSettings(fraction=1.0, layout=layout, group_size=k, grid_cells=cells)
+    s = classic(fraction=1.0, layout=layout, group_size=k, grid_cells=cells)
     plan = make_plan(snap, s, 0, 1)
     for _, w, _, _ in composites(plan):
         np.testing.assert_allclose(w, np.full(k, 1.0 / k), atol=1e-7)
@@ -229,7 +244,7 @@ def test_equal_losses_give_equal_shares(layout, k, cells):
 
 def test_higher_loss_gets_the_larger_half_on_a_concrete_pair():
     plan = make_plan(snapshot_of([0.5, 1.5]),
-                     MixTrainSettings(fraction=1.0, w_min=0.1, grid_cells=8), 0, 1)
+                     classic(fraction=1.0, w_min=0.1, grid_cells=8), 0, 1)
     ids, w, _, _ = composites(plan)[0]
     share = dict(zip(ids.tolist(), w.tolist()))
     assert share[1] == 0.75 and share[0] == 0.25  # 1.5 / 2.0 = 0.75 = 6 of 8 cells
@@ -252,7 +267,7 @@ def test_vectorised_snapping_matches_the_layouts_reference(rows, cells):
 def test_slot_count_matches_the_promised_speedup(k, layout, n):
     snap = snapshot_of(np.random.default_rng(n).random(n))
     for s in np.linspace(1.0, k, 9):
-        plan = make_plan(snap, MixTrainSettings(schedule="speedup", speedup=float(s),
+        plan = make_plan(snap, classic(schedule="speedup", speedup=float(s),
                                                 layout=layout, group_size=k), 2, 4)
         assert abs(plan.num_slots - n / s) <= (k - 1) / 2 + 1e-9 or \
             plan.num_slots == n - (n // k) * (k - 1)  # s = K asks for more than n//K groups
@@ -262,15 +277,15 @@ def test_slot_count_matches_the_promised_speedup(k, layout, n):
 def test_speedup_is_clipped_to_what_the_seen_samples_allow():
     seen = np.arange(1000) < 300
     plan = make_plan(snapshot_of(np.ones(1000), seen),
-                     MixTrainSettings(schedule="speedup", speedup=1.9), 0, 1)
+                     classic(schedule="speedup", speedup=1.9), 0, 1)
     assert plan.num_slots == 1000 - 150
 
 
 def test_constant_and_ramp_schedules():
     n = 1000
     snap = snapshot_of(np.random.default_rng(1).random(n))
-    const = MixTrainSettings(fraction=0.3, warmup_epochs=2)
-    ramp = MixTrainSettings(schedule="ramp", fraction_start=0.1, fraction=0.9, ramp_epochs=4,
+    const = classic(fraction=0.3, warmup_epochs=2)
+    ramp = classic(schedule="ramp", fraction_start=0.1, fraction=0.9, ramp_epochs=4,
                             warmup_epochs=2)
     for epoch in range(2, 10):
         f = 0.1 + 0.8 * min(1.0, (epoch - 2) / 4)
@@ -281,14 +296,14 @@ def test_constant_and_ramp_schedules():
 
 
 def test_odd_leftovers_stay_single():
-    plan = make_plan(snapshot_of(np.arange(7, dtype=float)), MixTrainSettings(fraction=1.0), 0, 1)
+    plan = make_plan(snapshot_of(np.arange(7, dtype=float)), classic(fraction=1.0), 0, 1)
     assert sorted(plan.counts.tolist()) == [1, 2, 2, 2]
     assert plan.ids[plan.counts == 1][0, 0] == 6  # the hardest one is left over
 
 
 # ------------------------------------------------------------------------------ determinism, order
-@pytest.mark.parametrize("settings_", [MixTrainSettings(), RandomSettings(layout="quads"),
-                                       ShrinkSettings(mix=MixTrainSettings(layout="blend"))])
+@pytest.mark.parametrize("settings_", [classic(), RandomSettings(layout="quads"),
+                                       ShrinkSettings(mix=classic(layout="blend"))])
 def test_same_inputs_same_bytes_and_epochs_differ(settings_):
     rng = np.random.default_rng(5)
     snap = snapshot_of(rng.random(400), rng.random(400) < 0.8)
@@ -306,7 +321,7 @@ def test_same_inputs_same_bytes_and_epochs_differ(settings_):
 def test_composites_and_singles_interleave():
     n = 2000
     plan = make_plan(snapshot_of(np.random.default_rng(2).random(n)),
-                     MixTrainSettings(fraction=0.5), 0, 1)
+                     classic(fraction=0.5), 0, 1)
     is_comp = plan.counts > 1
     quarters = np.array_split(is_comp, 4)
     share = is_comp.mean()
@@ -411,7 +426,7 @@ def test_shrink_then_mix_skip_and_mix_disjoint_and_lowest_of_the_kept(losses, da
     seen = np.array(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)), bool)
     layout = data.draw(st.sampled_from(["halves", "quads", "blend"]))
     fraction = data.draw(st.floats(0, 1))
-    mix = MixTrainSettings(fraction=fraction, layout=layout)
+    mix = classic(fraction=fraction, layout=layout)
     snap = snapshot_of(losses, seen)
     plan = make_plan(snap, ShrinkSettings(prune_ratio=0.5, mix=mix), 3, 2)
     mixed, skipped = mixed_ids(plan), plan.skipped
@@ -437,7 +452,7 @@ def test_shrink_then_mix_skip_and_mix_disjoint_and_lowest_of_the_kept(losses, da
 def test_shrink_with_mix_counts_the_speedup_against_the_kept_samples():
     n = 2000
     snap = snapshot_of(np.random.default_rng(4).random(n))
-    mix = MixTrainSettings(schedule="speedup", speedup=1.5)
+    mix = classic(schedule="speedup", speedup=1.5)
     plan = make_plan(snap, ShrinkSettings(prune_ratio=0.4, mix=mix), 0, 1)
     kept = n - plan.skipped.size
     assert plan.skipped.size > 0
@@ -446,10 +461,10 @@ def test_shrink_with_mix_counts_the_speedup_against_the_kept_samples():
 
 # ------------------------------------------------------------------------------ settings
 @pytest.mark.parametrize("s", [
-    MixTrainSettings(), MixTrainSettings(layout="quads", w_min=0.1, schedule="ramp", epochs=9,
+    classic(), classic(layout="quads", w_min=0.1, schedule="ramp", epochs=9,
                                          final_full_epochs=2),
     RandomSettings(layout="blend", group_size=4, fraction=0.25),
-    ShrinkSettings(), ShrinkSettings(epochs=20, anneal_epochs=3, mix=MixTrainSettings(
+    ShrinkSettings(), ShrinkSettings(epochs=20, anneal_epochs=3, mix=classic(
         schedule="speedup", speedup=1.4, layout="blend")),
 ])
 def test_settings_round_trip_through_dicts(s):
@@ -462,21 +477,21 @@ def test_settings_round_trip_through_dicts(s):
 
 
 @pytest.mark.parametrize("factory,field", [
-    (lambda: MixTrainSettings(fraction=1.5), "MixTrainSettings.fraction"),
-    (lambda: MixTrainSettings(fraction=float("nan")), "MixTrainSettings.fraction"),
-    (lambda: MixTrainSettings(warmup_epochs=-1), "MixTrainSettings.warmup_epochs"),
-    (lambda: MixTrainSettings(warmup_epochs=1.5), "MixTrainSettings.warmup_epochs"),
-    (lambda: MixTrainSettings(schedule="cosine"), "MixTrainSettings.schedule"),
-    (lambda: MixTrainSettings(speedup=2.5), "MixTrainSettings.speedup"),
-    (lambda: MixTrainSettings(speedup=0.5), "MixTrainSettings.speedup"),
-    (lambda: MixTrainSettings(w_min=0.3, layout="quads"), "MixTrainSettings.w_min"),
-    (lambda: MixTrainSettings(gamma=-1), "MixTrainSettings.gamma"),
-    (lambda: MixTrainSettings(statistic="median"), "MixTrainSettings.statistic"),
-    (lambda: MixTrainSettings(layout="thirds"), "MixTrainSettings.layout"),
-    (lambda: MixTrainSettings(layout="halves", group_size=4), "MixTrainSettings.group_size"),
-    (lambda: MixTrainSettings(grid_cells=1), "MixTrainSettings.grid_cells"),
-    (lambda: MixTrainSettings(final_full_epochs=2), "MixTrainSettings.epochs"),
-    (lambda: MixTrainSettings(epochs=3, final_full_epochs=4), "MixTrainSettings.final_full"),
+    (lambda: classic(fraction=1.5), "MixTrainSettings.fraction"),
+    (lambda: classic(fraction=float("nan")), "MixTrainSettings.fraction"),
+    (lambda: classic(warmup_epochs=-1), "MixTrainSettings.warmup_epochs"),
+    (lambda: classic(warmup_epochs=1.5), "MixTrainSettings.warmup_epochs"),
+    (lambda: classic(schedule="cosine"), "MixTrainSettings.schedule"),
+    (lambda: classic(speedup=2.5), "MixTrainSettings.speedup"),
+    (lambda: classic(speedup=0.5), "MixTrainSettings.speedup"),
+    (lambda: classic(w_min=0.3, layout="quads"), "MixTrainSettings.w_min"),
+    (lambda: classic(gamma=-1), "MixTrainSettings.gamma"),
+    (lambda: classic(statistic="median"), "MixTrainSettings.statistic"),
+    (lambda: classic(layout="thirds"), "MixTrainSettings.layout"),
+    (lambda: classic(layout="halves", group_size=4), "MixTrainSettings.group_size"),
+    (lambda: classic(grid_cells=1), "MixTrainSettings.grid_cells"),
+    (lambda: classic(final_full_epochs=2), "MixTrainSettings.epochs"),
+    (lambda: classic(epochs=3, final_full_epochs=4), "MixTrainSettings.final_full"),
     (lambda: RandomSettings(fraction=-0.1), "RandomSettings.fraction"),
     (lambda: RandomSettings(layout="quads", group_size=2), "RandomSettings.group_size"),
     (lambda: ShrinkSettings(prune_ratio=1.0), "ShrinkSettings.prune_ratio"),
@@ -495,8 +510,10 @@ def test_bad_settings_are_refused_naming_the_field(factory, field):
 
 
 def test_settings_are_frozen_and_normalised():
-    assert MixTrainSettings().w_min == 0.25 and MixTrainSettings(layout="quads").w_min == 0.125
-    s = MixTrainSettings(fraction=1, layout="quads", w_min=0)
+    assert classic().w_min == 0.25 and classic(layout="quads").w_min == 0.125
+    assert MixTrainSettings(layout="halves").w_min == 0.25
+    assert MixTrainSettings().w_min == 0.25  # quads: equal quarters
+    s = classic(fraction=1, layout="quads", w_min=0)
     assert s.group_size == 4 and isinstance(s.fraction, float) and s.w_min == 0.0
     with pytest.raises(dataclasses.FrozenInstanceError):
         s.fraction = 0.2  # type: ignore[misc]
@@ -514,8 +531,47 @@ def test_docstring_examples_run(module):
 
 def test_ties_at_the_cut_are_taken_in_id_order():
     losses = np.array([0.1, 1.0, 1.0, 0.2, 1.0, 1.0, 1.0, 3.0])
-    plan = make_plan(snapshot_of(losses), MixTrainSettings(fraction=0.5), 9, 1)
+    plan = make_plan(snapshot_of(losses), classic(fraction=0.5), 9, 1)
     np.testing.assert_array_equal(mixed_ids(plan), [0, 1, 2, 3])
     seen = np.array([1, 0, 1, 1, 1, 1, 1, 1], bool)
-    plan = make_plan(snapshot_of(losses, seen), MixTrainSettings(fraction=0.5), 9, 1)
+    plan = make_plan(snapshot_of(losses, seen), classic(fraction=0.5), 9, 1)
     np.testing.assert_array_equal(mixed_ids(plan), [0, 2, 3, 4])
+
+
+def test_the_library_defaults_are_the_benchmarks_chosen_settings():
+    """``policy="mixtrain"`` gets the method the benchmark measures, not a rule-test setting."""
+    from mixpipe.bench.speedup import SpeedupSettings, arm_policy
+    from mixpipe.core.policies.mixtrain import DEFAULT_RAMP_EPOCHS
+    from mixpipe.server.inprocess import resolve_settings
+
+    d = MixTrainSettings()
+    assert (d.layout, d.schedule, d.fraction_start, d.fraction, d.statistic, d.w_min,
+            d.warmup_epochs, d.grid_cells) == ("quads", "ramp", 0.45, 0.80, "last", 0.25, 1, None)
+    assert d.ramp_epochs == DEFAULT_RAMP_EPOCHS == 18  # the 20-epoch run: 19 mixed epochs
+    assert resolve_settings("mixtrain") == d
+    # the benchmark's mixtrain arm for a 20-epoch run is the library default plus the run's
+    # length and the recorded grid
+    bench = arm_policy("mixtrain", SpeedupSettings(epochs=20))
+    assert bench == dataclasses.replace(MixTrainSettings(epochs=20), grid_cells=4)
+    # with the run's length given, the ramp spans the mixed epochs
+    assert MixTrainSettings(epochs=10).ramp_epochs == 8
+    assert MixTrainSettings(epochs=10, final_full_epochs=2).ramp_epochs == 6
+
+
+def test_unsnapped_shares_are_the_rules_own_and_loaders_snap_them():
+    from mixpipe.core.layouts import snap_weights
+    from mixpipe.core.plan import Layout
+
+    losses = np.array([1.0, 3.0, 2.0, 2.0])
+    snap = snapshot_of(losses)
+    free = make_plan(snap, MixTrainSettings(schedule="constant", fraction=1.0, layout="halves",
+                                            warmup_epochs=0), 0, 1)
+    grid = make_plan(snap, MixTrainSettings(schedule="constant", fraction=1.0, layout="halves",
+                                            warmup_epochs=0, grid_cells=7), 0, 1)
+    # same groups, same order; the gridded shares are the free ones snapped to 7 cells
+    assert np.array_equal(free.ids, grid.ids)
+    for w_free, w_grid in zip(free.weights, grid.weights):
+        np.testing.assert_allclose(snap_weights(Layout.HALVES, w_free, 7), w_grid, atol=1e-6)
+    a, b = free.ids[0]
+    share = losses[a] / (losses[a] + losses[b])  # gamma 1, inside the [0.25, 0.75] clip
+    np.testing.assert_allclose(free.weights[0], [share, 1 - share], atol=1e-6)

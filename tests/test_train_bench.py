@@ -250,3 +250,16 @@ def test_one_epoch_is_enough_for_the_plain_arms():
     SpeedupSettings(epochs=1, policies=("none", "budget"))  # no mixing arm: no warm-up needed
     with pytest.raises(ValueError, match="warmup_epochs"):
         SpeedupSettings(epochs=1, policies=("none", "mixtrain"))
+
+
+def test_library_and_benchmark_share_the_loss_normalisation():
+    import inspect
+
+    from mixpipe.bench.speedup.settings import LOSS_PER, NORMALISATIONS
+    from mixpipe.train import fit
+    from mixpipe.train import loss
+
+    assert NORMALISATIONS == loss.NORMALISATIONS
+    for fn, name in ((fit, "loss_per"), (loss.mixed_loss, "per"), (loss.batch_loss, "per")):
+        assert inspect.signature(fn).parameters[name].default == LOSS_PER == "slot"
+    assert SpeedupSettings().loss_per == LOSS_PER

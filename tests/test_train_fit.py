@@ -50,7 +50,8 @@ class Recording:
 def test_short_run_reports_every_sample_each_epoch_and_the_plan_mixes_after_warmup():
     n = 160
     data = StripeDataset(n)
-    settings = MixTrainSettings(warmup_epochs=1, fraction=0.5, grid_cells=4)
+    settings = MixTrainSettings(warmup_epochs=1, schedule="constant", fraction=0.5,
+                                layout="halves", grid_cells=4)
     service = Recording(InProcessService(n, policy=settings, seed=5))
     loader = MixedLoader(data, service, batch_size=32, size=(32, 32), stride=8, seed=5)
     torch.manual_seed(0)

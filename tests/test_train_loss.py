@@ -23,7 +23,7 @@ def test_matches_a_plain_numpy_computation():
     layout = np.array([SINGLE, HALVES, BLEND, HALVES], np.uint8)
     scale = np.array([[1, 0], [2, 1], [1, 1], [0, 0]], np.float32)  # row 3: a padding copy
     out = mixed_loss(torch.from_numpy(logits), torch.from_numpy(targets), torch.from_numpy(weights),
-                     torch.from_numpy(layout), torch.from_numpy(scale))
+                     torch.from_numpy(layout), torch.from_numpy(scale), per="constituent")
     total, count = 0.0, 0
     per = np.zeros((4, 2))
     for b in range(4):
@@ -56,7 +56,7 @@ def test_per_slot_divides_by_the_composites_that_hold_a_real_constituent():
     total = sum(_ce(logits[b, k], targets[b, k]) * scale[b, k]
                 for b in range(5) for k in range(4) if targets[b, k] >= 0 and scale[b, k] > 0)
     per_slot = mixed_loss(*args, per="slot")
-    per_constituent = mixed_loss(*args)
+    per_constituent = mixed_loss(*args, per="constituent")
     assert per_slot.loss.item() == pytest.approx(total / 4, rel=1e-5)  # rows 0, 1, 2, 4
     assert per_constituent.loss.item() == pytest.approx(total / 8, rel=1e-5)
     torch.testing.assert_close(per_slot.per_constituent, per_constituent.per_constituent)

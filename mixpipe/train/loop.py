@@ -37,7 +37,7 @@ def fit(model: nn.Module, loader: PlanLoader, optimizer: torch.optim.Optimizer, 
         rank: Optional[int] = None, commit: Optional[bool] = None, start_epoch: int = 0,
         progress: bool = True, reporter_chunk: int = 8192,
         on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None,
-        desc: str = "train", loss_per: str = "constituent") -> Dict[str, Any]:
+        desc: str = "train", loss_per: str = "slot") -> Dict[str, Any]:
     """Train ``model`` for ``epochs`` epochs of ``loader`` (a :class:`~mixpipe.core.loader
     .PlanLoader`, left open); return the history.
 

@@ -1,17 +1,19 @@
-"""The mixed loss: one cross-entropy per constituent, normalised per constituent.
+"""The mixed loss: one cross-entropy per constituent, normalised per composite by default.
 
 Spatial composites give each constituent its own logits (region pooling), so each constituent's
 loss depends on its own label only. BLEND constituents share the composite's logits and weigh
 their cross-entropies by their blend coefficients (mixup's loss). ``loss_scale`` multiplies each
 term (>1 for samples an unbiased pruning policy kept for others; 0 for padding copies, which must
-add nothing). By default (``per="constituent"``) the sum is divided by the number of real
-constituents, so the gradient scale does not depend on how much of the batch was mixed.
+add nothing).
 
-``per="slot"`` divides by the number of composites instead. Then every sample carries the same
-weight per step as it would alone in a batch of ``B`` singles: a mixed epoch takes fewer steps,
-and dividing by constituents would hand each mixed sample only ``1 / K`` of its usual share of the
-update (the large-batch effect at an unchanged learning rate). Per slot is the linear scaling
-rule applied to the composite's extra constituents.
+By default (``per="slot"``) the sum is divided by the number of composites. Then every sample
+carries the same weight per step as it would alone in a batch of ``B`` singles: a mixed epoch
+takes fewer steps, and dividing by constituents would hand each mixed sample only ``1 / K`` of its
+usual share of the update (the large-batch effect at an unchanged learning rate). Per slot is the
+linear scaling rule applied to the composite's extra constituents; the benchmark chose it
+(benchmarks/README.md), and the library and the benchmark use the same default.
+``per="constituent"`` divides by the number of real constituents, so the gradient scale does not
+depend on how much of the batch was mixed.
 
 The per-constituent losses handed back for reporting are the plain cross-entropies: how well the
 model knows each sample, before any training weight. Reporting the scaled values would let a
@@ -40,7 +42,7 @@ class MixedLoss(NamedTuple):
 
 def mixed_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
                layout: torch.Tensor, loss_scale: torch.Tensor,
-               per: str = "constituent") -> MixedLoss:
+               per: str = "slot") -> MixedLoss:
     """logits [B, K, classes] (from an adapted model); targets int64[B, K] with -1 for no
     constituent; weights, loss_scale float[B, K]; layout uint8[B]; ``per``: one of
     :data:`NORMALISATIONS` (see the module docstring)."""
@@ -74,6 +76,6 @@ def mixed_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tenso
     return MixedLoss(loss, per, real)
 
 
-def batch_loss(logits: torch.Tensor, batch, per: str = "constituent") -> MixedLoss:
+def batch_loss(logits: torch.Tensor, batch, per: str = "slot") -> MixedLoss:
     """:func:`mixed_loss` with the fields of a :class:`mixpipe.core.batch.MixedBatch`."""
     return mixed_loss(logits, batch.targets, batch.weights, batch.layout, batch.loss_scale, per)

@@ -45,6 +45,7 @@ LAYOUTS = ("halves", "quads")
 MIX_SCHEDULES = ("constant", "ramp")
 STATISTICS = ("ema", "last")  # mixpipe.core.policies.mixtrain.STATISTICS
 NORMALISATIONS = ("constituent", "slot")  # mixpipe.train.loss.NORMALISATIONS, without torch
+LOSS_PER = "slot"  # mixpipe.train.loss's default; a test holds the two equal
 AUGMENTS = ("none", "flip", "crop")
 EVAL_SPLITS = ("val", "test")
 FASHION = "fashion-mnist"
@@ -81,22 +82,24 @@ class SpeedupSettings:
     schedule: str = field("cosine", "learning-rate decay to zero over each arm's own run",
                           choices=("cosine", "linear"))
     warmup: float = field(0.0, "share of the run spent ramping the learning rate up")
-    layout: str = field("quads", "composite layout of the mixing arms", choices=LAYOUTS)
-    fraction: float = field(0.80, "share of the dataset mixtrain mixes per epoch after warm-up "
+    layout: str = field(MixTrainSettings.layout, "composite layout of the mixing arms", choices=LAYOUTS)
+    fraction: float = field(MixTrainSettings.fraction, "share of the dataset mixtrain mixes per epoch after warm-up "
                                   "(with a ramp: in its last mixed epoch)")
-    mix_schedule: str = field("ramp", "mixtrain's share per epoch: constant, or a linear ramp "
+    mix_schedule: str = field(MixTrainSettings.schedule, "mixtrain's share per epoch: constant, or a linear ramp "
                                       "over the mixed epochs from --fraction-start to --fraction",
                               choices=MIX_SCHEDULES)
-    fraction_start: Optional[float] = field(0.45, "the ramp's first mixed epoch (none with "
-                                                  "--mix-schedule constant)")
-    statistic: str = field("last", "mixtrain ranks samples by their loss EMA or last loss",
+    fraction_start: Optional[float] = field(MixTrainSettings.fraction_start,
+                                            "the ramp's first mixed epoch (none with "
+                                            "--mix-schedule constant)")
+    statistic: str = field(MixTrainSettings.statistic,
+                           "mixtrain ranks samples by their loss EMA or last loss",
                            choices=STATISTICS)
-    gamma: float = field(1.0, "sharpness of the loss-driven shares (0: equal shares)")
+    gamma: float = field(MixTrainSettings.gamma, "sharpness of the loss-driven shares (0: equal shares)")
     w_min: float = field(0.25, "smallest share a constituent gets")
     per_class: bool = field(False, "mixtrain mixes the same share of every class")
-    warmup_epochs: int = field(1, "first epochs that mix nothing")
+    warmup_epochs: int = field(MixTrainSettings.warmup_epochs, "first epochs that mix nothing")
     final_full_epochs: int = field(0, "last epochs that mix nothing")
-    loss_per: str = field("slot", "divide the summed loss by composites or by real "
+    loss_per: str = field(LOSS_PER, "divide the summed loss by composites or by real "
                                   "constituents (mixpipe.train.loss)", choices=NORMALISATIONS)
     prune_ratio: float = field(0.5, "shrink: share of the below-mean samples skipped per epoch")
     anneal_epochs: int = field(0, "shrink: the last epochs skip nothing")

@@ -159,13 +159,15 @@ def floor_shares(shares: list, w_min: float) -> list:
     return out
 
 
-def _snap_split(share: np.ndarray, cells: int) -> np.ndarray:
-    """Vector form of ``layouts.split_position(share, cells, 1) / cells``."""
+def _snap_split(share: np.ndarray, cells: Optional[int]) -> np.ndarray:
+    """Vector form of ``layouts.split_position(share, cells, 1) / cells``; no grid: as is."""
+    if cells is None:
+        return share
     c = np.floor(share * cells + 0.5)
     return np.clip(c, 1, cells - 1, out=c) / cells
 
 
-def _snap_columns(layout: Layout, w: list, cells: int) -> np.ndarray:
+def _snap_columns(layout: Layout, w: list, cells: Optional[int]) -> np.ndarray:
     total = _add(w)
     w = [c / total for c in w]  # as snap_weights does: the shares of the normalised row
     if layout == Layout.HALVES:
@@ -183,14 +185,14 @@ def _snap_columns(layout: Layout, w: list, cells: int) -> np.ndarray:
     return out
 
 
-def snap_shares(layout: Layout, weights: np.ndarray, cells: int) -> np.ndarray:
+def snap_shares(layout: Layout, weights: np.ndarray, cells: Optional[int]) -> np.ndarray:
     """Row-wise :func:`mixpipe.core.layouts.snap_weights`, for every composite at once."""
     w = np.asarray(weights, dtype=np.float64)
     return _snap_columns(Layout(layout), [w[:, i] for i in range(w.shape[1])], cells)
 
 
 def _pair_weights(losses: np.ndarray, gamma: float, w_min: float, layout: Layout,
-                  cells: int) -> np.ndarray:
+                  cells: Optional[int]) -> np.ndarray:
     """Pairs, the common case, on one column: ``w_a = clip(l_a^g / (l_a^g + l_b^g))``, snapped.
 
     The same numbers as the K-way path (for pairs the floor is the clip), computed in place on
@@ -212,7 +214,7 @@ def _pair_weights(losses: np.ndarray, gamma: float, w_min: float, layout: Layout
         share[flat] = 0.5
     np.clip(share, w_min, 1.0 - w_min, out=share)
     out = np.empty((share.size, 2), dtype=np.float32)
-    if layout == Layout.HALVES:
+    if layout == Layout.HALVES and cells is not None:
         np.multiply(share, cells, out=share)
         share += 0.5
         np.floor(share, out=share)
@@ -228,7 +230,7 @@ _NET4 = ((0, 1), (2, 3), (0, 2), (1, 3), (1, 2))
 
 
 def group_weights(groups: np.ndarray, losses: np.ndarray, gamma: float, w_min: float,
-                  layout: Layout, cells: int) -> tuple:
+                  layout: Layout, cells: Optional[int]) -> tuple:
     """(groups, float32 weights) for loss-driven composites; may reorder ids within a group.
 
     QUADS cells are products of one column split and one row split, so four free shares cannot be

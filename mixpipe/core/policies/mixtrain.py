@@ -30,9 +30,11 @@ The fraction counts samples of the whole dataset (so the promised speed-up is a 
 epoch); when fewer samples have been seen, all seen ones may be mixed and no more. Leftovers that
 do not fill a group stay single.
 
-``grid_cells`` is the composite's width in stride cells: the default 7 is a 224 px input at total
-stride 32 (ResNet, MobileNetV2); use 4 for 32 px inputs at stride 8 (small-image ResNets). With an
-odd number of cells an even split is impossible, so equal losses give shares 4/7 and 3/7.
+``grid_cells``, when set, is the composite's width in stride cells (7 for a 224 px input at total
+stride 32, 4 for 32 px at stride 8): the shares are then recorded as the areas that grid really
+gives (with an odd number of cells an even split is impossible, so equal losses give 4/7 and
+3/7). Left unset, the shares stay as the rules set them and each loader snaps the geometry to its
+own image size and stride.
 
 Example::
 
@@ -40,7 +42,8 @@ Example::
     >>> from mixpipe.core.policies import make_plan
     >>> ledger = Ledger(8)
     >>> ledger.update(0, np.arange(8), np.linspace(0.1, 2.0, 8, dtype=np.float32))
-    >>> plan = make_plan(ledger.snapshot(), MixTrainSettings(fraction=0.5), seed=0, epoch=1)
+    >>> settings = MixTrainSettings(schedule="constant", fraction=0.5, layout="halves")
+    >>> plan = make_plan(ledger.snapshot(), settings, seed=0, epoch=1)
     >>> plan.num_slots, sorted(plan.ids[plan.counts == 2].ravel().tolist())
     (6, [0, 1, 2, 3])
 """
@@ -61,6 +64,9 @@ __all__ = ["MixTrainSettings", "plan_mixtrain", "mixing_fraction", "choose_lowes
            "lowest_per_class", "weigher", "statistic", "seen_mask"]
 
 SCHEDULES = ("constant", "ramp", "speedup")
+#: a ramp's length when the run's length is not given: the 20-epoch benchmark's (one warm-up
+#: epoch, nineteen mixed ones)
+DEFAULT_RAMP_EPOCHS = 18
 STATISTICS = ("ema", "last")
 
 
@@ -73,15 +79,20 @@ class MixTrainSettings(PolicySettings):
         schedule: ``constant``, ``ramp`` or ``speedup``: how the mixed fraction is set per epoch.
         fraction: the mixed fraction of the dataset (constant value, or the ramp's end).
         fraction_start: the ramp's value in the first epoch after warm-up.
-        ramp_epochs: epochs the ramp takes to reach ``fraction``.
+        ramp_epochs: epochs the ramp takes to reach ``fraction``; None: to the run's last mixed
+            epoch when ``epochs`` is set, else ``DEFAULT_RAMP_EPOCHS``.
         speedup: target forward-pass speed-up for ``schedule="speedup"``, in ``[1, group_size]``.
-        statistic: ``ema`` (smoothed, the default) or ``last`` loss to rank and weight samples.
+        statistic: ``last`` (the default) or ``ema`` (smoothed) loss to rank and weight samples.
         gamma: sharpness of the loss-driven shares (0: equal shares).
         w_min: no constituent gets less than this share, in ``[0, 1 / group_size]``; None picks
-            ``0.5 / group_size`` (0.25 for pairs, 0.125 for quads).
+            ``min(0.25, 1 / group_size)``: 0.25 for pairs, and for quads equal quarters (a 2x2
+            grid cannot give four free areas anyway).
         layout: ``halves``, ``quads`` or ``blend`` (blend weights are not snapped).
         group_size: constituents per composite; None picks the layout's own (2, 4, 2).
-        grid_cells: composite width in stride cells, for snapping spatial shares (>= 2).
+        grid_cells: composite width in stride cells (>= 2), to record spatial shares as the areas
+            the grid really gives; None leaves them as the policy set them, and every loader
+            snaps its geometry to its own image size and stride (the areas follow from the input
+            without anyone setting them by hand).
         epochs, final_full_epochs: with the run's length known, its last ``final_full_epochs``
             epochs mix nothing.
         per_class: when the service knows the labels, mix the same share of every class (the
@@ -94,18 +105,20 @@ class MixTrainSettings(PolicySettings):
 
     name = "mixtrain"
 
+    # the defaults are the benchmark's chosen settings (benchmarks/README.md): QUADS composites of
+    # the lowest-last-loss 45 % of the data after one warm-up epoch, rising to 80 % at the end
     warmup_epochs: int = 1
-    schedule: str = "constant"
-    fraction: float = 0.5
-    fraction_start: float = 0.0
-    ramp_epochs: int = 5
+    schedule: str = "ramp"
+    fraction: float = 0.80
+    fraction_start: float = 0.45
+    ramp_epochs: Optional[int] = None
     speedup: float = 1.25
-    statistic: str = "ema"
+    statistic: str = "last"
     gamma: float = 1.0
     w_min: Optional[float] = None
-    layout: str = "halves"
+    layout: str = "quads"
     group_size: Optional[int] = None
-    grid_cells: int = 7
+    grid_cells: Optional[int] = None
     epochs: Optional[int] = None
     final_full_epochs: int = 0
     per_class: bool = False
@@ -117,14 +130,18 @@ class MixTrainSettings(PolicySettings):
         check_choice(self, "schedule", SCHEDULES)
         check_float(self, "fraction", 0.0, 1.0)
         check_float(self, "fraction_start", 0.0, 1.0)
+        if self.ramp_epochs is None:
+            ramp = DEFAULT_RAMP_EPOCHS if self.epochs is None else max(
+                self.epochs - self.warmup_epochs - self.final_full_epochs - 1, 0)
+            object.__setattr__(self, "ramp_epochs", ramp)
         check_int(self, "ramp_epochs", 0)
         check_float(self, "speedup", 1.0, float(k))
         check_choice(self, "statistic", STATISTICS)
         check_float(self, "gamma", 0.0, 64.0)
         if self.w_min is None:
-            object.__setattr__(self, "w_min", 0.5 / k)
+            object.__setattr__(self, "w_min", min(0.25, 1.0 / k))
         check_float(self, "w_min", 0.0, 1.0 / k)
-        check_int(self, "grid_cells", 2)
+        check_int(self, "grid_cells", 2, optional=True)
         check_int(self, "epochs", 1, optional=True)
         check_int(self, "final_full_epochs", 0)
         if not isinstance(self.per_class, bool):

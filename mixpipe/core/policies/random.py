@@ -40,7 +40,8 @@ class RandomSettings(PolicySettings):
         fraction: share of the whole dataset (seen or not) put into composites, in [0, 1].
         layout: ``halves``, ``quads`` or ``blend``.
         group_size: constituents per composite; None picks the layout's own (2, 4, 2).
-        grid_cells: composite width in stride cells, for snapping spatial shares (>= 2).
+        grid_cells: composite width in stride cells, for recording spatial shares as the grid's
+            real areas (>= 2); None: equal shares as they are, each loader snaps the geometry.
     """
 
     name = "random"
@@ -48,12 +49,12 @@ class RandomSettings(PolicySettings):
     fraction: float = 0.5
     layout: str = "halves"
     group_size: Optional[int] = None
-    grid_cells: int = 7
+    grid_cells: Optional[int] = None
 
     def __post_init__(self) -> None:
         resolve_group_size(self)
         check_float(self, "fraction", 0.0, 1.0)
-        check_int(self, "grid_cells", 2)
+        check_int(self, "grid_cells", 2, optional=True)
 
     @property
     def layout_code(self) -> Layout:
