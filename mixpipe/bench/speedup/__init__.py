@@ -34,8 +34,13 @@ __all__ = ["SpeedupSettings", "QUICK", "run_benchmark", "add_arguments", "run", 
            "time_to_reach", "train_arm"]
 
 
+def _say(*args: Any, **kwargs: Any) -> None:
+    """print, flushed: a run's progress must reach a log file as it happens, not at the end."""
+    print(*args, **kwargs, flush=True)
+
+
 def run_benchmark(s: SpeedupSettings, out: Optional[str] = None,
-                  log: Callable[..., None] = print) -> Dict[str, Any]:
+                  log: Callable[..., None] = _say) -> Dict[str, Any]:
     """Run every (seed, arm), write JSON and PNG next to ``out``, return the payload."""
     import torch
 
