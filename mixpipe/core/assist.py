@@ -209,6 +209,40 @@ class AssistState:
     memory_epoch: int = -1
     info: Optional[dict] = None
 
+    def check(self) -> None:
+        """Refuse a state with a valid checksum but impossible contents (AssistStateError).
+
+        A restored state feeds every later fit: non-finite weights, a weight vector that fits
+        no feature layout, or a memory no ledger could hold would make every plan fail or skip
+        by garbage.
+        """
+        if self.num_classes < 0:
+            raise AssistStateError(f"assistant state has {self.num_classes} classes")
+        if self.weights is not None:
+            if self.weights.size != NUM_BASE_FEATURES + self.num_classes:
+                raise AssistStateError(f"assistant state holds {self.weights.size} weights, "
+                                       f"expected {NUM_BASE_FEATURES} + {self.num_classes} "
+                                       "classes")
+            if not np.isfinite(self.weights).all():
+                raise AssistStateError("assistant state weights are not all finite")
+        if self.memory is not None:
+            from .ledger import Ledger, LedgerFormatError
+
+            m = self.memory
+            table = Ledger(0)
+            table.num_samples = self.num_samples
+            table.last_loss, table.ema, table.last_epoch, table.count = \
+                m.last_loss, m.ema, m.last_epoch, m.count
+            table.committed_epoch = m.committed_epoch
+            try:
+                table.check_meaning()
+            except LedgerFormatError as err:
+                raise AssistStateError(f"assistant state memory: {err}") from None
+            if self.memory_epoch < m.committed_epoch + 1:
+                raise AssistStateError(f"assistant state memory was scored for epoch "
+                                       f"{self.memory_epoch}, before its own ledger "
+                                       f"(committed epoch {m.committed_epoch})")
+
     def to_bytes(self) -> bytes:
         w = np.zeros(0) if self.weights is None else self.weights
         meta = json.dumps(self.info or {}, sort_keys=True).encode()
