@@ -26,6 +26,14 @@ def two_ranks(tmp_path_factory):
     return results
 
 
+def test_the_jobs_own_server_is_authenticated_with_keys_handed_over_by_the_store(two_ranks):
+    """Issue 17: rank 0 generates the keys, the other ranks get them from torch.distributed's
+    store; no user step, and the server speaks CURVE."""
+    assert [r["auth"] for r in two_ranks] == [True, True]
+    keys = {r["client_key_env"] for r in two_ranks}
+    assert len(keys) == 1 and None not in keys  # the same client key on every rank
+
+
 def test_ranks_cover_every_sample_exactly_once_per_epoch(two_ranks):
     assert [r["world"] for r in two_ranks] == [2, 2]
     assert {r["backend"] for r in two_ranks} == {"gloo"}
