@@ -144,7 +144,11 @@ def test_concurrent_rank_processes_over_loopback_lose_no_report():
                                     timeout=30.0, time_limit=60.0), log=lambda *a: None)
     v = payload["verify"]
     assert not payload["errors"] and not payload["truncated"]
-    assert v["acked_losses"] == v["server_losses_received"] == v["ledger_count_sum"] == 24000
+    assert v["acked_losses"] == v["ledger_count_sum"] == 24000
+    # the probe reported for the next epoch during each commit and plan: counted, not lost
+    assert v["acked_losses"] + v["probe_acked_losses"] == v["server_losses_received"]
+    assert payload["report_latency_during_commit_and_plan"]["n"] > 0
+    assert "report_p99_ms_during_commit_and_plan" in payload["meets_targets"]
     assert v["ledger_count_equals_epochs"] and v["committed_epochs"] == 2
     assert payload["nothing_lost"]
     assert payload["report_latency"]["n"] >= 24000 // 500  # chunks of at most 500 losses
