@@ -341,8 +341,9 @@ def format_table(p: Dict[str, Any]) -> str:
                   f"{'not measured' if met is None else 'met' if met else 'MISSED'}",
               f"slowest plan request per epoch (waits for the policy): "
                   f"{', '.join(f'{t:.2f}s' for t in p['plan_slowest_per_epoch_s'])}",
-              f"verify: acked {v['acked_losses']:,} == received {v['server_losses_received']:,} "
-              f"== ledger count sum {v['ledger_count_sum']:,}; every sample counted once per "
+              f"verify: acked {v['acked_losses']:,} + probe {v['probe_acked_losses']:,} == "
+              f"received {v['server_losses_received']:,}; acked == ledger count sum "
+              f"{v['ledger_count_sum']:,}; every sample counted once per "
               f"epoch: {v['ledger_count_equals_epochs']}; refused {v['server_reports_refused']}"
               f" -> nothing lost: {p['nothing_lost']}",
               f"({s['clients']} clients x {s['losses_per_client']:,} losses x {s['epochs']} "
