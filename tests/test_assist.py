@@ -414,7 +414,8 @@ def test_labels_and_assistant_state_travel_over_the_network():
     local.set_labels(labels)
     run_service(local, 3, class_rule_losses(labels, 4))
     remote_core = InProcessService(n, AssistSettings(), seed=4)
-    server = SelectionServer(remote_core, "tcp://127.0.0.1:*", poll_ms=20).start()
+    server = SelectionServer(remote_core, "tcp://127.0.0.1:*", poll_ms=20,
+                             allow_load_state=True).start()
     client = connect(server.endpoint, timeout=5, retries=0)
     try:
         client.set_labels(labels)

@@ -519,3 +519,16 @@ def test_ties_at_the_cut_are_taken_in_id_order():
     seen = np.array([1, 0, 1, 1, 1, 1, 1, 1], bool)
     plan = make_plan(snapshot_of(losses, seen), MixTrainSettings(fraction=0.5), 9, 1)
     np.testing.assert_array_equal(mixed_ids(plan), [0, 2, 3, 4])
+
+
+def test_none_policy_keeps_the_permutation_of_its_original_formula():
+    """The none plan is shuffled as int32 for speed (issue 17); its order must stay
+    epoch_rng(seed, epoch).permutation(n), bit for bit."""
+    from mixpipe.core.ledger import Ledger
+    from mixpipe.core.policies import epoch_rng, make_plan, settings_from_dict
+
+    for n, seed, epoch in ((1, 0, 0), (1000, 5, 3), (4099, 2**40, 7)):
+        plan = make_plan(Ledger(n).snapshot(), settings_from_dict({"policy": "none"}), seed,
+                         epoch)
+        np.testing.assert_array_equal(plan.ids[:, 0], epoch_rng(seed, epoch).permutation(n))
+        assert plan.ids.dtype == np.int64
