@@ -192,3 +192,36 @@ def test_two_trainer_processes_share_a_server_with_no_barrier(tmp_path):
     finally:
         server.stop()
         svc.close()
+
+
+@pytest.mark.slow
+def test_mixpipe_serve_with_generated_keys_end_to_end(tmp_path, monkeypatch):
+    for name in [k for k in os.environ if k.startswith("MIXPIPE_")]:
+        monkeypatch.delenv(name)
+    keydir = str(tmp_path / "keys")
+    made = subprocess.run([PY, "-m", "mixpipe", "serve", "--generate-keys", keydir],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert made.returncode == 0 and "client.key_secret" in made.stdout
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"tcp://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MIXPIPE_")}
+    proc = subprocess.Popen([PY, "-m", "mixpipe", "serve", "--num-samples", str(N), "--bind",
+                             url, "--keys", keydir, "--log-level", "WARNING"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=env)
+    try:
+        line = proc.stdout.readline()
+        assert "listening on" in line and "auth=curve" in line, line
+        with connect(url, timeout=10, keys=keydir) as client:
+            client.report(0, np.array([1, 2]), np.array([0.5, 1.0], np.float32))
+            assert client.stats()["pending_losses"] == 2
+        stranger = connect(url, timeout=10, keys=None)
+        with pytest.raises(ServerRefused, match="expects CURVE keys"):
+            stranger.hello()
+        stranger.close()
+    finally:
+        proc.terminate()
+        _out, err = proc.communicate(timeout=30)
+    assert "refused a client" in err

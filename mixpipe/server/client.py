@@ -80,6 +80,8 @@ class ServerUnavailableWarning(RuntimeWarning):
 _TRANSPORTS = ("tcp://", "ipc://", "inproc://")
 _SERVER_ERRORS = {"TypeError": TypeError, "PermissionError": PermissionError,
                   "TimeoutError": TimeoutError}
+_REFUSED = (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL,
+            zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 _EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED |
            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL |
            zmq.EVENT_HANDSHAKE_FAILED_AUTH)
@@ -190,14 +192,17 @@ class RemoteService:
             kind = event["event"]
             if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._handshaken = True
+            elif self._refused is not None or kind not in _REFUSED:
+                continue  # the first refusal names the cause
+            elif self.keys is None:
+                self._refused = "expects CURVE keys and this client has none: pass keys= or " \
+                    "set MIXPIPE_KEYS"
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 self._refused = "refused this client's CURVE key: use a client key the server " \
                     "authorises (its key directory, MIXPIPE_KEYS)"
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
-                self._refused = ("expects CURVE keys and this client has none: pass keys= or set "
-                                 "MIXPIPE_KEYS" if self.keys is None else
-                                 "runs without keys but this client uses CURVE: start the "
-                                 "server with the same keys (mixpipe serve --keys DIR)")
+                self._refused = "runs without keys but this client uses CURVE: start the " \
+                    "server with the same keys (mixpipe serve --keys DIR)"
             elif kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 self._refused = "failed the CURVE handshake: the server public key this client " \
                     "was given is not the server's"
