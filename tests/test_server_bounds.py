@@ -172,8 +172,9 @@ def operations(draw):
         losses = draw(st.lists(st.one_of(st.floats(0, 5), st.sampled_from(
             [np.nan, np.inf, -1.0, 1e300])), min_size=n, max_size=n + draw(st.integers(0, 1))))
         dtype = draw(st.sampled_from(["f4", "f8", "i4"]))
-        return kind, (draw(EPOCH), np.array(ids, np.int64), np.array(losses).astype(dtype),
-                      draw(RANK))
+        with np.errstate(invalid="ignore", over="ignore"):  # nan/inf/1e300 as int32: garbage
+            losses = np.array(losses).astype(dtype)  # on purpose
+        return kind, (draw(EPOCH), np.array(ids, np.int64), losses, draw(RANK))
     if kind == "commit":
         return kind, (draw(EPOCH),)
     if kind in ("plan", "end_epoch"):
@@ -193,7 +194,10 @@ def _damaged(state, damage):
     if damage == "count":
         return _with_column(state, "count", 1, -3)
     if damage == "last_epoch":
-        return _with_column(state, "last_epoch", 2, state["committed_epoch"] + 1)
+        committed = state["committed_epoch"]
+        if committed >= 2**31 - 1:  # no later epoch fits the column: damage the count instead
+            return _with_column(state, "count", 2, -5)
+        return _with_column(state, "last_epoch", 2, committed + 1)
     if damage == "policy":
         return {**state, "policy_state": b"\x01" * 64}
     if damage == "behind":
