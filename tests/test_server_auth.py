@@ -217,7 +217,7 @@ def test_mixpipe_serve_with_generated_keys_end_to_end(tmp_path, monkeypatch):
         with connect(url, timeout=10, keys=keydir) as client:
             client.report(0, np.array([1, 2]), np.array([0.5, 1.0], np.float32))
             assert client.stats()["pending_losses"] == 2
-        stranger = connect(url, timeout=10, keys=None)
+        stranger = connect(url, timeout=10, keys=False)
         with pytest.raises(ServerRefused, match="expects CURVE keys"):
             stranger.hello()
         stranger.close()

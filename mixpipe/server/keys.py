@@ -211,7 +211,10 @@ def server_keys(source: Any = None) -> Optional[ServerKeys]:
 
 def client_keys(source: Any = None) -> Optional[ClientKeys]:
     """A client's keys from ``source`` (a directory or :class:`ClientKeys`), else the
-    environment; None when there are none (the client speaks plain ZeroMQ)."""
+    environment; None when there are none (the client speaks plain ZeroMQ). ``False``: none,
+    whatever the environment says."""
+    if source is False:
+        return None
     if isinstance(source, ClientKeys):
         return source
     directory = _directory(source)
