@@ -415,7 +415,8 @@ def test_labels_and_assistant_state_travel_over_the_network():
     local.set_labels(labels)
     run_service(local, 3, class_rule_losses(labels, 4))
     remote_core = InProcessService(n, AssistSettings(), seed=4)
-    server = SelectionServer(remote_core, "tcp://127.0.0.1:*", poll_ms=20).start()
+    server = SelectionServer(remote_core, "tcp://127.0.0.1:*", poll_ms=20,
+                             allow_load_state=True).start()
     client = connect(server.endpoint, timeout=5, retries=0)
     try:
         client.set_labels(labels)
@@ -434,3 +435,53 @@ def test_labels_and_assistant_state_travel_over_the_network():
     finally:
         client.close()
         server.stop()
+
+
+# ------------------------------------------------------------------------------ ties (issue 17)
+def test_tied_top_losses_are_informative_and_skipping_follows_loss_order():
+    """60 % of the losses share the top value: the assistant must learn that the tied block is
+    hard, so every skipped sample is an easy one (before the fix it skipped at random)."""
+    n = 1000
+    rng = np.random.default_rng(3)
+    hard = rng.permutation(n)[:600]
+    easy_loss = rng.uniform(0.01, 2.0, n)
+
+    def loss(epoch, ids):
+        out = easy_loss[ids].copy()
+        out[np.isin(ids, hard)] = 16.118
+        return out
+
+    svc = InProcessService(n, AssistSettings(), seed=0)
+    run_service(svc, 3, loss)
+    for epoch in (3, 4):
+        plan = svc.plan(epoch)
+        assert plan.skipped.size > 0  # the easy block is skippable
+        assert not np.isin(plan.skipped, hard).any()
+        skipped_loss = loss(epoch, plan.skipped)
+        kept = np.setdiff1d(np.arange(n), plan.skipped)
+        assert skipped_loss.max() < loss(epoch, kept).max()
+        ids = plan.ids[plan.ids >= 0]
+        svc.report(epoch, ids, loss(epoch, ids).astype(np.float32))
+        svc.commit(epoch)
+
+
+def test_all_equal_losses_skip_nothing_like_shrink():
+    n = 500
+    svc = InProcessService(n, AssistSettings(), seed=0)
+    shrink = InProcessService(n, "shrink", seed=0)
+    for epoch in range(5):
+        for s in (svc, shrink):
+            plan = s.plan(epoch)
+            assert plan.skipped.size == 0, (s.settings.name, epoch)
+            ids = plan.ids[plan.ids >= 0]
+            s.report(epoch, ids, np.full(ids.size, 0.7, np.float32))
+            s.commit(epoch)
+
+
+def test_training_targets_with_ties_at_the_quantile():
+    # tied top block: positive; all equal: no contrast, so no targets at all
+    assert core.informative(np.array([1.0, 2.0, 5.0, 5.0, 5.0]), 0.5).tolist() == \
+        [False, False, True, True, True]
+    assert core.informative(np.array([1.0, 2.0, 3.0, 4.0]), 0.5).tolist() == \
+        [False, False, True, True]
+    assert core.informative(np.full(6, 0.7), 0.5) is None

@@ -27,6 +27,15 @@ def two_ranks(tmp_path_factory):
 
 
 @pytest.mark.slow
+def test_the_jobs_own_server_is_authenticated_with_keys_handed_over_by_the_store(two_ranks):
+    """Issue 17: rank 0 generates the keys, the other ranks get them from torch.distributed's
+    store; no user step, and the server speaks CURVE."""
+    assert [r["auth"] for r in two_ranks] == [True, True]
+    keys = {r["client_key_env"] for r in two_ranks}
+    assert len(keys) == 1 and None not in keys  # the same client key on every rank
+
+
+@pytest.mark.slow
 def test_ranks_cover_every_sample_exactly_once_per_epoch(two_ranks):
     assert [r["world"] for r in two_ranks] == [2, 2]
     assert {r["backend"] for r in two_ranks} == {"gloo"}
@@ -142,7 +151,11 @@ def test_concurrent_rank_processes_over_loopback_lose_no_report():
                                     timeout=30.0, time_limit=60.0), log=lambda *a: None)
     v = payload["verify"]
     assert not payload["errors"] and not payload["truncated"]
-    assert v["acked_losses"] == v["server_losses_received"] == v["ledger_count_sum"] == 24000
+    assert v["acked_losses"] == v["ledger_count_sum"] == 24000
+    # the probe reported for the next epoch during each commit and plan: counted, not lost
+    assert v["acked_losses"] + v["probe_acked_losses"] == v["server_losses_received"]
+    assert payload["report_latency_during_commit_and_plan"]["n"] > 0
+    assert "report_p99_ms_during_commit_and_plan" in payload["meets_targets"]
     assert v["ledger_count_equals_epochs"] and v["committed_epochs"] == 2
     assert payload["nothing_lost"]
     assert payload["report_latency"]["n"] >= 24000 // 500  # chunks of at most 500 losses

@@ -155,6 +155,10 @@ def rank_main(rank: int, world: int, port: int, out: str, cfg: Dict[str, Any]) -
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     result: Dict[str, Any] = {"rank": env.rank, "world": env.world_size, "backend": env.backend}
+    inner = getattr(service, "inner", None)
+    if inner is not None and cfg.get("server") is None:  # the job's own server
+        result["auth"] = inner.hello().get("authenticated")
+        result["client_key_env"] = os.environ.get("MIXPIPE_CLIENT_KEY")
     try:
         fit(model, watched, opt, cfg.get("epochs", 3), Schedule("linear"), service=recorder,
             progress=False, reporter_chunk=48)

@@ -6,6 +6,7 @@ the benchmarks. Read from the source with ``ast``, so nothing is imported to che
 from __future__ import annotations
 
 import ast
+import gc
 from pathlib import Path
 from typing import List, Set
 
@@ -18,12 +19,25 @@ ADAPTERS = ("torch", "dali", "ffcv")
 FORBIDDEN = {"core": {"train", "bench", "server", "torch", "dali", "ffcv", "data"},
              **{adapter: {"train", "bench"} for adapter in ADAPTERS}}
 
+def _parse(source: str) -> ast.AST:
+    """``ast.parse`` with the garbage collector held off: CPython 3.11 raises "AST constructor
+    recursion depth mismatch" when a collection inside the parser runs a finalizer (numba's
+    dispatcher finalizers, left by the FFCV tests, are such)."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return ast.parse(source)
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def imported_packages(source: str, module: str) -> Set[str]:
     """The mixpipe sub-packages that ``source``, the text of ``module`` (dotted), imports:
     absolute or relative, at module level or inside functions."""
     parts = module.split(".")
     found: Set[str] = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(_parse(source)):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):

@@ -575,3 +575,14 @@ def test_unsnapped_shares_are_the_rules_own_and_loaders_snap_them():
     a, b = free.ids[0]
     share = losses[a] / (losses[a] + losses[b])  # gamma 1, inside the [0.25, 0.75] clip
     np.testing.assert_allclose(free.weights[0], [share, 1 - share], atol=1e-6)
+def test_none_policy_keeps_the_permutation_of_its_original_formula():
+    """The none plan is shuffled as int32 for speed (issue 17); its order must stay
+    epoch_rng(seed, epoch).permutation(n), bit for bit."""
+    from mixpipe.core.ledger import Ledger
+    from mixpipe.core.policies import epoch_rng, make_plan, settings_from_dict
+
+    for n, seed, epoch in ((1, 0, 0), (1000, 5, 3), (4099, 2**40, 7)):
+        plan = make_plan(Ledger(n).snapshot(), settings_from_dict({"policy": "none"}), seed,
+                         epoch)
+        np.testing.assert_array_equal(plan.ids[:, 0], epoch_rng(seed, epoch).permutation(n))
+        assert plan.ids.dtype == np.int64

@@ -82,7 +82,8 @@ def test_trainer_sigkilled_with_a_network_server_resumes_to_the_same_plans(tmp_p
     plans, ledger, _ = uninterrupted
     torch.set_num_threads(1)
     ckpt, marker = str(tmp_path / "ckpt.pt"), str(tmp_path / "marker")
-    server = start_server(N, POLICY, SEED, state_dir=str(tmp_path / "state"))
+    server = start_server(N, POLICY, SEED, state_dir=str(tmp_path / "state"),
+                          allow_load_state=True)  # the resume restores the state over the wire
     proc = multiprocessing.get_context("spawn").Process(target=_trainer,
                                                          args=(server.url, ckpt, marker))
     try:

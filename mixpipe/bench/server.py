@@ -14,6 +14,14 @@ For each dataset size N it measures, side by side in one run:
 
 The plan is the ``mixtrain`` policy when it is installed (else ``none``) on a ledger in which
 every sample has a loss, past the warm-up, so the policy does its full work.
+
+Two scale checks with targets (issue 17), written into the JSON with whether they were met:
+
+* ``--matrix-size`` (default 10M; quick 200k): the policy's plan time for **every policy and
+  layout** (none, random, mixtrain halves / quads / blend, shrink, shrink + mixtrain, assist with
+  100 classes and a fitted assistant, assist + mixtrain), target <= 2 s each at 10M;
+* ``--large`` (default 100M; skipped in quick mode): a ledger of that many samples, its bytes
+  per sample (target <= 16) and a cold mixtrain plan through the service (target <= 20 s).
 """
 from __future__ import annotations
 
@@ -35,7 +43,23 @@ from .common import machine_info, write_json
 __all__ = ["add_arguments", "run"]
 
 TARGETS = {"plan_1.28M_s": 0.2, "plan_10M_s": 2.0, "ingest_inprocess_losses_per_s": 20e6,
-           "ingest_loopback_8_clients_losses_per_s": 2e6, "bytes_per_sample": 24}
+           "ingest_loopback_8_clients_losses_per_s": 2e6, "bytes_per_sample": 24,
+           "plan_10M_every_policy_s": 2.0, "large_bytes_per_sample": 16,
+           "large_100M_mixtrain_plan_s": 20.0}
+
+_MIX = {"policy": "mixtrain", "warmup_epochs": 1, "fraction": 0.5}
+#: every policy and layout the matrix times: name -> settings dict
+MATRIX = {
+    "none": {"policy": "none"},
+    "random": {"policy": "random"},
+    "mixtrain_halves": _MIX,
+    "mixtrain_quads": {**_MIX, "layout": "quads"},
+    "mixtrain_blend": {**_MIX, "layout": "blend"},
+    "shrink": {"policy": "shrink"},
+    "shrink_mixtrain": {"policy": "shrink", "mix": _MIX},
+    "assist": {"policy": "assist", "warmup_epochs": 1},
+    "assist_mixtrain": {"policy": "assist", "warmup_epochs": 1, "mix": _MIX},
+}
 
 _CLIENT = textwrap.dedent("""
     import sys, time, numpy as np
@@ -72,6 +96,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "that small N still measures steady throughput (default 4M; "
                              "quick 1M)")
     parser.add_argument("--no-network", action="store_true", help="skip the loopback runs")
+    parser.add_argument("--matrix-size", type=int, default=None,
+                        help="samples for the every-policy plan matrix (default 10M; quick 200k; "
+                             "0 skips it)")
+    parser.add_argument("--large", type=int, default=None,
+                        help="samples of the large-ledger run (default 100M; quick: skipped; "
+                             "0 skips it)")
+    parser.add_argument("--only-scale", action="store_true",
+                        help="run only the matrix and the large-ledger run")
     parser.add_argument("--out", default="results/bench_server.json", help="JSON output path")
 
 
@@ -130,6 +162,68 @@ def _bench_plan(n: int, policy: str, repeats: int, state_root: str) -> Dict[str,
             "plan_service_cold_cpu_s": statistics.median(cold_cpu),
             "plan_shard_8_s": shard_s, "plan_slots": plan.num_slots,
             "plan_speedup_bound": plan.speedup_bound}
+
+
+def _seen_ledger(n: int, classes: int = 100):
+    """A snapshot in which every sample was seen twice, with labels (what assist reads)."""
+    import dataclasses
+
+    from ..core.ledger import Ledger
+
+    rng = np.random.default_rng(0)
+    ledger = Ledger(n)
+    ids = np.arange(n, dtype=np.int64)
+    for epoch in (0, 1):
+        ledger.update(epoch, ids, rng.gamma(2.0, 0.5, n).astype(np.float32))
+    ledger.committed_epoch = 1
+    labels = (np.arange(n) % classes).astype(np.int64)
+    return ledger, lambda lg: dataclasses.replace(lg.snapshot(copy=False), labels=labels)
+
+
+def _bench_matrix(n: int, repeats: int) -> Dict[str, Any]:
+    """Plan time of every policy and layout on an n-sample ledger (policy alone, validated)."""
+    from ..core.policies import make_plan_with_state, settings_from_dict
+
+    ledger, snap = _seen_ledger(n)
+    out: Dict[str, Any] = {}
+    for name, spec in MATRIX.items():
+        settings = settings_from_dict(spec)
+        state = None
+        if name.startswith("assist"):  # fit the assistant first: then the plan does full work
+            warm = ledger.copy()
+            warm.committed_epoch = 0
+            _, state = make_plan_with_state(snap(warm), settings, 1, 1, None)
+            _, state = make_plan_with_state(snap(ledger), settings, 1, 2, state)
+        wall, cpu = _median_times(lambda: make_plan_with_state(snap(ledger), settings, 1, 3,
+                                                               state), repeats)
+        plan, _ = make_plan_with_state(snap(ledger), settings, 1, 3, state)
+        out[name] = {"plan_s": wall, "plan_cpu_s": cpu, "slots": plan.num_slots,
+                     "skipped": int(plan.skipped.size)}
+    return out
+
+
+def _bench_large(n: int) -> Dict[str, Any]:
+    """A service holding an n-sample ledger: bytes per sample, commit and a cold mixtrain plan."""
+    from ..server import InProcessService
+
+    svc = InProcessService(n, _MIX, seed=1)
+    rng = np.random.default_rng(2)
+    chunk = 1 << 24
+    for epoch in (0, 1):
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            svc.report(epoch, np.arange(lo, hi, dtype=np.int64),
+                       rng.gamma(2.0, 0.5, hi - lo).astype(np.float32))
+        start = time.perf_counter()
+        svc.commit(epoch)
+        commit_s = time.perf_counter() - start
+    start, start_cpu = time.perf_counter(), time.process_time()
+    plan = svc.plan(2)
+    out = {"num_samples": n, "bytes_per_sample": svc.stats()["bytes_per_sample"],
+           "commit_s": commit_s, "mixtrain_plan_s": time.perf_counter() - start,
+           "mixtrain_plan_cpu_s": time.process_time() - start_cpu, "slots": plan.num_slots}
+    svc.close()
+    return out
 
 
 def _bench_ingest_inprocess(n: int, chunk: int, repeats: int, state_root: str) -> Dict[str, Any]:
@@ -231,10 +325,23 @@ def run(args: argparse.Namespace) -> int:
                 "loopback_min_volume": args.min_volume, "network": not args.no_network,
                 "state_dir": state_root, "logging": "write-ahead log, no fsync",
                 "loadavg_start": os.getloadavg()}
+    matrix_n = args.matrix_size if args.matrix_size is not None else \
+        (200_000 if quick else 10_000_000)
+    large_n = args.large if args.large is not None else (0 if quick else 100_000_000)
+    settings.update(matrix_size=matrix_n, large_size=large_n, only_scale=args.only_scale)
+    if args.only_scale:
+        sizes = []
     rows = []
+    scale: Dict[str, Any] = {}
     steps = tqdm(total=len(sizes) * (2 if args.no_network else 3), desc="bench server",
                  unit="step")
     try:
+        if matrix_n:
+            scale["matrix"] = {"num_samples": matrix_n,
+                               "policies": _bench_matrix(matrix_n, 1 if matrix_n >= 5e6 else
+                                                         repeats)}
+        if large_n:
+            scale["large"] = _bench_large(large_n)
         for n in sizes:
             row: Dict[str, Any] = {"num_samples": n}
             row.update(_bench_plan(n, policy, repeats, state_root))
@@ -258,14 +365,25 @@ def run(args: argparse.Namespace) -> int:
         checks["plan_1.28M"] = by_n[1_280_000]["plan_service_cold_s"] <= TARGETS["plan_1.28M_s"]
     if 10_000_000 in by_n:
         checks["plan_10M"] = by_n[10_000_000]["plan_service_cold_s"] <= TARGETS["plan_10M_s"]
-    checks["ingest_inprocess"] = all(r["ingest_inprocess_logged"] >=
-                                     TARGETS["ingest_inprocess_losses_per_s"] for r in rows)
-    if not args.no_network and 8 in clients:
+    if rows:
+        checks["ingest_inprocess"] = all(r["ingest_inprocess_logged"] >=
+                                         TARGETS["ingest_inprocess_losses_per_s"] for r in rows)
+    if "matrix" in scale and scale["matrix"]["num_samples"] >= 10_000_000:
+        slow = {k: v["plan_s"] for k, v in scale["matrix"]["policies"].items()
+                if v["plan_s"] > TARGETS["plan_10M_every_policy_s"]}
+        checks["plan_10M_every_policy"] = not slow
+        checks["plan_10M_every_policy_missed_by"] = slow
+    if "large" in scale and scale["large"]["num_samples"] >= 100_000_000:
+        checks["large_bytes_per_sample"] = scale["large"]["bytes_per_sample"] <= \
+            TARGETS["large_bytes_per_sample"]
+        checks["large_100M_mixtrain_plan"] = scale["large"]["mixtrain_plan_s"] <= \
+            TARGETS["large_100M_mixtrain_plan_s"]
+    if not args.no_network and 8 in clients and rows:
         checks["ingest_loopback_8"] = all(r["ingest_loopback_8_clients"] >=
                                           TARGETS["ingest_loopback_8_clients_losses_per_s"]
                                           for r in rows)
     payload = {"benchmark": "server", "machine": machine_info(), "settings": settings,
-               "targets": TARGETS, "meets_targets": checks, "results": rows,
+               "targets": TARGETS, "meets_targets": checks, "results": rows, "scale": scale,
                "note": "medians over repeats; plan times are wall-clock on one process "
                        "(numpy single-threaded); clients and server share the machine's cores"}
     write_json(args.out, payload)
@@ -290,6 +408,15 @@ def run(args: argparse.Namespace) -> int:
           f"median of {repeats})")
     for row in lines:
         print("  ".join(str(v).rjust(w) for v, w in zip(row, widths)))
-    print("targets met: " + ", ".join(f"{k}={'yes' if v else 'NO'}" for k, v in checks.items()))
+    if "matrix" in scale:
+        print(f"\nplan time at {scale['matrix']['num_samples']:,} samples (policy alone):")
+        for k, v in scale["matrix"]["policies"].items():
+            print(f"  {k:<18} {v['plan_s']:7.3f}s  (CPU {v['plan_cpu_s']:.3f}s)")
+    if "large" in scale:
+        g = scale["large"]
+        print(f"\n{g['num_samples']:,} samples: {g['bytes_per_sample']:.1f} B/sample, commit "
+              f"{g['commit_s']:.1f}s, cold mixtrain plan {g['mixtrain_plan_s']:.1f}s")
+    print("targets met: " + ", ".join(f"{k}={'yes' if v is True else 'NO' if v is False else v}"
+                                      for k, v in checks.items()))
     print(f"wrote {args.out}")
     return 0

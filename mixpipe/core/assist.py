@@ -20,7 +20,9 @@ column    feature (computed for every seen sample from one ledger snapshot, for 
 ========  =====================================================================================
 
 Target ("still informative"): the loss the sample got next, after the features were taken, lies
-above the ``target_quantile`` of the losses reported in that interval. The features must come
+above the ``target_quantile`` of the losses reported in that interval (a block of losses tied at
+that quantile counts as above it; an interval of equal losses teaches nothing and leaves the
+assistant unfitted, see :func:`informative`). The features must come
 from before that loss, so the assistant keeps a memory: the ledger columns of the snapshot it
 scored last time (16 bytes per sample). At the next plan every sample reported since gives one
 training pair (features from the remembered snapshot, target from the current one). Keeping the
@@ -51,7 +53,7 @@ import numpy as np
 from .ledger import LedgerSnapshot
 
 __all__ = ["AssistState", "AssistStateError", "NUM_BASE_FEATURES", "features", "fit_assistant",
-           "predict", "training_pairs", "num_classes_of"]
+           "predict", "training_pairs", "num_classes_of", "informative"]
 
 NUM_BASE_FEATURES = 6
 _EPS = 0.01  # relative floor inside logs and ratios: a zero loss stays finite
@@ -155,16 +157,40 @@ def training_pairs(memory: LedgerSnapshot, memory_epoch: int, current: LedgerSna
     """(features, classes, from ``memory``; bool targets from ``current``) of every sample
     reported since.
 
-    A sample is informative when its newest loss lies strictly above the ``quantile`` of the
-    newest losses of all such samples.
+    A sample is informative when its newest loss lies above the ``quantile`` of the newest
+    losses of all such samples (ties: :func:`informative`); an interval whose losses are all
+    equal yields no pairs.
     """
     ids, x, cls = features(memory, memory_epoch, num_classes)
     fresh = current.count[ids] > memory.count[ids]
     ids, x, cls = ids[fresh], x[fresh], cls[fresh]
     if ids.size == 0:
         return x, cls, np.zeros(0, bool)
-    loss = current.last_loss[ids].astype(np.float64)
-    return x, cls, loss > np.quantile(loss, quantile)
+    y = informative(current.last_loss[ids].astype(np.float64), quantile)
+    if y is None:  # no contrast: nothing to learn from this interval
+        return x[:0], cls[:0], np.zeros(0, bool)
+    return x, cls, y
+
+
+def informative(loss: np.ndarray, quantile: float) -> Optional[np.ndarray]:
+    """Targets: losses above the ``quantile``, or None when the losses tell nothing apart.
+
+    Ties decide this. A strict ``>`` alone makes a block of tied top losses (half or more of
+    the interval at the same value, e.g. a saturated loss) all negative, and the assistant then
+    rates every sample uninformative and skips at random, the hardest included. So when nothing
+    lies strictly above the quantile, the tied block at the quantile counts as informative; when
+    every loss is the same (or every one would be positive) there is no contrast and no target,
+    which leaves the assistant unfitted and the plan skipping nothing, as ``shrink`` does.
+    """
+    if loss.size == 0:
+        return None
+    q = np.quantile(loss, quantile)
+    y = loss > q
+    if not y.any():
+        y = loss >= q
+    if y.all() or not y.any():
+        return None
+    return y
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,6 +208,40 @@ class AssistState:
     memory: Optional[LedgerSnapshot] = None
     memory_epoch: int = -1
     info: Optional[dict] = None
+
+    def check(self) -> None:
+        """Refuse a state with a valid checksum but impossible contents (AssistStateError).
+
+        A restored state feeds every later fit: non-finite weights, a weight vector that fits
+        no feature layout, or a memory no ledger could hold would make every plan fail or skip
+        by garbage.
+        """
+        if self.num_classes < 0:
+            raise AssistStateError(f"assistant state has {self.num_classes} classes")
+        if self.weights is not None:
+            if self.weights.size != NUM_BASE_FEATURES + self.num_classes:
+                raise AssistStateError(f"assistant state holds {self.weights.size} weights, "
+                                       f"expected {NUM_BASE_FEATURES} + {self.num_classes} "
+                                       "classes")
+            if not np.isfinite(self.weights).all():
+                raise AssistStateError("assistant state weights are not all finite")
+        if self.memory is not None:
+            from .ledger import Ledger, LedgerFormatError
+
+            m = self.memory
+            table = Ledger(0)
+            table.num_samples = self.num_samples
+            table.last_loss, table.ema, table.last_epoch, table.count = \
+                m.last_loss, m.ema, m.last_epoch, m.count
+            table.committed_epoch = m.committed_epoch
+            try:
+                table.check_meaning()
+            except LedgerFormatError as err:
+                raise AssistStateError(f"assistant state memory: {err}") from None
+            if self.memory_epoch < m.committed_epoch + 1:
+                raise AssistStateError(f"assistant state memory was scored for epoch "
+                                       f"{self.memory_epoch}, before its own ledger "
+                                       f"(committed epoch {m.committed_epoch})")
 
     def to_bytes(self) -> bytes:
         w = np.zeros(0) if self.weights is None else self.weights

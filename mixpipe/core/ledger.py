@@ -11,12 +11,16 @@ import os
 import struct
 import tempfile
 import zlib
-from typing import Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
 __all__ = ["Ledger", "LedgerSnapshot", "LedgerFormatError", "check_report", "atomic_write",
-           "fsync_dir"]
+           "fsync_dir", "MAX_EPOCH"]
+
+#: the last epoch a ledger can record: ``last_epoch`` is an int32 column (4 bytes of the 16 per
+#: sample); the service refuses later epochs before they are accepted anywhere
+MAX_EPOCH = 2**31 - 1
 
 _MAGIC = b"MIXLEDG\x00"
 _VERSION = 1
@@ -178,11 +182,87 @@ class Ledger:
         clone.committed_epoch = self.committed_epoch
         return clone
 
-    def snapshot(self) -> LedgerSnapshot:
-        arrays = [a.copy() for a in (self.last_loss, self.ema, self.last_epoch, self.count)]
+    def snapshot(self, copy: bool = True) -> LedgerSnapshot:
+        """A read-only view of the table.
+
+        ``copy=False`` shares the columns instead of copying them (zero cost at 100M samples);
+        only safe for a ledger nobody updates any more, which is how the selection server
+        treats every ledger it has installed (a commit builds a new one, :meth:`folded`).
+        """
+        columns = (self.last_loss, self.ema, self.last_epoch, self.count)
+        arrays = [a.copy() if copy else a.view() for a in columns]
         for a in arrays:
             a.setflags(write=False)
         return LedgerSnapshot(*arrays, committed_epoch=self.committed_epoch)
+
+    def folded(self, epochs: Dict[int, List[Tuple[np.ndarray, np.ndarray]]],
+               through: int) -> "Ledger":
+        """A new ledger: this one with ``epochs`` ({epoch: [(ids, losses), ...]}) folded in
+        epoch order and ``through`` as its committed epoch; this one is left as it was.
+
+        Building a new table instead of updating in place is what lets the server commit off
+        its lock: readers keep using the old table until the new one is installed. With nothing
+        to fold the columns are shared, not copied.
+        """
+        if not any(chunks for chunks in epochs.values()):
+            clone = Ledger(0, self.ema_decay)
+            clone.num_samples = self.num_samples
+            clone.last_loss, clone.ema = self.last_loss, self.ema
+            clone.last_epoch, clone.count = self.last_epoch, self.count
+        else:
+            clone = self.copy()
+            for epoch in sorted(epochs):
+                chunks = epochs[epoch]
+                if not chunks:
+                    continue
+                ids = np.concatenate([c[0] for c in chunks]) if len(chunks) > 1 else chunks[0][0]
+                losses = np.concatenate([c[1] for c in chunks]) if len(chunks) > 1 \
+                    else chunks[0][1]
+                clone.update(epoch, ids, losses)
+        clone.committed_epoch = int(through)
+        return clone
+
+    def check_meaning(self, max_epoch: int = MAX_EPOCH) -> None:
+        """Refuse a table no sequence of reports could have produced (checksums cannot tell).
+
+        A ledger that arrives from outside (``load_state_dict``, a file) drives every later
+        plan, so NaN or negative losses, negative counts, or a sample seen in an epoch after
+        the committed one would poison them all.
+        """
+        c = self.committed_epoch
+        if not -1 <= c <= max_epoch:
+            raise LedgerFormatError(f"ledger committed epoch {c} outside [-1, {max_epoch}]")
+        count, last_epoch = self.count, self.last_epoch
+        if count.size == 0:
+            return
+        if int(count.min()) < 0:
+            i = int(np.argmin(count))
+            raise LedgerFormatError(f"ledger count of sample {i} is negative ({count[i]})")
+        if int(count.max()) > c + 1:
+            i = int(np.argmax(count))
+            raise LedgerFormatError(f"ledger counts sample {i} {count[i]} times in {c + 1} "
+                                    "committed epochs")
+        seen = count > 0
+        if not np.array_equal(seen, last_epoch >= 0) or int(last_epoch.min()) < -1:
+            i = int(np.flatnonzero(seen != (last_epoch >= 0))[0]) if \
+                not np.array_equal(seen, last_epoch >= 0) else int(np.argmin(last_epoch))
+            raise LedgerFormatError(f"ledger sample {i}: last epoch {last_epoch[i]} disagrees "
+                                    f"with its count {count[i]}")
+        if int(last_epoch.max()) > c:
+            i = int(np.argmax(last_epoch))
+            raise LedgerFormatError(f"ledger sample {i} was last seen in epoch {last_epoch[i]}, "
+                                    f"after the committed epoch {c}")
+        for name in ("last_loss", "ema"):
+            col = getattr(self, name)
+            bad = seen & ~(np.isfinite(col) & (col >= 0))
+            if bad.any():
+                i = int(np.flatnonzero(bad)[0])
+                raise LedgerFormatError(f"ledger {name} of sample {i} is {col[i]}: losses must "
+                                        "be finite and >= 0")
+            if not np.isnan(col[~seen]).all():
+                i = int(np.flatnonzero(~seen & ~np.isnan(col))[0])
+                raise LedgerFormatError(f"ledger {name} of never-seen sample {i} is {col[i]}, "
+                                        "not NaN")
 
     # ------------------------------------------------------------------------------ persistence
     def to_bytes(self) -> bytes:

@@ -5,19 +5,28 @@
   for multi-process and multi-node runs.
 
 Both share :class:`SelectionCore`, so they behave identically; see its module for the semantics
-of report, commit and plan.
+of report, commit, end_epoch and plan.
+
+Threat model (README, "Security / threat model"): the in-process service trusts its caller. The
+network server trusts a client only as far as its keys: with CURVE keys (:mod:`.keys`) only
+authorised clients get past the handshake (refusals are logged); without keys it binds loopback
+only. An authorised client may report, commit, plan and read the whole state, but may replace
+the state (``LOAD_STATE``) only when the server was started with ``allow_load_state``. Every
+argument is bounded and checked before anything changes, whoever sends it.
 """
 from .base import SelectionService
-from .core import SelectionCore
+from .core import PlanNotReady, SelectionCore
 from .inprocess import InProcessService
 
 __all__ = ["SelectionService", "SelectionCore", "InProcessService", "connect", "RemoteService",
-           "ServerUnavailable", "ServerUnavailableWarning", "SelectionServer"]
+           "ServerUnavailable", "ServerRefused", "ServerUnavailableWarning", "SelectionServer",
+           "PlanNotReady"]
 
 
 def __getattr__(name: str):
     # The network pieces need pyzmq; import them only when asked for.
-    if name in ("connect", "RemoteService", "ServerUnavailable", "ServerUnavailableWarning"):
+    if name in ("connect", "RemoteService", "ServerUnavailable", "ServerRefused",
+                "ServerUnavailableWarning"):
         from . import client
         return getattr(client, name)
     if name == "SelectionServer":

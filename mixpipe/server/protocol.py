@@ -40,6 +40,7 @@ class Op(enum.IntEnum):
     STATE_DICT = 6
     LOAD_STATE = 7
     SET_LABELS = 8
+    END_EPOCH = 9
 
 
 class Status(enum.IntEnum):
@@ -156,6 +157,8 @@ def state_to_wire(state: Dict[str, Any]) -> Tuple[Dict[str, Any], List[Any]]:
 
 
 def state_from_wire(meta: Dict[str, Any], frames: Sequence[Any]) -> Dict[str, Any]:
+    if not isinstance(meta, dict):
+        raise ProtocolError(f"state metadata must be an object, got {type(meta).__name__}")
     pending_meta = meta.get("pending")
     if not isinstance(pending_meta, list):
         raise ProtocolError("state metadata needs a 'pending' list")

@@ -11,9 +11,17 @@ What DDP needs from mixpipe, and why it is arranged this way:
   equal slot counts, but a rank that fell back to a no-mixing plan (server unreachable) would have
   more; :func:`agree_steps` takes the minimum over the ranks, and :func:`mixpipe.train.fit` stops
   every rank there.
-* **Report, barrier, commit.** The server closes reporting for epoch ``e`` as soon as anyone asks
-  for the plan of ``e + 1``. So every rank flushes its reporter, all ranks meet at a barrier, and
-  only then does rank 0 commit and anyone fetch the next plan (``fit`` does this).
+* **Report, barrier, commit.** Every rank flushes its reporter, all ranks meet at a barrier, and
+  only then does rank 0 commit and anyone fetch the next plan (``fit`` does this). Without a
+  barrier of their own, trainers still get one plan: the server knows the world size from the
+  plan requests, and a rank's request for epoch ``e + 1`` waits until every rank has asked too
+  (or called ``end_epoch(e, rank, world_size)``), so no rank's epoch-``e`` reports are cut off.
+* **Authenticated by default.** Rank 0 makes a fresh CURVE key pair for the server and one for
+  the clients (:func:`mixpipe.server.keys.new_job_keys`), serves with them, and hands the
+  client keys to the other ranks through torch.distributed's own store (the rendezvous every
+  rank already trusts), so a multi-node job's server accepts the job's ranks and nobody else,
+  with no step by the user. The keys also go into this process's environment
+  (``MIXPIPE_SERVER_KEY`` ...), so loaders that connect on their own (DALI workers) use them.
 * **Training never stops because of the server.** :class:`ResilientService` drops the losses of
   an unreachable server (warning once) instead of raising from the reporter: the loader is
   already training unmixed on fallback plans then.
@@ -42,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import logging
 import os
 import socket
@@ -241,6 +250,19 @@ class ResilientService:
             self.dropped_commits += 1
             self._outage("commit", err)
 
+    def end_epoch(self, epoch: int, rank: int, world_size: int) -> None:
+        """This rank is done with ``epoch`` (trainers without a barrier); dropped in an outage
+        like a commit."""
+        from mixpipe.server.client import ServerUnavailable
+
+        try:
+            if self._down():
+                raise ServerUnavailable("the selection server was unreachable moments ago")
+            self.inner.end_epoch(epoch, rank, world_size)
+        except ServerUnavailable as err:
+            self.dropped_commits += 1
+            self._outage("end of epoch", err)
+
     def plan(self, epoch: int, rank: int = 0, world_size: int = 1):
         return self.inner.plan(epoch, rank, world_size)
 
@@ -299,18 +321,22 @@ class JobServer:
 
 def start_server(num_samples: int, policy: Any = None, seed: int = 0,
                  state_dir: Optional[str] = None, host: str = "127.0.0.1",
-                 port: Optional[int] = None, **service_kwargs: Any) -> JobServer:
+                 port: Optional[int] = None, keys: Any = None, allow_load_state: bool = False,
+                 **service_kwargs: Any) -> JobServer:
     """An :class:`InProcessService` served on ``tcp://host:port`` from a background thread.
 
     ``port`` None picks a free one. The thread holds the GIL only while it serves a request, so
     training in the same process is barely disturbed; a dedicated ``mixpipe serve`` process
-    (:func:`start_server_process`) keeps it entirely apart.
+    (:func:`start_server_process`) keeps it entirely apart. ``keys`` (server keys or a key
+    directory; None: the environment) and ``allow_load_state`` as in
+    :class:`~mixpipe.server.SelectionServer`.
     """
     from mixpipe.server import InProcessService, SelectionServer
 
     core = InProcessService(num_samples, policy, seed=seed, state_dir=state_dir, **service_kwargs)
     try:
-        server = SelectionServer(core, f"tcp://{host}:{'*' if port is None else int(port)}")
+        server = SelectionServer(core, f"tcp://{host}:{'*' if port is None else int(port)}",
+                                 keys=keys, allow_load_state=allow_load_state)
     except Exception:
         core.close()
         raise
@@ -356,8 +382,8 @@ def start_server_process(num_samples: int, policy: str = "none", seed: int = 0,
 
 def job_service(num_samples: int, policy: Any = None, seed: int = 0, *,
                 server: Optional[str] = None, state_dir: Optional[str] = None,
-                timeout: float = 30.0, retries: int = 2, host: Optional[str] = None
-                ) -> Tuple[Any, Optional[JobServer]]:
+                timeout: float = 30.0, retries: int = 2, host: Optional[str] = None,
+                keys: Any = None) -> Tuple[Any, Optional[JobServer]]:
     """The selection service this rank should use, and the server it owns (rank 0 only).
 
     * ``server`` given (``tcp://...``): every rank connects to it.
@@ -371,26 +397,61 @@ def job_service(num_samples: int, policy: Any = None, seed: int = 0, *,
     ``host`` is where rank 0 binds its server: by default loopback when the whole job runs on
     one machine (torchrun's LOCAL_WORLD_SIZE == WORLD_SIZE), else every interface, advertised
     to the other nodes under rank 0's host name.
+
+    The job's own server is always authenticated: rank 0 generates the keys, and the other
+    ranks get the client keys from torch.distributed's store (see the module docstring).
+    ``keys`` is for a ``server`` the user runs: a key directory (default: the environment).
+    The job's server accepts ``load_state_dict`` over the network (``load_checkpoint`` needs it;
+    only the job's ranks hold its keys).
     """
     from mixpipe.server import InProcessService, connect
+    from mixpipe.server.keys import new_job_keys
 
     owned: Optional[JobServer] = None
+    client_keys = keys
     if server is None and not is_distributed():
         return InProcessService(num_samples, policy, seed=seed, state_dir=state_dir), None
     if server is None:
-        url = None
+        store = _store()
+        key = f"mixpipe/job-server/{_job_token()}"
         if main_process():
             size = world()[1]
             multi_node = int(os.environ.get("LOCAL_WORLD_SIZE", size)) < size
             bind = host or ("0.0.0.0" if multi_node else "127.0.0.1")
-            owned = start_server(num_samples, policy, seed=seed, state_dir=state_dir, host=bind)
+            server_side, client_keys = new_job_keys()
+            owned = start_server(num_samples, policy, seed=seed, state_dir=state_dir, host=bind,
+                                 keys=server_side, allow_load_state=True)
             url = owned.url.replace("0.0.0.0", socket.gethostname()) if bind == "0.0.0.0" \
                 else owned.url
-        url = broadcast_object(url)
+            store.set(key, json.dumps({"url": url, **client_keys.to_env()}))
+        entry = json.loads(bytes(store.get(key)).decode())  # blocks until rank 0 has set it
+        url = entry.pop("url")
+        from mixpipe.server.keys import ENV_CLIENT_KEY, ENV_CLIENT_SECRET, ENV_SERVER_KEY, \
+            ClientKeys
+
+        client_keys = ClientKeys(entry[ENV_SERVER_KEY].encode(), entry[ENV_CLIENT_KEY].encode(),
+                                 entry[ENV_CLIENT_SECRET].encode())
+        os.environ.update(client_keys.to_env())  # for loaders that connect on their own
+        barrier()  # every rank has read the keys: nobody needs them in the store any more
+        if main_process():
+            store.delete_key(key)
     else:
         url = server
-    client = connect(url, timeout=timeout, retries=retries, num_samples=num_samples, seed=seed)
+    client = connect(url, timeout=timeout, retries=retries, num_samples=num_samples, seed=seed,
+                     keys=client_keys)
     return ResilientService(client), owned
+
+
+def _store() -> Any:
+    """torch.distributed's own key-value store (the rendezvous store every rank joined)."""
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._get_default_store()
+
+
+def _job_token() -> str:
+    """Names this job's entry in the store: the same on every rank, new for every job."""
+    return f"{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}-{os.environ.get('MASTER_PORT', '')}"
 
 
 # ------------------------------------------------------------------------------------ resume

@@ -15,7 +15,8 @@ from ..ledger import LedgerSnapshot
 from ..plan import MixPlan
 
 __all__ = ["PolicySettings", "register", "make_plan", "settings_from_dict", "epoch_rng",
-           "POLICIES", "STATEFUL", "register_stateful", "make_plan_with_state"]
+           "POLICIES", "STATEFUL", "register_stateful", "make_plan_with_state", "STATE_CHECKS",
+           "check_policy_state"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,27 @@ def register_stateful(settings_cls: Type[PolicySettings]) -> Callable:
         return fn
 
     return wrap
+
+
+#: policy name -> ``check(state: bytes, num_samples: int) -> None`` (raises ValueError): how a
+#: learning policy vets a state that comes from outside (``load_state_dict``, a state directory)
+#: before the service accepts it, so garbage cannot make every later plan fail.
+STATE_CHECKS: Dict[str, Callable[[bytes, int], None]] = {}
+
+
+def check_policy_state(settings: PolicySettings, state: Any, num_samples: int) -> None:
+    """Refuse a policy state its policy cannot use (ValueError naming the problem)."""
+    _load_builtin()
+    if state is None:
+        return  # every policy starts cold
+    if not isinstance(state, (bytes, bytearray)):
+        raise TypeError(f"policy_state must be bytes or None, got {type(state).__name__}")
+    if settings.name not in STATEFUL:
+        raise ValueError(f"policy {settings.name!r} keeps no state, but policy_state holds "
+                         f"{len(state)} bytes: drop it (None) or use the matching settings")
+    check = STATE_CHECKS.get(settings.name)
+    if check is not None:
+        check(bytes(state), int(num_samples))
 
 
 def epoch_rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:

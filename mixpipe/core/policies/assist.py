@@ -67,7 +67,7 @@ import numpy as np
 from .. import assist as core
 from ..ledger import LedgerSnapshot
 from ..plan import MixPlan
-from . import PolicySettings, epoch_rng, register, register_stateful
+from . import STATE_CHECKS, PolicySettings, epoch_rng, register, register_stateful
 from ._common import STREAM_SKIP, check_float, check_int
 from .mixtrain import MixTrainSettings
 from .shrink import annealed, mix_settings, plan_kept
@@ -234,3 +234,13 @@ def plan_assist(snapshot: LedgerSnapshot, settings: AssistSettings, seed: int,
                 epoch: int) -> MixPlan:
     """The stateless entry point: a cold assistant, so nothing is skipped (mixing still runs)."""
     return plan_assist_step(snapshot, settings, seed, epoch, None)[0]
+
+
+def check_state(state: bytes, num_samples: int) -> None:
+    """Parse ``state`` and refuse what no plan could have written (the server calls this on a
+    state from outside before accepting it)."""
+    parsed = core.AssistState.from_bytes(state, num_samples)
+    parsed.check()
+
+
+STATE_CHECKS[AssistSettings.name] = check_state

@@ -122,6 +122,8 @@ def skip_easy(score: np.ndarray, seen: np.ndarray, settings: ShrinkSettings, see
     k = int(math.floor(settings.prune_ratio * n))
     if k == 0:
         return skip, None
+    if n_all < 2**31:  # shuffled as int32: the same swaps (they depend on the length only),
+        below = below.astype(np.int32)  # half the memory traffic
     epoch_rng(seed, epoch, STREAM_SKIP).shuffle(below)
     skip[below[:k]] = True
     scale = np.ones(n_all, dtype=np.float32)
