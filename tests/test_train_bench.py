@@ -263,3 +263,11 @@ def test_library_and_benchmark_share_the_loss_normalisation():
     for fn, name in ((fit, "loss_per"), (loss.mixed_loss, "per"), (loss.batch_loss, "per")):
         assert inspect.signature(fn).parameters[name].default == LOSS_PER == "slot"
     assert SpeedupSettings().loss_per == LOSS_PER
+
+
+@pytest.mark.slow
+def test_an_unreachable_server_is_one_line_not_a_traceback():
+    done = _cli("--server", "tcp://127.0.0.1:9", "--policies", "mixtrain", "--seeds", "0",
+                "--limit", "50", "--eval-limit", "20", "--epochs", "2", "--out", "/dev/null")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "no selection server at tcp://127.0.0.1:9" in done.stderr

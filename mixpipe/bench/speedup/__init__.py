@@ -133,6 +133,14 @@ def settings_from(args: argparse.Namespace) -> SpeedupSettings:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except (ConnectionError, PermissionError) as err:  # the selection server: one line
+        print(f"mixpipe bench speedup: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     return run_benchmark_cli(
         args, SpeedupSettings, QUICK, "mixpipe bench speedup",
         lambda quick: os.path.join("benchmarks", "results",
