@@ -18,9 +18,10 @@ def _parser():
 
 def _benchmarks():
     """(settings class, add_arguments) of every benchmark whose settings are a dataclass."""
-    from mixpipe.bench import local
+    from mixpipe.bench import load, local
 
-    return [(SpeedupSettings, add_arguments), (local.LocalBenchSettings, local.add_arguments)]
+    return [(SpeedupSettings, add_arguments), (local.LocalBenchSettings, local.add_arguments),
+            (load.LoadSettings, load.add_arguments)]
 
 
 @pytest.mark.parametrize("cls,add", _benchmarks(), ids=lambda x: getattr(x, "__name__", "add"))

@@ -39,20 +39,26 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from mixpipe.bench.flags import add_benchmark_arguments, field, settings_from_cli
+
 __all__ = ["LoadSettings", "run_load", "add_arguments", "run", "format_table", "main"]
 
 
 @dataclasses.dataclass(frozen=True)
 class LoadSettings:
-    clients: int = 16
-    losses_per_client: int = 1_280_000
-    epochs: int = 3
-    chunk: int = 8192
-    policy: str = "mixtrain"
-    policy_json: str = '{"warmup_epochs": 1, "fraction": 0.5, "layout": "halves"}'
-    seed: int = 0
-    timeout: float = 120.0
-    time_limit: float = 900.0
+    """What defines a load run; every field is a flag (:mod:`mixpipe.bench.flags`)."""
+
+    clients: int = field(16, "client processes reporting at once")
+    losses_per_client: int = field(1_280_000, "losses each client reports per epoch")
+    epochs: int = field(3, "epochs")
+    chunk: int = field(8192, "losses per report")
+    policy: str = field("mixtrain", "the server's selection policy")
+    policy_json: str = field('{"warmup_epochs": 1, "schedule": "constant", "fraction": 0.5, '
+                             '"layout": "halves"}', "the policy's settings, as JSON")
+    seed: int = field(0, "the server's seed")
+    timeout: float = field(120.0, "client timeout per request (s)")
+    time_limit: float = field(900.0, "stop reporting after this many seconds (the run is marked "
+                                     "truncated)")
 
     def __post_init__(self) -> None:
         def need(cond: bool, field: str, allowed: str) -> None:
@@ -355,37 +361,15 @@ def format_table(p: Dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    d = LoadSettings()
-    parser.add_argument("--clients", type=int, default=d.clients)
-    parser.add_argument("--losses-per-client", type=int, default=None,
-                        help=f"per epoch (default {d.losses_per_client:,}; quick "
-                             f"{QUICK['losses_per_client']:,})")
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--chunk", type=int, default=d.chunk, help="losses per report")
-    parser.add_argument("--policy", default=d.policy)
-    parser.add_argument("--policy-json", default=d.policy_json)
-    parser.add_argument("--timeout", type=float, default=d.timeout,
-                        help="client timeout per request (s)")
-    parser.add_argument("--time-limit", type=float, default=None,
-                        help="stop reporting after this many seconds (run marked truncated)")
-    parser.add_argument("--quick", action="store_true", help=f"smaller: {QUICK}")
-    parser.add_argument("--out", default=None,
-                        help="JSON path (default results/bench_load[_quick].json)")
+    add_benchmark_arguments(parser, LoadSettings, QUICK,
+                            "JSON path (default results/bench_load[_quick].json)")
 
 
 def run(args: argparse.Namespace) -> int:
     from .common import write_json
 
-    quick = dict(QUICK) if args.quick else {}
-    d = LoadSettings()
     try:
-        s = LoadSettings(
-            clients=args.clients,
-            losses_per_client=args.losses_per_client or quick.get("losses_per_client",
-                                                                  d.losses_per_client),
-            epochs=args.epochs or quick.get("epochs", d.epochs), chunk=args.chunk,
-            policy=args.policy, policy_json=args.policy_json, timeout=args.timeout,
-            time_limit=args.time_limit or quick.get("time_limit", d.time_limit))
+        s = settings_from_cli(args, LoadSettings, QUICK)
     except ValueError as err:
         print(f"load: {err}", file=sys.stderr)
         return 2
