@@ -11,9 +11,12 @@ Layout (``OUT`` is the output directory; line / row / record i is sample id i ev
 - ``OUT/<split>_arrays.npz``: ``images`` uint8[N, H, W, 3], ``labels`` int64[N]. For
   Fashion-MNIST these are the padded RGB pixels *before* JPEG encoding (lossless originals).
 - ``OUT/<split>.beton``: FFCV fields ``image`` (RGBImageField, JPEG) and ``label`` (IntField).
+- ``OUT/<split>_bad.txt`` (user trees): ``relpath<TAB>reason`` for every file pillow could not
+  decode; with ``on_bad="skip"`` these are left out of every other artifact.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -23,8 +26,9 @@ from . import fashion_mnist as fm
 from .artifacts import Artifact, OutputDir
 from .errors import DataError
 from .tree import SplitListing, scan_tree
-from .writers import (check_arrays, check_beton, ffcv_available, iter_chunks, load_rgb,
-                      parallel_map, write_arrays, write_beton, write_file_list, write_jpegs)
+from .writers import (check_arrays, check_beton, ffcv_available, find_bad_images, iter_chunks,
+                      load_rgb, parallel_map, write_arrays, write_beton, write_file_list,
+                      write_jpegs)
 
 __all__ = ["prepare_fashion_mnist", "prepare_tree", "artifact_paths"]
 
@@ -86,16 +90,32 @@ class _ArraySource:
 
 
 class _FileSource:
-    """Index -> (decoded image, label) over image files."""
+    """Index -> (decoded image, label) over image files.
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int]) -> None:
+    FFCV's writer waits for a count of finished samples, so a worker that raises leaves it
+    waiting forever. A file that fails to decode here (it changed after the decode check) is
+    therefore recorded in ``failures`` (one ``path<TAB>reason`` line) and replaced by a black
+    placeholder; the caller reads the record and fails the build naming the file.
+    """
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int],
+                 failures: Optional[str] = None) -> None:
         self.paths, self.labels = list(paths), list(labels)
+        self.failures = failures
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Tuple[np.ndarray, int]:
-        return load_rgb(self.paths[i]), int(self.labels[i])
+        try:
+            return load_rgb(self.paths[i]), int(self.labels[i])
+        except Exception as err:  # noqa: BLE001 - reported by the parent, see the docstring
+            if self.failures is None:
+                raise DataError(f"{self.paths[i]}: cannot decode ({err})") from err
+            with open(self.failures, "a", encoding="utf-8") as f:
+                f.write(f"{self.paths[i]}\t{type(err).__name__}: {err}\n".replace("\n", " ")
+                        .rstrip() + "\n")
+            return np.zeros((8, 8, 3), np.uint8), int(self.labels[i])
 
 
 def _build(write: Callable[[str], Any], samples: int) -> Callable[[str], Dict[str, Any]]:
@@ -110,7 +130,16 @@ def _beton_step(name: str, relpath: str, recipe: Dict[str, Any], samples: int,
                 dataset: Callable[[], Any], quality: int, max_side: Optional[int],
                 workers: int, page_size: int) -> Artifact:
     def build(path: str) -> Dict[str, Any]:
-        write_beton(path, dataset(), quality, max_side, workers, page_size)
+        data = dataset()
+        if isinstance(data, _FileSource):
+            data.failures = path + ".failed"
+        write_beton(path, data, quality, max_side, workers, page_size)
+        if isinstance(data, _FileSource) and os.path.exists(data.failures):
+            with open(data.failures, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+            raise DataError(f"{len(lines)} image(s) failed to decode while writing the .beton, "
+                            f"first {lines[0]!r}; they decoded in the check before, so they "
+                            "changed meanwhile: re-run `mixpipe data prepare`")
         return {"samples": samples}
 
     return Artifact(name, relpath, recipe, build, check_beton)
@@ -214,15 +243,62 @@ def _check_disjoint(src: str, out: str) -> None:
                         "the output must be a separate directory")
 
 
+ON_BAD = ("fail", "skip")
+
+
+def _bad_files(target: OutputDir, split_dir: str, part: SplitListing, source: Dict[str, Any],
+               workers: int) -> Dict[str, str]:
+    """Decode-check every image of the split once (cached as ``OUT/<split>_bad.txt``, rebuilt
+    when the tree changes); ``relpath -> reason`` of the files pillow cannot decode."""
+    relpath = f"{part.split}_bad.txt"
+
+    def build(path: str) -> Dict[str, Any]:
+        bad = find_bad_images([os.path.join(split_dir, r) for r in part.relpaths], workers)
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(f"{os.path.relpath(p, split_dir)}\t{reason}\n" for p, reason in bad)
+        return {"bad": len(bad)}
+
+    target.ensure(Artifact(f"{part.split}.bad", relpath,
+                           {k: v for k, v in source.items() if k != "samples"}, build))
+    with open(os.path.join(target.root, relpath), encoding="utf-8") as f:
+        return dict(line.rstrip("\n").split("\t", 1) for line in f if line.strip())
+
+
+def _without_bad(part: SplitListing, split_dir: str, bad: Dict[str, str], on_bad: str,
+                 bad_list: str, log: Log) -> SplitListing:
+    if not bad:
+        return part
+    if on_bad == "fail":
+        shown = "; ".join(f"{os.path.join(split_dir, r)} ({why})"
+                          for r, why in list(bad.items())[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DataError(f"{len(bad)} file(s) under {split_dir} are not readable images: "
+                        f"{shown}{more} (all listed in {bad_list}); remove or replace them, or "
+                        "pass --on-bad skip (on_bad='skip') to leave them out")
+    keep = [i for i, r in enumerate(part.relpaths) if r not in bad]
+    if not keep:
+        raise DataError(f"no image under {split_dir} decodes ({len(bad)} bad, listed in "
+                        f"{bad_list})")
+    log(f"note: skipped {len(bad)} unreadable file(s) under {split_dir}; listed in {bad_list}")
+    return dataclasses.replace(part, relpaths=tuple(part.relpaths[i] for i in keep),
+                               labels=tuple(part.labels[i] for i in keep))
+
+
 def _tree_split(target: OutputDir, root: str, classes: Sequence[str], part: SplitListing, *,
                 beton: bool, max_side: Optional[int], quality: int, arrays: bool,
-                array_size: Optional[int], workers: int) -> None:
+                array_size: Optional[int], workers: int, on_bad: str = "fail",
+                log: Log = print) -> None:
     split = part.split
-    labels = np.asarray(part.labels, dtype=np.int64)
-    n = len(labels)
     split_dir = os.path.realpath(os.path.join(root, split))
     source = {"dataset": "tree", "split": split, "src": split_dir,
-              "fingerprint": part.fingerprint, "samples": n, "classes": list(classes)}
+              "fingerprint": part.fingerprint, "samples": len(part.relpaths),
+              "classes": list(classes)}
+    bad = _bad_files(target, split_dir, part, source, workers)
+    part = _without_bad(part, split_dir, bad, on_bad, os.path.join(target.root, f"{split}_bad.txt"),
+                        log)
+    labels = np.asarray(part.labels, dtype=np.int64)
+    n = len(labels)
+    source["samples"] = n
     paths = [os.path.join(split_dir, r) for r in part.relpaths]
     rel = artifact_paths(target.root, split)
     target.ensure(Artifact(f"{split}.images", rel["images"], source,
@@ -244,8 +320,14 @@ def _tree_split(target: OutputDir, root: str, classes: Sequence[str], part: Spli
 def prepare_tree(src: str, out: str, *, beton: bool = False, max_side: Optional[int] = None,
                  quality: int = 95, arrays: bool = False, array_size: Optional[int] = None,
                  workers: Optional[int] = None, verify: bool = False,
+                 on_bad: str = "fail", allow_empty_classes: bool = False,
                  log: Log = print) -> Dict[str, str]:
     """Prepare a user's class-folder tree ``SRC/{train,val}/<class>/<image>`` in ``out``.
+
+    Every image is decode-checked first (real trees hold truncated downloads and HTML pages
+    saved as ``.jpg``): ``on_bad="fail"`` stops naming the bad files, ``"skip"`` leaves them out
+    of every artifact; either way they are listed in ``OUT/<split>_bad.txt``. A class folder with
+    no image is an error unless ``allow_empty_classes``.
 
     The images are not copied: ``OUT/<split>`` links to ``SRC/<split>`` and the file lists name
     them relative to ``OUT``. Arrays (``arrays=True``; all images one size, or ``array_size``
@@ -259,11 +341,13 @@ def prepare_tree(src: str, out: str, *, beton: bool = False, max_side: Optional[
         raise DataError("max_side (--max-side) only applies to the .beton; add --beton")
     if array_size is not None and not arrays:
         raise DataError("array_size (--array-size) only applies to arrays; add --arrays")
+    if on_bad not in ON_BAD:
+        raise DataError(f"on_bad (--on-bad) must be one of {', '.join(ON_BAD)}, got {on_bad!r}")
     if beton and not ffcv_available():
         raise DataError("--beton needs ffcv: pip install --no-build-isolation ffcv==1.0.2")
     out = os.path.abspath(out)
     _check_disjoint(src, out)
-    listing = scan_tree(src)
+    listing = scan_tree(src, allow_empty_classes)
     with OutputDir(out, verify=verify, log=log) as target:
         target.ensure(_classes_artifact(listing.classes))
         for split, part in listing.splits.items():
@@ -272,5 +356,5 @@ def prepare_tree(src: str, out: str, *, beton: bool = False, max_side: Optional[
                     "ignored")
             _tree_split(target, listing.root, listing.classes, part, beton=beton,
                         max_side=max_side, quality=quality, arrays=arrays,
-                        array_size=array_size, workers=workers)
+                        array_size=array_size, workers=workers, on_bad=on_bad, log=log)
     return _result(out, list(listing.splits))
