@@ -82,7 +82,9 @@ class Normalize:
     """uint8 [B, C, H, W] -> float, ``(x / 255 - mean) / std`` per channel, on ``device``.
 
     ``channels_last`` stores the result NHWC, which the CPU convolution kernels run faster on
-    (1.3-1.6x for the small ResNets here); the values are the same.
+    (1.3-1.6x for the small ResNets here); the values are the same. It is off by default:
+    torch 2.13's CPU backward crashes the process in channels_last from 48 px up. Pass
+    ``channels_last=channels_last_runs(device, image_size)`` to take it where it runs.
     """
 
     mean: Tuple[float, ...] = (0.5, 0.5, 0.5)
