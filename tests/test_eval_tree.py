@@ -118,3 +118,19 @@ def test_ffcv_val_loader(prepared, tmp_path):
     assert tuple(images.shape) == (len(ds), 3, SIZE, SIZE)
     assert labels.tolist() == [y for _, y in list_split(tree, "train")]
     _assert_same_pictures(images.numpy(), _reference(ds), 6)  # the .beton re-encodes JPEGs
+
+
+def test_dali_val_batches_name_a_corrupt_file(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    from mixpipe.dali.evaluate import ValBatches
+
+    tree = make_tree(str(tmp_path / "src"), TreeSpec(classes=2, train_per_class=3,
+                                                     val_per_class=0, sides=(20, 30),
+                                                     greyscale=0, cmyk=0, png_as_jpg=0,
+                                                     corrupt=1, seed=4))
+    listing = tmp_path / "list.txt"  # a user's own list: nothing prepared, nothing checked
+    rows = list_split(tree, "train", skip=()) + [(tree.corrupt[0], 0)]
+    listing.write_text("".join(f"{rel} {label}\n" for rel, label in rows))
+    batches = ValBatches(tree.root, str(listing), 16, batch_size=2)
+    with pytest.raises(ValueError, match=f"{tree.corrupt[0]}: not a readable image"):
+        list(batches)

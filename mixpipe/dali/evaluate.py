@@ -105,8 +105,12 @@ class ValBatches:
         else:
             self._pipe.reset()
         left = self.num_samples
-        for _ in range(len(self)):
-            images, labels = self._pipe.run()
+        for b in range(len(self)):
+            try:
+                images, labels = self._pipe.run()
+            except RuntimeError as err:
+                self._pipe = None  # DALI says the pipeline is no longer valid
+                raise self._named_error(b, err) from None
             if self.device_id is not None:
                 images = images.as_cpu()
             take = min(left, self.batch_size)  # the last batch is padded by repeating
@@ -114,6 +118,22 @@ class ValBatches:
             y = torch.from_numpy(np.array(labels.as_tensor()).reshape(-1)[:take].astype(np.int64))
             left -= take
             yield (x.cuda(self.device_id) if self.device_id is not None else x), y
+
+    def _named_error(self, batch: int, err: RuntimeError) -> Exception:
+        """DALI's decoder errors do not say which file failed: find it among the failing
+        batch and the one prefetched after it, and name it."""
+        from ..data.writers import decode_problem, read_file_list
+
+        relpaths, _ = read_file_list(self.file_list)
+        lo, hi = batch * self.batch_size, min(len(relpaths), (batch + 2) * self.batch_size)
+        for rel in relpaths[lo:hi]:
+            path = os.path.join(self.file_root, rel)
+            problem = decode_problem(path)
+            if problem is not None:
+                return ValueError(f"{path}: not a readable image ({problem}); remove it from "
+                                  f"{self.file_list} (`mixpipe data prepare tree --on-bad skip`"
+                                  " leaves such files out)")
+        return err
 
     def close(self) -> None:
         """Free the pipeline (its threads and buffers) now rather than at garbage collection."""
