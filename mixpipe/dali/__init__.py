@@ -41,6 +41,10 @@ It runs as written on a CPU-only DALI; on a GPU pass ``device_id=0`` and ``devic
 See ``pipelines/dali_imagenet.py`` for the complete ImageNet recipe, and
 :class:`ValBatches` for validation batches (resize, centre crop) over the same files.
 """
+from ..extras import require as _require
+
+_require("nvidia.dali")  # a missing DALI says: pip install 'mixpipe[dali]'
+
 from .evaluate import ValBatches
 from .files import EncodedImages, FileList, InMemoryImages, ListedFiles, open_files, read_file_list
 from .iterator import OUTPUT_NAMES, FixedPlans, MixIterator, close_pipeline
