@@ -144,3 +144,35 @@ def test_decode_problem_names_truncated_jpeg(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[:len(data) // 2])
     assert decode_problem(str(path)) is not None
+
+
+@pytest.mark.slow
+def test_a_beton_from_ffcvs_own_writer_is_accepted(tmp_path):
+    pytest.importorskip("ffcv")
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    from mixpipe.data import find_prepared
+
+    class Tiny:
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return np.full((8, 8, 3), 10 * i, np.uint8), i % 2
+
+    root = tmp_path / "mine"
+    root.mkdir()
+    (root / "classes.txt").write_text("a\nb\n")
+    for split in ("train", "val"):
+        DatasetWriter(str(root / f"{split}.beton"), {"image": RGBImageField(),
+                                                     "label": IntField()},
+                      num_workers=1).from_indexed_dataset(Tiny())
+    prepared = find_prepared(str(root))
+    assert prepared.path("train", "beton") == str(root / "train.beton")
+    assert prepared.samples == {"train": 6, "val": 6} and prepared.classes == ("a", "b")
+    # other field names are not what the loaders read: not listed
+    DatasetWriter(str(root / "val.beton"), {"img": RGBImageField(), "y": IntField()},
+                  num_workers=1).from_indexed_dataset(Tiny())
+    with pytest.raises(DataError, match="no complete 'beton'"):
+        find_prepared(str(root)).path("val", "beton")

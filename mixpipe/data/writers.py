@@ -25,7 +25,7 @@ from .errors import DataError
 
 __all__ = ["write_jpegs", "write_file_list", "read_file_list", "write_arrays", "check_arrays",
            "write_beton", "check_beton", "ffcv_available", "parallel_map", "load_rgb",
-           "decode_problem", "find_bad_images"]
+           "decode_problem", "find_bad_images", "foreign_beton"]
 
 #: Below this many items a process pool costs more than it saves.
 _POOL_MIN_ITEMS = 2000
@@ -222,6 +222,41 @@ _BETON_HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size
                           ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
 _BETON_ALLOC = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
 _BETON_VERSION = 2
+
+
+_BETON_FIELD = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)),
+                         ("arguments", ("<u1", (1024,)))], align=True)
+#: FFCV's field type ids (ffcv/types.py) of the two fields the loaders read.
+_BETON_FIELDS = {"image": 2, "label": 1}  # RGBImageField, IntField
+
+
+def foreign_beton(path: str) -> Tuple[Optional[int], Optional[str]]:
+    """``(samples, None)`` if ``path`` is a complete .beton the loaders can read, whoever wrote it
+    (``mixpipe data prepare`` or FFCV's own ``DatasetWriter``), else ``(None, reason)``.
+
+    Readable means: FFCV's format version, an ``image`` RGBImageField and a ``label`` IntField
+    (the names the loaders use), and an allocation table that covers every sample.
+    """
+    try:
+        size = os.path.getsize(path)
+        if size < _BETON_HEADER.itemsize:
+            return None, "shorter than a .beton header"
+        header = np.fromfile(path, dtype=_BETON_HEADER, count=1)[0]
+        if header["version"] != _BETON_VERSION:
+            return None, f"format version {header['version']}, expected {_BETON_VERSION}"
+        fields = np.fromfile(path, dtype=_BETON_FIELD, count=int(header["num_fields"]),
+                             offset=_BETON_HEADER.itemsize)
+    except (OSError, ValueError) as err:
+        return None, f"unreadable ({err})"
+    found = {bytes(f["name"]).rstrip(b"\0").decode("ascii", "replace"): int(f["type_id"])
+             for f in fields}
+    if any(found.get(name) != type_id for name, type_id in _BETON_FIELDS.items()) or len(
+            found) != len(_BETON_FIELDS):
+        return None, (f"fields {found} (name: FFCV type id); the loaders need exactly "
+                      "'image' (RGBImageField) and 'label' (IntField)")
+    n = int(header["num_samples"])
+    reason = check_beton(path, {"info": {"samples": n}})
+    return (n, None) if reason is None else (None, reason)
 
 
 def check_beton(path: str, manifest: Dict[str, Any]) -> Optional[str]:
