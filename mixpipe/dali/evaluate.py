@@ -14,14 +14,9 @@ from typing import Iterator, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from ..train.evaluate import _size_pair as _pair
+
 __all__ = ["ValBatches", "center_crop_graph"]
-
-
-def _pair(size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
-    pair = (int(size), int(size)) if np.ndim(size) == 0 else (int(size[0]), int(size[1]))
-    if min(pair) < 1:
-        raise ValueError(f"size must be S or (height, width) >= 1, got {size!r}")
-    return pair
 
 
 def center_crop_graph(images, size: Union[int, Tuple[int, int]], ratio: float):
