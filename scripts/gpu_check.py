@@ -61,7 +61,7 @@ def _throughput(data: str, settings, device_id, batch_size: int, batches: int) -
 
     from mixpipe.bench.overhead_dali import _measure_mixed, _measure_plain, _plans_for
 
-    args = SimpleNamespace(device_id=device_id, threads=2, workers=2)
+    args = SimpleNamespace(device_id=device_id, threads=2, workers=0)  # as dali_imagenet
     n = sum(1 for _ in open(os.path.join(data, "train_files.txt")))
     plans = _plans_for(0.5, n, "halves", settings.size[1] // settings.stride, 0)
     mixed = _measure_mixed(data, settings, plans, batch_size, batches, 2, args)

@@ -43,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--batches", type=int, default=None, help="timed batches per arm")
     parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--workers", type=int, default=2, help="DALI source worker processes")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="DALI source worker processes (default 0: the source runs in the "
+                             "pipeline's process, as in pipelines/dali_imagenet.py)")
     parser.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
     parser.add_argument("--fashion", default="data/fashion-mnist",
                         help="prepared Fashion-MNIST directory (skipped with a note if absent)")
