@@ -3,7 +3,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench gpu-check clean
 
 setup:
 	bash scripts/setup.sh
@@ -21,6 +21,11 @@ test-fast: setup
 bench: setup
 	$(PY) -m mixpipe bench server --quick
 	$(PY) -m mixpipe bench speedup --quick
+
+# The GPU paths (DALI device="mixed", GPU composition, CUDA training) on a generated 224 px tree,
+# a few minutes; writes benchmarks/results/gpu_check.json. Without CUDA: one "no GPU" line, exit 0.
+gpu-check: setup
+	$(PY) scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

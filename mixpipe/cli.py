@@ -50,8 +50,17 @@ def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = _build_parser(argv).parse_args(argv)
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        args = _build_parser(argv).parse_args(argv)
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except ModuleNotFoundError as err:
+        from .extras import install_hint
+
+        hint = install_hint(err)
+        if hint is None:
+            raise
+        print(f"mixpipe: error: {hint}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

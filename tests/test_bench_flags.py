@@ -46,7 +46,9 @@ def test_a_field_without_help_is_refused():
 @pytest.mark.parametrize("argv,field,value", [
     (["--prune-ratio", "0.3"], "prune_ratio", 0.3),
     (["--momentum", "0.5"], "momentum", 0.5),
-    (["--no-channels-last"], "channels_last", False),
+    (["--channels-last", "off"], "channels_last", "off"),
+    (["--no-per-class"], "per_class", False),
+    (["--per-class"], "per_class", True),
     (["--policies", "none,budget"], "policies", ("none", "budget")),
     (["--frontier", "0.4,0.7"], "frontier", (0.4, 0.7)),
     (["--seeds", "3,4,5"], "seeds", (3, 4, 5)),

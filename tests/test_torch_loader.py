@@ -169,11 +169,15 @@ def test_random_resized_crop_is_seeded_and_fits_region() -> None:
 def test_close_ends_persistent_workers():
     import multiprocessing
 
+    before = set(multiprocessing.active_children())  # other tests' leftovers are not ours
     loader = MixedLoader(IdColouredImages(16), FixedPlans(MixPlan.singles(16)), 8, (32, 32),
                          num_workers=1, persistent_workers=True)
     loader.set_epoch(0)
     assert len(list(loader)) == 2
-    assert multiprocessing.active_children()  # the persistent worker outlives the epoch
+    ours = set(multiprocessing.active_children()) - before
+    assert ours  # the persistent worker outlives the epoch
     loader.close()
-    assert not multiprocessing.active_children()
+    for worker in ours:
+        worker.join(timeout=10)
+    assert not any(worker.is_alive() for worker in ours)
     loader.close()  # again: nothing left to do

@@ -104,7 +104,7 @@ def _speedup_settings(s: LocalBenchSettings):
     return SpeedupSettings(model=s.model, epochs=s.epochs, policies=("none",), seeds=s.seeds,
                            batch_size=s.batch_size, lr=s.lr, momentum=s.momentum,
                            weight_decay=s.weight_decay, limit=s.limit, eval_limit=s.val_limit,
-                           data_root=s.data_root, augment="flip", channels_last=True,
+                           data_root=s.data_root, augment="flip", channels_last="on",
                            warmup_epochs=0, progress=s.progress)
 
 
@@ -345,7 +345,7 @@ def run_benchmark(s: LocalBenchSettings, out: Optional[str] = None, log=print) -
     if s.threads:
         torch.set_num_threads(s.threads)
     train, val, num_classes = load_data(_speedup_settings(s), log)
-    val_batches = EvalBatches(val, batch_size=512)
+    val_batches = EvalBatches(val, batch_size=512, size=32, crop_ratio=1.0)
     n = min(s.batch_size, len(train))
     images = torch.stack([torch.from_numpy(train[i][0].copy()).permute(2, 0, 1)
                           for i in range(n)])

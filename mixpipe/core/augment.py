@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Tuple
+from typing import Tuple, Union
 
 import numpy as np
 
 from .compose import resize
 
-__all__ = ["fit_aspect", "random_resized_crop_boxes", "random_resized_crop_box",
+__all__ = ["fit_aspect", "size_pair", "random_resized_crop_boxes", "random_resized_crop_box",
            "RandomResizedCropFlip"]
 
 
@@ -126,3 +126,11 @@ class RandomResizedCropFlip:
             crop = crop[:, ::-1]
         out = resize(crop, *region)
         return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+
+
+def size_pair(size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
+    """``(height, width)`` from ``S`` or ``(height, width)``, each at least 1."""
+    pair = (int(size), int(size)) if np.ndim(size) == 0 else tuple(int(x) for x in size)
+    if len(pair) != 2 or min(pair) < 1:
+        raise ValueError(f"size must be S or (height, width) >= 1, got {size!r}")
+    return pair  # type: ignore[return-value]

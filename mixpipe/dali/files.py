@@ -11,7 +11,8 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["EncodedImages", "FileList", "ListedFiles", "InMemoryImages", "read_file_list"]
+__all__ = ["EncodedImages", "FileList", "ListedFiles", "InMemoryImages", "read_file_list",
+           "open_files", "describe"]
 
 
 class EncodedImages:
@@ -129,14 +130,62 @@ class ListedFiles(EncodedImages):
         s = listing.splits[split]
         return cls(os.path.join(listing.root, split), s.relpaths, s.labels)
 
+    @classmethod
+    def from_class_folders(cls, file_root: str) -> "ListedFiles":
+        """``file_root/<class>/<image>`` as ``fn.readers.file(file_root=...)`` reads it: labels
+        are the sorted class folder names' indices, files sorted by name."""
+        from ..data.tree import _class_dirs, _scan_split
+
+        file_root = os.path.abspath(file_root)
+        if not os.path.isdir(file_root):
+            raise FileNotFoundError(f"file_root {file_root} is not a directory; expected "
+                                    "file_root/<class>/<image> (or pass file_list=)")
+        classes = _class_dirs(file_root)
+        if not classes:
+            raise ValueError(f"file_root {file_root} has no class folders; expected "
+                             "file_root/<class>/<image>")
+        parent, name = os.path.split(file_root)
+        listing = _scan_split(parent, name, classes, name)
+        return cls(file_root, listing.relpaths, listing.labels)
+
     def __len__(self) -> int:
         return len(self.relpaths)
 
+    def path(self, index: int) -> str:
+        return os.path.join(self.root, self.relpaths[index])
+
     def encoded(self, index: int) -> np.ndarray:
-        return np.fromfile(os.path.join(self.root, self.relpaths[index]), dtype=np.uint8)
+        return np.fromfile(self.path(index), dtype=np.uint8)
 
     def label(self, index: int) -> int:
         return int(self.labels[index])
+
+
+def open_files(file_root: Optional[str] = None, file_list: Optional[str] = None) -> EncodedImages:
+    """The images ``fn.readers.file`` would read with the same two arguments, by dataset index.
+
+    ``file_list`` alone: its lines ``relative/path label``, relative to the list's folder;
+    with ``file_root`` too, relative to ``file_root``. ``file_root`` alone: the class folders
+    ``file_root/<class>/<image>``, labels by sorted folder name. No ``mixpipe data prepare``
+    step is needed for either.
+    """
+    if file_list is not None:
+        return FileList(file_list, file_root)
+    if file_root is not None:
+        return ListedFiles.from_class_folders(file_root)
+    raise ValueError("give file_root= (class folders) and/or file_list= ('path label' lines), "
+                     "as for fn.readers.file")
+
+
+def describe(images: EncodedImages, index: int) -> str:
+    """The file behind sample ``index`` when the source knows it, for error messages."""
+    path = getattr(images, "path", None)
+    if callable(path):
+        try:
+            return path(index)
+        except (IndexError, TypeError, ValueError):
+            pass
+    return f"sample {index}"
 
 
 class InMemoryImages(EncodedImages):

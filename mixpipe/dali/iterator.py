@@ -74,6 +74,9 @@ class MixIterator:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, "
                              f"world_size={world_size}")
+        from .ops import refuse_whole_batch_mirror
+
+        refuse_whole_batch_mirror(pipeline)  # a mirror after mix() corrupts labels silently
         self.pipeline = pipeline
         self.slots = slots
         self.num_samples = len(slots.images)

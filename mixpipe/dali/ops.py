@@ -5,7 +5,7 @@ normalisation::
 
     inputs = plan_inputs(source)                     # fn.external_source over a SlotSource
     images = mix(inputs, device="mixed")             # decode + view each constituent, compose
-    images = fn.crop_mirror_normalize(images, ...)   # your usual tail
+    images = fn.crop_mirror_normalize(images, ...)   # your usual tail, WITHOUT mirror=
 
 Where things run: the source (file reads, plan rows, crop windows) is host work in DALI's worker
 processes. With ``device="mixed"`` the decoder hands GPU images to ``resize``/``flip``/``cat`` and
@@ -16,13 +16,19 @@ of the GPU operators either way) and cutting each file out of the slot's byte bl
 mixed decoder reads on the host anyway. On a CPU-only pipeline (``device="cpu"``) the same
 graph runs on the CPU.
 
+Never mirror the composite: each constituent is already mirrored inside its own region (the
+view's flip), and a mirror after ``mix()`` (``fn.flip``, or ``crop_mirror_normalize``'s
+``mirror=``) swaps the regions of a HALVES or QUADS composite while the targets stay in plan
+order, so the labels no longer match the pixels. :class:`mixpipe.dali.MixIterator` refuses such
+a pipeline (:func:`refuse_whole_batch_mirror`).
+
 Per-sample conditionals route each slot: a SINGLE slot decodes one image, a pair two, a quad four.
 A constituent's bytes are cut out inside the branches that use it, so absent ones are never
 touched.
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Set
 
 from nvidia.dali import fn, types
 import nvidia.dali.math as dmath
@@ -31,7 +37,10 @@ from ..core.plan import Layout
 from .source import GEOMETRY_FIELDS, META, SlotSource
 
 __all__ = ["MixInputs", "plan_inputs", "constituent_bytes", "constituent_geometry",
-           "decode_view", "mix", "compose"]
+           "decode_view", "mix", "compose", "whole_batch_mirrors", "refuse_whole_batch_mirror"]
+
+#: Names of the DataNodes mix() returned: the composites a later mirror must not touch.
+_MIX_OUTPUTS: Set[str] = set()
 
 
 class MixInputs(NamedTuple):
@@ -145,9 +154,9 @@ def mix(inputs: MixInputs, view: ViewFn = decode_view, device: str = "cpu"):
     accumulator).
     """
     k = inputs.max_constituents
-    if k < 2:
-        return view(inputs, 0, device)
-    return _route(inputs, view, device, k)
+    out = view(inputs, 0, device) if k < 2 else _route(inputs, view, device, k)
+    _MIX_OUTPUTS.add(out.name)
+    return out
 
 
 def _route(inputs: MixInputs, view: ViewFn, device: str, k: int):
@@ -180,3 +189,72 @@ def _blend(inputs: MixInputs, view: ViewFn, device: str, n: int, k: int):
     else:
         out = _blend(inputs, view, device, n + 1, k)
     return out
+
+
+# ----------------------------------------------------------------------- mirror check
+#: Operators that mirror, and the constant arguments that make them do so.
+_MIRRORS = {"CropMirrorNormalize": ("mirror",), "Flip": ("horizontal", "vertical", "depthwise")}
+
+
+def _constant_args(spec) -> Dict[str, str]:
+    """``name: value`` lines of an OpSpec's printout (DALI exposes no argument getter)."""
+    args = {}
+    for line in str(spec).split("Arguments:", 1)[-1].splitlines():
+        name, sep, value = line.strip().partition(": ")
+        if sep:
+            args[name] = value.strip()
+    return args
+
+
+def whole_batch_mirrors(pipeline) -> List[str]:
+    """Operators of ``pipeline`` that may mirror a composite made by :func:`mix` (names, empty
+    when none). A mirror is any ``fn.flip`` or ``crop_mirror_normalize`` downstream of a
+    ``mix()`` output with a non-zero constant mirror argument or a per-sample argument input
+    (``mirror=fn.random.coin_flip()``)."""
+    if not getattr(pipeline, "_py_graph_built", True):
+        pipeline._build_graph()
+    ops = list(getattr(pipeline, "_ops", None) or ())
+    producer = {node.name: op for op in ops for node in op._outputs}
+    found = []
+    for op in ops:
+        schema = getattr(op._op, "schema_name", "")
+        if schema not in _MIRRORS:
+            continue
+        spec = op.spec
+        constants = _constant_args(spec)
+        mirrors = any(constants.get(a, "0") not in ("0", "False") for a in _MIRRORS[schema])
+        if not mirrors and spec.NumInput() <= spec.NumRegularInput():
+            continue
+        # walk the image input upstream looking for a composite
+        stack, seen = [op._inputs[0].name], set()
+        while stack:
+            name = stack.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in _MIX_OUTPUTS:
+                found.append(op.name)
+                break
+            up = producer.get(name)
+            if up is not None:
+                regular = up.spec.NumRegularInput()
+                stack += [node.name for node in up._inputs[:regular]]
+    return found
+
+
+def refuse_whole_batch_mirror(pipeline) -> None:
+    """Raise if ``pipeline`` mirrors a composite after :func:`mix` (see the module docstring).
+
+    DALI's graph internals are not a public API: if they change, the check finds nothing rather
+    than failing a good pipeline.
+    """
+    try:
+        found = whole_batch_mirrors(pipeline)
+    except (AttributeError, IndexError, TypeError):
+        return
+    if found:
+        raise ValueError(f"the pipeline mirrors the mixed composite after mix() "
+                         f"({', '.join(found)})"
+                         ": that swaps a composite's regions against its labels. Drop mirror= "
+                         "from crop_mirror_normalize / the fn.flip; mixpipe mirrors each "
+                         "constituent inside its region already (the view's flip)")

@@ -196,12 +196,15 @@ class Preset:
     how a preset builds its loaders lands in every dataset's pipeline at once.
     """
 
-    def __init__(self, settings: PipelineSettings) -> None:
+    def __init__(self, settings: PipelineSettings, py_num_workers: int = 4) -> None:
         self.settings = settings
+        #: source worker processes by default; 0 runs the plan source in the pipeline's process
+        self.py_num_workers = int(py_num_workers)
 
     def train_loader(self, data: str, batch_size: int = 256, plans=None,
                      device_id: Optional[int] = 0, **kwargs) -> MixIterator:
         """:class:`MixIterator` over the training split (keywords: :func:`make_train_loader`)."""
+        kwargs.setdefault("py_num_workers", self.py_num_workers)
         return make_train_loader(data, self.settings, batch_size, plans, device_id, **kwargs)
 
     def val(self, data: str, batch_size: int = 256, device_id: Optional[int] = 0, **kwargs):

@@ -21,7 +21,7 @@ import numpy as np
 from ..core.augment import RandomResizedCropFlip
 from ..core.layouts import regions
 from ..core.plan import Layout, MixPlan
-from .files import EncodedImages
+from .files import EncodedImages, describe, open_files
 from .plans import PlanBoard
 
 __all__ = ["SlotSource", "RandomView", "FixedView", "GEOMETRY_FIELDS", "META_FIELDS", "META",
@@ -189,6 +189,16 @@ class SlotSource:
         self.seed = int(seed)
         self._cache: dict = {}
 
+    @classmethod
+    def from_files(cls, board: PlanBoard, size: Tuple[int, int], *,
+                   file_root: Optional[str] = None, file_list: Optional[str] = None,
+                   **kwargs) -> "SlotSource":
+        """The source over the user's own files, named as ``fn.readers.file`` names them:
+        ``file_root`` (class folders, or the base of ``file_list``'s paths) and/or
+        ``file_list`` (``relative/path label`` lines). No ``mixpipe data prepare`` step.
+        Other keywords as for the constructor (``stride``, ``view``, ``seed``, ...)."""
+        return cls(open_files(file_root, file_list), board, size, **kwargs)
+
     # Worker copies start with an empty cache: the cached walk belongs to one process.
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -260,7 +270,13 @@ class SlotSource:
         rng = np.random.default_rng([self.seed, walk.epoch, *ids])
         for i, (sample, shape) in enumerate(zip(ids, shapes)):
             data = self.images.encoded(sample)
-            img_h, img_w = image_size(data)
+            try:
+                img_h, img_w = image_size(data)
+            except Exception as err:  # noqa: BLE001 - pillow raises many kinds; name the file
+                raise ValueError(f"{describe(self.images, sample)}: not a readable image "
+                                 f"({type(err).__name__}: {err}); remove or replace it (`mixpipe"
+                                 " data prepare tree --on-bad skip` lists and skips such files)"
+                                 ) from None
             top, left, ch, cw, flip = self.view(img_h, img_w, shape, rng)
             meta[i, :len(GEOMETRY_FIELDS)] = (top, left, ch, cw, shape[0], shape[1], int(flip))
             meta[i, META["byte_offset"]] = offset

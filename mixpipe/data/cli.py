@@ -63,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="also write <split>_arrays.npz (decodes every image into memory)")
     tree.add_argument("--array-size", type=int, default=None,
                       help="resize every image to SxS for the arrays (needed if sizes differ)")
+    tree.add_argument("--on-bad", choices=("fail", "skip"), default="fail",
+                      help="files that do not decode: fail naming them (default), or skip them;"
+                           " both list them in OUT/<split>_bad.txt")
+    tree.add_argument("--allow-empty-classes", action="store_true",
+                      help="keep class folders without images as classes (default: an error)")
     _common(tree)
 
 
@@ -80,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
                                  quality=args.quality, arrays=args.arrays,
                                  array_size=args.array_size, holdout=args.holdout,
                                  holdout_seed=args.holdout_seed, workers=args.workers,
-                                 verify=args.verify)
+                                 verify=args.verify, on_bad=args.on_bad,
+                                 allow_empty_classes=args.allow_empty_classes)
     except DataError as err:
         print(f"mixpipe data prepare: error: {err}", file=sys.stderr)
         return 2

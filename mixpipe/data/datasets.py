@@ -14,7 +14,7 @@ import numpy as np
 from .artifacts import check_artifact, read_manifest
 from .errors import DataError
 from .prepare import artifact_paths
-from .writers import check_arrays, load_rgb, read_file_list
+from .writers import check_arrays, foreign_beton, load_rgb, read_file_list
 
 __all__ = ["ArrayDataset", "FileListDataset", "Prepared", "find_prepared", "require_artifact",
            "read_classes"]
@@ -23,7 +23,13 @@ _KINDS = ("images", "files", "arrays", "beton")
 
 
 def read_classes(root: str) -> List[str]:
-    path = require_artifact(root, "classes", "classes.txt")
+    """Class names by label. A ``classes.txt`` written by hand (no manifest) is read as well, so
+    .beton files written with FFCV's own ``DatasetWriter`` only need that one file beside them."""
+    plain = os.path.join(os.path.abspath(root), "classes.txt")
+    if read_manifest(os.path.abspath(root), "classes") is None and os.path.isfile(plain):
+        path = plain
+    else:
+        path = require_artifact(root, "classes", "classes.txt")
     with open(path, encoding="utf-8") as f:
         return [line.rstrip("\n") for line in f]
 
@@ -67,9 +73,16 @@ def find_prepared(root: str, splits: Tuple[str, ...] = ("train", "val")) -> Prep
     for split in splits:
         for kind, rel in artifact_paths(root, split).items():
             name = f"{split}.{kind}"
-            if read_manifest(root, name) is None or check_artifact(root, name, rel) is not None:
+            if kind == "beton" and read_manifest(root, name) is None:
+                # a .beton from FFCV's own DatasetWriter: no manifest, checked by structure
+                count, _ = foreign_beton(os.path.join(root, rel))
+                if count is None or any(e.startswith(f".tmp-{name}-") for e in os.listdir(root)):
+                    continue
+            elif read_manifest(root, name) is None or check_artifact(root, name,
+                                                                     rel) is not None:
                 continue
-            count = read_manifest(root, name)["info"]["samples"]
+            else:
+                count = read_manifest(root, name)["info"]["samples"]
             if samples.setdefault(split, count) != count:
                 raise DataError(f"{root}: the {split} artifacts disagree on the sample count "
                                 f"({count} vs {samples[split]}); run `mixpipe data prepare` "

@@ -15,9 +15,12 @@ everywhere):
 - ``OUT/<split>_arrays.npz``: ``images`` uint8[N, H, W, 3], ``labels`` int64[N]. For
   Fashion-MNIST these are the padded RGB pixels *before* JPEG encoding (lossless originals).
 - ``OUT/<split>.beton``: FFCV fields ``image`` (RGBImageField, JPEG) and ``label`` (IntField).
+- ``OUT/<split>_bad.txt`` (user trees): ``relpath<TAB>reason`` for every file pillow could not
+  decode; with ``on_bad="skip"`` these are left out of every other artifact.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -28,8 +31,9 @@ from .artifacts import Artifact, OutputDir
 from .errors import DataError
 from .holdout import DEFAULT_FRACTION, DEFAULT_SEED, stratified_holdout
 from .tree import SplitListing, scan_tree
-from .writers import (check_arrays, check_beton, ffcv_available, iter_chunks, load_rgb,
-                      parallel_map, write_arrays, write_beton, write_file_list, write_jpegs)
+from .writers import (check_arrays, check_beton, ffcv_available, find_bad_images, iter_chunks,
+                      load_rgb, parallel_map, write_arrays, write_beton, write_file_list,
+                      write_jpegs)
 
 __all__ = ["prepare_fashion_mnist", "prepare_tree", "artifact_paths"]
 
@@ -91,16 +95,32 @@ class _ArraySource:
 
 
 class _FileSource:
-    """Index -> (decoded image, label) over image files."""
+    """Index -> (decoded image, label) over image files.
 
-    def __init__(self, paths: Sequence[str], labels: Sequence[int]) -> None:
+    FFCV's writer waits for a count of finished samples, so a worker that raises leaves it
+    waiting forever. A file that fails to decode here (it changed after the decode check) is
+    therefore recorded in ``failures`` (one ``path<TAB>reason`` line) and replaced by a black
+    placeholder; the caller reads the record and fails the build naming the file.
+    """
+
+    def __init__(self, paths: Sequence[str], labels: Sequence[int],
+                 failures: Optional[str] = None) -> None:
         self.paths, self.labels = list(paths), list(labels)
+        self.failures = failures
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Tuple[np.ndarray, int]:
-        return load_rgb(self.paths[i]), int(self.labels[i])
+        try:
+            return load_rgb(self.paths[i]), int(self.labels[i])
+        except Exception as err:  # noqa: BLE001 - reported by the parent, see the docstring
+            if self.failures is None:
+                raise DataError(f"{self.paths[i]}: cannot decode ({err})") from err
+            with open(self.failures, "a", encoding="utf-8") as f:
+                f.write(f"{self.paths[i]}\t{type(err).__name__}: {err}\n".replace("\n", " ")
+                        .rstrip() + "\n")
+            return np.zeros((8, 8, 3), np.uint8), int(self.labels[i])
 
 
 def _build(write: Callable[[str], Any], samples: int) -> Callable[[str], Dict[str, Any]]:
@@ -115,7 +135,16 @@ def _beton_step(name: str, relpath: str, recipe: Dict[str, Any], samples: int,
                 dataset: Callable[[], Any], quality: int, max_side: Optional[int],
                 workers: int, page_size: int) -> Artifact:
     def build(path: str) -> Dict[str, Any]:
-        write_beton(path, dataset(), quality, max_side, workers, page_size)
+        data = dataset()
+        if isinstance(data, _FileSource):
+            data.failures = path + ".failed"
+        write_beton(path, data, quality, max_side, workers, page_size)
+        if isinstance(data, _FileSource) and os.path.exists(data.failures):
+            with open(data.failures, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+            raise DataError(f"{len(lines)} image(s) failed to decode while writing the .beton, "
+                            f"first {lines[0]!r}; they decoded in the check before, so they "
+                            "changed meanwhile: re-run `mixpipe data prepare`")
         return {"samples": samples}
 
     return Artifact(name, relpath, recipe, build, check_beton)
@@ -235,6 +264,47 @@ def _check_disjoint(src: str, out: str) -> None:
                         "the output must be a separate directory")
 
 
+ON_BAD = ("fail", "skip")
+
+
+def _bad_files(target: OutputDir, split_dir: str, part: SplitListing, source: Dict[str, Any],
+               workers: int) -> Dict[str, str]:
+    """Decode-check every image of the split once (cached as ``OUT/<split>_bad.txt``, rebuilt
+    when the tree changes); ``relpath -> reason`` of the files pillow cannot decode."""
+    relpath = f"{part.split}_bad.txt"
+
+    def build(path: str) -> Dict[str, Any]:
+        bad = find_bad_images([os.path.join(split_dir, r) for r in part.relpaths], workers)
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(f"{os.path.relpath(p, split_dir)}\t{reason}\n" for p, reason in bad)
+        return {"bad": len(bad)}
+
+    target.ensure(Artifact(f"{part.split}.bad", relpath,
+                           {k: v for k, v in source.items() if k != "samples"}, build))
+    with open(os.path.join(target.root, relpath), encoding="utf-8") as f:
+        return dict(line.rstrip("\n").split("\t", 1) for line in f if line.strip())
+
+
+def _without_bad(part: SplitListing, split_dir: str, bad: Dict[str, str], on_bad: str,
+                 bad_list: str, log: Log) -> SplitListing:
+    if not bad:
+        return part
+    if on_bad == "fail":
+        shown = "; ".join(f"{os.path.join(split_dir, r)} ({why})"
+                          for r, why in list(bad.items())[:5])
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise DataError(f"{len(bad)} file(s) under {split_dir} are not readable images: "
+                        f"{shown}{more} (all listed in {bad_list}); remove or replace them, or "
+                        "pass --on-bad skip (on_bad='skip') to leave them out")
+    keep = [i for i, r in enumerate(part.relpaths) if r not in bad]
+    if not keep:
+        raise DataError(f"no image under {split_dir} decodes ({len(bad)} bad, listed in "
+                        f"{bad_list})")
+    log(f"note: skipped {len(bad)} unreadable file(s) under {split_dir}; listed in {bad_list}")
+    return dataclasses.replace(part, relpaths=tuple(part.relpaths[i] for i in keep),
+                               labels=tuple(part.labels[i] for i in keep))
+
+
 def _tree_split(target: OutputDir, root: str, classes: Sequence[str], part: SplitListing,
                 split: str, rows: np.ndarray, carve: Dict[str, Any], *, beton: bool,
                 max_side: Optional[int], quality: int, arrays: bool, array_size: Optional[int],
@@ -265,12 +335,12 @@ def _tree_split(target: OutputDir, root: str, classes: Sequence[str], part: Spli
         lambda: _FileSource(paths, labels), quality, max_side, workers, _LARGE_PAGE))
 
 
-def _tree_parts(listing: Any, holdout: float, holdout_seed: int
+def _tree_parts(splits: Dict[str, SplitListing], holdout: float, holdout_seed: int
                 ) -> List[Tuple[SplitListing, str, np.ndarray, Dict[str, Any]]]:
     """Prepared splits of a tree: ``SRC/train`` gives ``train`` and the ``val`` hold-out,
     ``SRC/val`` (ImageNet's validation set, scored once for the record) gives ``test``."""
     parts = []
-    for source_split, part in listing.splits.items():
+    for source_split, part in splits.items():
         if source_split == "train":
             keep, held = stratified_holdout(np.asarray(part.labels), holdout, holdout_seed)
             carve = {"holdout": holdout, "holdout_seed": holdout_seed}
@@ -286,11 +356,18 @@ def prepare_tree(src: str, out: str, *, beton: bool = False, max_side: Optional[
                  quality: int = 95, arrays: bool = False, array_size: Optional[int] = None,
                  holdout: float = DEFAULT_FRACTION, holdout_seed: int = DEFAULT_SEED,
                  workers: Optional[int] = None, verify: bool = False,
+                 on_bad: str = "fail", allow_empty_classes: bool = False,
                  log: Log = print) -> Dict[str, str]:
     """Prepare a user's class-folder tree ``SRC/{train,val}/<class>/<image>`` in ``out``.
 
     Splits: ``train`` and ``val`` (a stratified, seeded ``holdout`` share of ``SRC/train``, where
     settings are chosen) and ``test`` (``SRC/val``, scored once for the record).
+
+    Every image is decode-checked first (real trees hold truncated downloads and HTML pages
+    saved as ``.jpg``): ``on_bad="fail"`` stops naming the bad files, ``"skip"`` leaves them out
+    of every artifact (and out of the hold-out draw); either way they are listed in
+    ``OUT/<source split>_bad.txt``. A class folder with no image is an error unless
+    ``allow_empty_classes``.
 
     The images are not copied: ``OUT/<split>`` links to ``SRC/<split>`` and the file lists name
     them relative to ``OUT``. Arrays (``arrays=True``; all images one size, or ``array_size``
@@ -304,18 +381,28 @@ def prepare_tree(src: str, out: str, *, beton: bool = False, max_side: Optional[
         raise DataError("max_side (--max-side) only applies to the .beton; add --beton")
     if array_size is not None and not arrays:
         raise DataError("array_size (--array-size) only applies to arrays; add --arrays")
+    if on_bad not in ON_BAD:
+        raise DataError(f"on_bad (--on-bad) must be one of {', '.join(ON_BAD)}, got {on_bad!r}")
     if beton and not ffcv_available():
         raise DataError("--beton needs ffcv: pip install --no-build-isolation ffcv==1.0.2")
     out = os.path.abspath(out)
     _check_disjoint(src, out)
-    listing = scan_tree(src)
-    parts = _tree_parts(listing, holdout, holdout_seed)
+    listing = scan_tree(src, allow_empty_classes)
     with OutputDir(out, verify=verify, log=log) as target:
         target.ensure(_classes_artifact(listing.classes))
+        readable: Dict[str, SplitListing] = {}
         for source_split, part in listing.splits.items():
             if part.ignored:
                 log(f"note: {part.ignored} non-image file(s) under {listing.root}/"
                     f"{source_split} ignored")
+            split_dir = os.path.realpath(os.path.join(listing.root, source_split))
+            scanned = {"dataset": "tree", "split": source_split, "src": split_dir,
+                       "fingerprint": part.fingerprint, "classes": list(listing.classes)}
+            bad = _bad_files(target, split_dir, part, scanned, workers)
+            readable[source_split] = _without_bad(
+                part, split_dir, bad, on_bad, os.path.join(target.root, f"{source_split}_bad.txt"),
+                log)
+        parts = _tree_parts(readable, holdout, holdout_seed)
         for part, split, rows, carve in parts:
             _tree_split(target, listing.root, listing.classes, part, split, rows, carve,
                         beton=beton, max_side=max_side, quality=quality, arrays=arrays,

@@ -44,10 +44,12 @@ def _class_dirs(split_dir: str) -> List[str]:
                   if e.is_dir() and not e.name.startswith("."))
 
 
-def _scan_split(root: str, split: str, classes: Sequence[str], class_split: str) -> SplitListing:
+def _scan_split(root: str, split: str, classes: Sequence[str], class_split: str,
+                allow_empty_classes: bool = False) -> SplitListing:
     split_dir = os.path.join(root, split)
     index = {name: i for i, name in enumerate(classes)}
     relpaths, labels, digest, ignored = [], [], hashlib.sha256(), 0
+    empty: List[str] = []
     for name in _class_dirs(split_dir):
         if name not in index:
             raise DataError(f"{os.path.join(split_dir, name)}: class {name!r} is not among the "
@@ -55,6 +57,7 @@ def _scan_split(root: str, split: str, classes: Sequence[str], class_split: str)
                             f"({len(classes)} classes); every split must use the same classes")
         entries = sorted((e for e in os.scandir(os.path.join(split_dir, name))
                           if not e.name.startswith(".")), key=lambda e: e.name)
+        before = len(relpaths)
         for entry in entries:
             if not entry.name.lower().endswith(IMAGE_EXTENSIONS) or not entry.is_file():
                 ignored += 1
@@ -67,14 +70,27 @@ def _scan_split(root: str, split: str, classes: Sequence[str], class_split: str)
             relpaths.append(rel)
             labels.append(index[name])
             digest.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        if len(relpaths) == before:
+            empty.append(name)
+    if empty and not allow_empty_classes:
+        # An empty folder would still take a label: a class the model can never see.
+        shown = ", ".join(os.path.join(split_dir, n) for n in empty[:5])
+        more = f" and {len(empty) - 5} more" if len(empty) > 5 else ""
+        raise DataError(f"{len(empty)} class folder(s) with no images: {shown}{more}; remove "
+                        "them, or pass --allow-empty-classes (allow_empty_classes=True) to keep "
+                        "them as classes with no samples")
     if not relpaths:
         raise DataError(f"{split_dir}: no images (extensions {', '.join(IMAGE_EXTENSIONS)}) in "
                         "its class folders")
     return SplitListing(split, tuple(relpaths), tuple(labels), digest.hexdigest(), ignored)
 
 
-def scan_tree(root: str) -> TreeListing:
-    """List every image of ``root``'s splits; a clear error for anything that is not a tree."""
+def scan_tree(root: str, allow_empty_classes: bool = False) -> TreeListing:
+    """List every image of ``root``'s splits; a clear error for anything that is not a tree.
+
+    A class folder with no image is refused unless ``allow_empty_classes``: it usually means a
+    copy went wrong, and it would silently become a label no sample carries.
+    """
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise DataError(f"source tree {root} does not exist or is not a directory")
@@ -86,5 +102,6 @@ def scan_tree(root: str) -> TreeListing:
     if not classes:
         raise DataError(f"{os.path.join(root, present[0])}: no class folders; expected "
                         f"{present[0]}/<class>/<image> (ImageNet layout)")
-    splits = {s: _scan_split(root, s, classes, present[0]) for s in present}
+    splits = {s: _scan_split(root, s, classes, present[0], allow_empty_classes)
+              for s in present}
     return TreeListing(root, classes, splits)

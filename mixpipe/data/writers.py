@@ -8,9 +8,12 @@
 """
 from __future__ import annotations
 
+import _thread
+import concurrent.futures
 import importlib.util
 import multiprocessing
 import os
+import threading
 import zipfile
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -21,7 +24,8 @@ from tqdm import tqdm
 from .errors import DataError
 
 __all__ = ["write_jpegs", "write_file_list", "read_file_list", "write_arrays", "check_arrays",
-           "write_beton", "check_beton", "ffcv_available", "parallel_map", "load_rgb"]
+           "write_beton", "check_beton", "ffcv_available", "parallel_map", "load_rgb",
+           "decode_problem", "find_bad_images", "foreign_beton"]
 
 #: Below this many items a process pool costs more than it saves.
 _POOL_MIN_ITEMS = 2000
@@ -30,7 +34,12 @@ _CHUNK = 500
 
 def parallel_map(fn: Callable[[Any], List[Any]], chunks: Sequence[Any], workers: int,
                  total: int, desc: str, sizes: Optional[Sequence[int]] = None) -> List[Any]:
-    """``fn`` over ``chunks`` (in order) in a process pool, with a progress bar counting items."""
+    """``fn`` over ``chunks`` (in order) in a process pool, with a progress bar counting items.
+
+    A ``ProcessPoolExecutor``, not a ``multiprocessing.Pool``: when a worker dies (killed, out of
+    memory, a crash in a decoder) the executor fails the run at once, where a ``Pool`` would
+    leave the parent waiting for the lost chunk forever.
+    """
     sizes = sizes if sizes is not None else [len(c) for c in chunks]
     results: List[Any] = []
     with tqdm(total=total, desc=desc, unit="img", leave=False) as bar:
@@ -39,10 +48,15 @@ def parallel_map(fn: Callable[[Any], List[Any]], chunks: Sequence[Any], workers:
                 results.append(fn(chunk))
                 bar.update(size)
         else:
-            with multiprocessing.get_context("fork").Pool(workers) as pool:
-                for result, size in zip(pool.imap(fn, chunks), sizes):
-                    results.append(result)
-                    bar.update(size)
+            context = multiprocessing.get_context("fork")
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+                try:
+                    for result, size in zip(pool.map(fn, chunks), sizes):
+                        results.append(result)
+                        bar.update(size)
+                except concurrent.futures.process.BrokenProcessPool as err:
+                    raise DataError(f"a {desc} worker process died ({err}); re-run with "
+                                    "--workers 1 to see which file it was reading") from None
     return results
 
 
@@ -146,8 +160,60 @@ def write_beton(path: str, dataset: Any, quality: int, max_side: Optional[int] =
                                      max_resolution=max_side),
               "label": IntField()}
     writer = DatasetWriter(path, fields, page_size=page_size, num_workers=max(1, workers))
-    writer.from_indexed_dataset(dataset, chunksize=max(1, min(1000, len(dataset) // (4 * workers)
-                                                              or 1)))
+    chunksize = max(1, min(1000, len(dataset) // (4 * workers) or 1))
+    with _ChildWatch() as watch:
+        try:
+            writer.from_indexed_dataset(dataset, chunksize=chunksize)
+        except KeyboardInterrupt:
+            if watch.died is None:
+                raise
+            pid, code = watch.died
+            raise DataError(f"a .beton writer process (pid {pid}) died with exit code {code}; "
+                            f"{path} is incomplete. Re-run with --workers 1 to see the file it "
+                            "failed on") from None
+
+
+class _ChildWatch:
+    """Ends FFCV's ``DatasetWriter`` when one of its worker processes dies.
+
+    The writer's parent polls a shared count of finished samples until it reaches the total;
+    a dead worker never adds its share, so the parent would wait forever. This watcher thread
+    polls the children's exit codes and interrupts the main thread on a non-zero one; the
+    surviving workers are terminated on the way out.
+    """
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval = interval
+        self.died: Optional[Tuple[int, int]] = None
+        self._stop = threading.Event()
+        self._seen: Dict[int, Any] = {}
+        self._before: set = set()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="mixpipe-childwatch")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for child in multiprocessing.active_children():
+                self._seen.setdefault(child.pid, child)
+            for pid, child in self._seen.items():
+                if pid not in self._before and child.exitcode not in (None, 0):
+                    self.died = (pid, child.exitcode)
+                    _thread.interrupt_main()
+                    return
+
+    def __enter__(self) -> "_ChildWatch":
+        self._seen = {c.pid: c for c in multiprocessing.active_children()}
+        self._before = set(self._seen)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self.died is not None:
+            for pid, child in self._seen.items():
+                if pid not in self._before and child.is_alive():
+                    child.terminate()
+                    child.join(5)
 
 
 # The .beton header and allocation-table record as FFCV 1.0.2 lays them out (ffcv/types.py);
@@ -156,6 +222,41 @@ _BETON_HEADER = np.dtype([("version", "<u2"), ("num_fields", "<u2"), ("page_size
                           ("num_samples", "<u8"), ("alloc_table_ptr", "<u8")], align=True)
 _BETON_ALLOC = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
 _BETON_VERSION = 2
+
+
+_BETON_FIELD = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)),
+                         ("arguments", ("<u1", (1024,)))], align=True)
+#: FFCV's field type ids (ffcv/types.py) of the two fields the loaders read.
+_BETON_FIELDS = {"image": 2, "label": 1}  # RGBImageField, IntField
+
+
+def foreign_beton(path: str) -> Tuple[Optional[int], Optional[str]]:
+    """``(samples, None)`` if ``path`` is a complete .beton the loaders can read, whoever wrote it
+    (``mixpipe data prepare`` or FFCV's own ``DatasetWriter``), else ``(None, reason)``.
+
+    Readable means: FFCV's format version, an ``image`` RGBImageField and a ``label`` IntField
+    (the names the loaders use), and an allocation table that covers every sample.
+    """
+    try:
+        size = os.path.getsize(path)
+        if size < _BETON_HEADER.itemsize:
+            return None, "shorter than a .beton header"
+        header = np.fromfile(path, dtype=_BETON_HEADER, count=1)[0]
+        if header["version"] != _BETON_VERSION:
+            return None, f"format version {header['version']}, expected {_BETON_VERSION}"
+        fields = np.fromfile(path, dtype=_BETON_FIELD, count=int(header["num_fields"]),
+                             offset=_BETON_HEADER.itemsize)
+    except (OSError, ValueError) as err:
+        return None, f"unreadable ({err})"
+    found = {bytes(f["name"]).rstrip(b"\0").decode("ascii", "replace"): int(f["type_id"])
+             for f in fields}
+    if any(found.get(name) != type_id for name, type_id in _BETON_FIELDS.items()) or len(
+            found) != len(_BETON_FIELDS):
+        return None, (f"fields {found} (name: FFCV type id); the loaders need exactly "
+                      "'image' (RGBImageField) and 'label' (IntField)")
+    n = int(header["num_samples"])
+    reason = check_beton(path, {"info": {"samples": n}})
+    return (n, None) if reason is None else (None, reason)
 
 
 def check_beton(path: str, manifest: Dict[str, Any]) -> Optional[str]:
@@ -186,6 +287,38 @@ def load_rgb(path: str, size: Optional[Tuple[int, int]] = None) -> np.ndarray:
         if size is not None and image.size != (size[1], size[0]):
             image = image.resize((size[1], size[0]), Image.BILINEAR)
         return np.asarray(image, dtype=np.uint8)
+
+
+def decode_problem(path: str) -> Optional[str]:
+    """Why ``path`` cannot be used as an image (pillow cannot decode all of it), or None.
+
+    JPEGs are decoded at 1/8 scale (``draft``): the whole entropy-coded stream is still read, so
+    truncated or corrupt files are caught, at a fraction of a full decode's cost.
+    """
+    try:
+        with Image.open(path) as image:
+            if image.format == "JPEG":
+                image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+            image.convert("RGB").load()
+    except Exception as err:  # noqa: BLE001 - any decoder failure makes the file unusable
+        text = str(err).replace(f"'{path}'", "").replace(path, "").strip(" :")
+        return f"{type(err).__name__}: {text}".replace("\n", " ").replace("\t", " ")
+    return None
+
+
+def _problems_chunk(paths: Sequence[str]) -> List[Tuple[int, str]]:
+    return [(i, problem) for i, path in enumerate(paths)
+            if (problem := decode_problem(path)) is not None]
+
+
+def find_bad_images(paths: Sequence[str], workers: int = 1) -> List[Tuple[str, str]]:
+    """``(path, reason)`` for every file pillow cannot decode, in input order."""
+    chunks = list(iter_chunks(list(paths), 200))
+    bad = []
+    for c, found in enumerate(parallel_map(_problems_chunk, chunks, workers, len(paths),
+                                           "check")):
+        bad += [(chunks[c][i], reason) for i, reason in found]
+    return bad
 
 
 def iter_chunks(items: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:

@@ -13,6 +13,9 @@ Typical use::
 
 Importing this package needs ffcv (``pip install mixpipe[ffcv]``).
 """
+from ..extras import require as _require
+
+_require("ffcv")  # a missing FFCV says how to install it
 from .decoders import (CenterCropMixDecoder, MixImageDecoder, MixLabelDecoder,
                        RandomResizedCropMixDecoder, SimpleMixDecoder, unpack_labels)
 from .loader import MixLoader

@@ -22,7 +22,7 @@ inside its own region) instead.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable, Optional, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 from ffcv.fields.basics import IntDecoder
@@ -40,6 +40,28 @@ __all__ = ["MixImageDecoder", "SimpleMixDecoder", "RandomResizedCropMixDecoder",
            "CenterCropMixDecoder", "MixLabelDecoder", "unpack_labels", "label_width"]
 
 _JPG = 0  # ffcv.fields.rgb_image.IMAGE_MODES['jpg']
+
+
+
+#: Compiled FFCV library dispatchers, kept until the interpreter exits (see :func:`_kept`).
+_KEPT: List[Callable] = []
+
+
+def _kept(dispatcher: Callable) -> Callable:
+    """Keep a compiled dispatcher alive for the rest of the process.
+
+    Why: when a finished loader's decoder is garbage-collected mid-run (the next benchmark arm,
+    the next loader), numba's finalizer for its ``imdecode`` dispatcher walks the dispatcher's
+    overload table and fails with ``KeyError`` on the entry it is iterating (seen here with
+    numba's table of the FFCV call signature, literal or not), printing ``Exception ignored
+    ... numba ... KeyError`` once per dispatcher. At interpreter exit numba skips these
+    finalizers, so a dispatcher kept until then never prints it. Sharing one dispatcher between
+    decoders instead is worse: the same table lookup then fails while compiling the next
+    pipeline. The cost is a few compiled functions per loader built, held until exit.
+    """
+    if Compiler.is_enabled:
+        _KEPT.append(dispatcher)
+    return dispatcher
 
 
 class _PlanAware:
@@ -166,11 +188,11 @@ class MixImageDecoder(_PlanAware, SimpleRGBImageDecoder):
         enabled = bool(Compiler.is_enabled)
         tables = self.tables
         mem_read = self.memory_read
-        imdecode_c = Compiler.compile(imdecode)
+        imdecode_c = _kept(Compiler.compile(imdecode))
         k = kernels.compiled(enabled)
         paste, blend, round_into = k["paste_window"], k["blend_window"], k["round_into"]
         paste_u8, blend_u8 = k["paste_u8"], k["blend_u8"]
-        resize_crop_c = Compiler.compile(resize_crop)
+        resize_crop_c = _kept(Compiler.compile(resize_crop))
         fast = self.resize == "fast"
         ids_view = table_view(tables.ids, enabled)
         weights_view = table_view(tables.weights, enabled)

@@ -58,7 +58,8 @@ def run_benchmark(s: SpeedupSettings, out: Optional[str] = None,
     train, scored, num_classes = load_data(s, log)
     if env.is_main:
         barrier()
-    eval_batches = EvalBatches(scored, batch_size=512)
+    eval_batches = EvalBatches(scored, batch_size=512, size=s.image_size,
+                               crop_ratio=s.crop_ratio)
     arms = run_order(s)
     log(f"speedup: {len(train)} train / {len(scored)} {s.eval_split} samples, {num_classes} "
         f"classes; arms {', '.join(arms)}; seeds {list(s.seeds)}; torch threads "

@@ -71,7 +71,7 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
         history = fit(model, loader, optimizer, epochs, schedule,
                       on_epoch=local.on_epoch if local is not None else None,
                       eval_loader=eval_batches, service=service, stride=s.stride,
-                      device=s.device, prepare=Normalize(channels_last=s.channels_last),
+                      device=s.device, prepare=Normalize(channels_last=s.uses_channels_last()),
                       progress=s.progress, desc=f"{arm} seed {seed}", loss_per=s.loss_per)
     finally:
         close = getattr(loader, "close", None)

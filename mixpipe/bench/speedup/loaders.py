@@ -64,7 +64,7 @@ def _ffcv_loader(s: SpeedupSettings, train: Any, service: Any, seed: int, rank: 
     pipelines = {
         "image": [SimpleMixDecoder((s.image_size, s.image_size), stride=s.stride,
                                    flip_prob=0.5 if s.augment != "none" else 0.0),
-                  ToTensor(), ToTorchImage()],
+                  ToTensor(), ToTorchImage(channels_last=s.uses_channels_last())],
         "label": [MixLabelDecoder(), ToTensor()],
     }
     return MixLoader(beton, s.batch_size, service, pipelines=pipelines,

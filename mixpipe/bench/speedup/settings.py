@@ -113,7 +113,13 @@ class SpeedupSettings:
     augment: str = field("flip", "per-constituent augmentation", choices=AUGMENTS)
     image_size: int = field(32, "composite side in px (224 for ImageNet-style models)")
     stride: int = field(8, "the network's total stride: region boundaries snap to it")
-    channels_last: bool = field(True, "train in channels_last memory format")
+    channels_last: str = field("auto", "channels_last memory format: auto (where it runs: CUDA, "
+                                       "and the CPU below 48 px), on or off",
+                               choices=("auto", "on", "off"))
+    eval_crop_ratio: Optional[float] = field(None, "evaluation resizes the shorter side to "
+                                                   "image-size / ratio and centre-crops; none: 1 "
+                                                   "for fashion-mnist (its images pass unchanged),"
+                                                   " 0.875 (ImageNet's 224/256) for a tree")
     device: str = field("cpu", "torch device to train on (cpu, cuda, cuda:N)")
     progress: bool = field(True, "progress bars")
     server: Optional[str] = field(None, "tcp://host:port of a running `mixpipe serve` (one "
@@ -157,6 +163,9 @@ class SpeedupSettings:
         need(self.limit is None or self.limit >= 1, "limit", ">= 1 or None")
         need(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", ">= 1 or None")
         need(self.workers >= 0, "workers", ">= 0")
+        need(self.channels_last in ("auto", "on", "off"), "channels_last", "auto, on or off")
+        need(self.eval_crop_ratio is None or 0 < self.eval_crop_ratio <= 1, "eval_crop_ratio",
+             "in (0, 1] or None")
         need(self.threads is None or self.threads >= 0, "threads", ">= 0 or None")
         need(self.local in (None, "static", "dynamic"), "local", "None, 'static' or 'dynamic'")
         need(self.augment in AUGMENTS, "augment", f"one of {AUGMENTS}")
@@ -173,6 +182,21 @@ class SpeedupSettings:
     def prepared_root(self) -> str:
         """The directory the loaders read: where Fashion-MNIST is prepared, or ``--data``."""
         return self.data_root if self.data == FASHION else self.data
+
+    @property
+    def crop_ratio(self) -> float:
+        """The evaluation's centre-crop ratio (see ``eval_crop_ratio``)."""
+        if self.eval_crop_ratio is not None:
+            return self.eval_crop_ratio
+        return 1.0 if self.data == FASHION else 0.875
+
+    def uses_channels_last(self) -> bool:
+        """channels_last where it runs (torch 2.13's CPU backward crashes in it from 48 px)."""
+        if self.channels_last != "auto":
+            return self.channels_last == "on"
+        from mixpipe.train.evaluate import channels_last_runs
+
+        return channels_last_runs(self.device, self.image_size)
 
     @property
     def grid_cells(self) -> int:
