@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import threading
 import zipfile
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 from PIL import Image
@@ -49,15 +49,30 @@ def parallel_map(fn: Callable[[Any], List[Any]], chunks: Sequence[Any], workers:
                 bar.update(size)
         else:
             context = multiprocessing.get_context("fork")
+            others = set(multiprocessing.active_children())
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
                 try:
                     for result, size in zip(pool.map(fn, chunks), sizes):
                         results.append(result)
                         bar.update(size)
                 except concurrent.futures.process.BrokenProcessPool as err:
+                    _end_workers(others)
                     raise DataError(f"a {desc} worker process died ({err}); re-run with "
                                     "--workers 1 to see which file it was reading") from None
     return results
+
+
+def _end_workers(others: Set[Any]) -> None:
+    """Terminate every child process but ``others`` (those that existed before the pool).
+
+    When one worker dies, CPython 3.11's executor can leave another blocked on its call queue
+    (seen once here: a test run printed its summary and then never ended, because
+    ``multiprocessing`` joins its children at exit). The executor has no public handle on its
+    workers, so the pool's children are found as the ones that were not there before it.
+    """
+    for process in set(multiprocessing.active_children()) - others:
+        process.terminate()
+        process.join(timeout=5)
 
 
 def _encode_chunk(job: Tuple[str, np.ndarray, List[str], int]) -> None:
