@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from ..core.policies.budget import whole_epochs
+
 __all__ = ["Schedule", "BudgetSchedule"]
 
 _KINDS = ("cosine", "linear", "constant")
@@ -68,7 +70,7 @@ class BudgetSchedule:
 
     @property
     def run_epochs(self) -> int:
-        return max(1, math.ceil(self.budget - 1e-9))
+        return whole_epochs(self.budget)
 
     def data_progress(self, progress: float) -> float:
         """Share of the budget's data seen at loop ``progress`` in [0, 1]."""

@@ -6,8 +6,10 @@ from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
+from mixpipe.core.policies.budget import whole_epochs
+
 from .loaders import make_loader
-from .settings import SpeedupSettings, arm_epochs, arm_policy, run_epochs
+from .settings import SpeedupSettings, arm_epochs, arm_policy
 
 __all__ = ["train_arm", "build_model"]
 
@@ -52,7 +54,7 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
     n = len(train)
     settings = arm_policy(arm, s, n, matched_inputs)
     length = arm_epochs(arm, s, n, matched_inputs)
-    epochs = run_epochs(arm, s, n, matched_inputs)
+    epochs = whole_epochs(length)
     schedule = Schedule(s.schedule, s.warmup)
     if length != s.epochs:
         schedule = BudgetSchedule(schedule, length)
@@ -74,9 +76,7 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
                       device=s.device, prepare=Normalize(channels_last=s.uses_channels_last()),
                       progress=s.progress, desc=f"{arm} seed {seed}", loss_per=s.loss_per)
     finally:
-        close = getattr(loader, "close", None)
-        if close is not None:
-            close()
+        loader.close()  # every protocol loader has it; DALI's workers must not outlive the arm
     barrier()  # every rank is done with this arm's server before rank 0 stops it
     if owned is not None:
         owned.stop()

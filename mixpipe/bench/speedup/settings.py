@@ -20,14 +20,13 @@ must lie above to be worth using.
 from __future__ import annotations
 
 import dataclasses
-import math
 import statistics
 from typing import List, Optional, Tuple
 
 from mixpipe.bench.flags import field
 from mixpipe.core.policies import PolicySettings
 from mixpipe.core.policies.assist import AssistSettings
-from mixpipe.core.policies.budget import BudgetSettings
+from mixpipe.core.policies.budget import BudgetSettings, whole_epochs
 from mixpipe.core.policies.mixtrain import MixTrainSettings
 from mixpipe.core.policies.none import NoneSettings
 from mixpipe.core.policies.random import RandomSettings
@@ -322,4 +321,4 @@ def arm_policy(arm: str, s: SpeedupSettings, num_samples: Optional[int] = None,
 def run_epochs(arm: str, s: SpeedupSettings, num_samples: int,
                matched_inputs: Optional[int] = None) -> int:
     """Whole epochs the arm's loop runs (a partial last epoch counts as one)."""
-    return max(1, math.ceil(arm_epochs(arm, s, num_samples, matched_inputs) - 1e-9))
+    return whole_epochs(arm_epochs(arm, s, num_samples, matched_inputs))

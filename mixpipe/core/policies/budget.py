@@ -27,7 +27,12 @@ from ..plan import MixPlan
 from . import PolicySettings, epoch_rng, register
 from ._common import check_float
 
-__all__ = ["BudgetSettings", "plan_budget", "samples_in_epoch"]
+__all__ = ["BudgetSettings", "plan_budget", "samples_in_epoch", "whole_epochs"]
+
+
+def whole_epochs(epochs: float) -> int:
+    """Epochs a training loop runs for a budget of ``epochs`` (a partial last one counts)."""
+    return max(1, math.ceil(epochs - 1e-9))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +49,7 @@ class BudgetSettings(PolicySettings):
     @property
     def run_epochs(self) -> int:
         """Epochs the training loop runs (a partial last epoch counts as one)."""
-        return max(1, math.ceil(self.epochs - 1e-9))
+        return whole_epochs(self.epochs)
 
 
 def samples_in_epoch(settings: BudgetSettings, num_samples: int, epoch: int) -> int:
