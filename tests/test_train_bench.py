@@ -1,4 +1,5 @@
 """The speed-up benchmark's bookkeeping: matched arms, seed-by-seed ratios, time to baseline."""
+import dataclasses
 import numpy as np
 import pytest
 
@@ -103,6 +104,19 @@ def test_frontier_arms_train_fractions_of_the_run():
         got = sum(make_plan(snap, settings, 1, e).num_forward_inputs
                   for e in range(run_epochs(arm, s, n)))
         assert got == want
+
+
+def test_frontier_seeds_keep_the_frontier_to_those_seeds_and_every_other_arm_in_all():
+    from mixpipe.bench.speedup.settings import seed_arms
+
+    s = SpeedupSettings(epochs=10, policies=("none", "budget", "mixtrain"), frontier=(0.4, 0.7),
+                        seeds=(0, 1, 2), frontier_seeds=(1,))
+    assert seed_arms(s, 1) == ["none", "budget", "mixtrain", "none@0.4", "none@0.7"]
+    assert seed_arms(s, 0) == seed_arms(s, 2) == ["none", "budget", "mixtrain"]
+    every = dataclasses.replace(s, frontier_seeds=())
+    assert all(seed_arms(every, seed) == seed_arms(s, 1) for seed in (0, 1, 2))
+    with pytest.raises(ValueError, match="frontier_seeds"):
+        dataclasses.replace(s, frontier_seeds=(5,))
 
 
 @pytest.mark.parametrize("schedule", [

@@ -33,7 +33,7 @@ from mixpipe.core.policies.random import RandomSettings
 from mixpipe.core.policies.shrink import ShrinkSettings
 
 __all__ = ["SpeedupSettings", "POLICIES", "MIXING", "QUICK", "arm_names", "arm_policy",
-           "arm_epochs", "budget_epochs", "run_epochs", "run_order", "FRONTIER_PREFIX"]
+           "arm_epochs", "budget_epochs", "run_epochs", "run_order", "seed_arms", "FRONTIER_PREFIX"]
 
 POLICIES = ("none", "budget", "random", "mixtrain", "shrink", "shrink+mixtrain", "assist",
             "assist+mixtrain")
@@ -73,6 +73,9 @@ class SpeedupSettings:
     frontier: Tuple[float, ...] = field((), "also train the plain model for these fractions of "
                                             "the epochs (e.g. 0.4,0.55,0.7): the frontier a "
                                             "mixing arm must beat")
+    frontier_seeds: Tuple[int, ...] = field((), "the seeds the frontier arms run in (empty: "
+                                                "every seed); a frontier from fewer seeds "
+                                                "costs less of a long run")
     seeds: Tuple[int, ...] = field((0, 1), "seeds (the outer loop; arms run inside each)")
     batch_size: int = field(128, "composites per batch")
     lr: float = field(0.1, "base learning rate (SGD)")
@@ -139,6 +142,8 @@ class SpeedupSettings:
         need(len(set(self.policies)) == len(self.policies), "policies", "without repeats")
         need(all(0.0 < f <= 1.0 for f in self.frontier), "frontier", "fractions in (0, 1]")
         need(len(self.seeds) >= 1, "seeds", "at least one seed")
+        need(set(self.frontier_seeds) <= set(self.seeds), "frontier_seeds",
+             "a subset of --seeds")
         need(self.batch_size >= 1, "batch_size", ">= 1")
         need(self.lr > 0, "lr", "> 0")
         need(self.layout in LAYOUTS, "layout", f"one of {LAYOUTS}")
@@ -268,6 +273,14 @@ def run_order(s: SpeedupSettings) -> List[str]:
         arms.remove("budget")
         arms.insert(arms.index(s.budget_match) + 1, "budget")
     return arms
+
+
+def seed_arms(s: SpeedupSettings, seed: int) -> List[str]:
+    """:func:`run_order` for one seed: the frontier arms only in ``frontier_seeds``."""
+    arms = run_order(s)
+    if not s.frontier_seeds or seed in s.frontier_seeds:
+        return arms
+    return [a for a in arms if not a.startswith(FRONTIER_PREFIX)]
 
 
 def arm_epochs(arm: str, s: SpeedupSettings, num_samples: int,
