@@ -47,6 +47,27 @@ def test_summary_ratios_are_taken_seed_by_seed():
     assert "mixtrain" in table and "1.17x" in table
 
 
+def test_a_frontier_from_one_seed_is_summarised_and_drawn_from_that_seed(tmp_path):
+    from mixpipe.bench.speedup import plot
+
+    s = SpeedupSettings(epochs=2, policies=("none", "mixtrain"), seeds=(0, 1), frontier=(0.5,),
+                        frontier_seeds=(1,))
+    runs = [_history("none", 0, [10, 10], [100, 100], [0.8, 0.9]),
+            _history("mixtrain", 0, [10, 5], [100, 50], [0.8, 0.88]),
+            _history("none", 1, [20, 20], [100, 100], [0.8, 0.92]),
+            _history("mixtrain", 1, [20, 20], [100, 100], [0.85, 0.92]),
+            _history("none@0.5", 1, [20], [100], [0.86])]
+    summary = summarise(s, runs, num_samples=100)
+    point = summary["none@0.5"]
+    assert point["runs"] == 1 and point["final_top1_per_seed"] == {1: 0.86}
+    assert point["delta_vs_none_per_seed"] == pytest.approx({1: -6.0})  # against seed 1's none
+    assert summary["mixtrain"]["runs"] == 2
+    assert "none@0.5" in format_table(s, summary)
+    png = tmp_path / "f.png"
+    plot(runs, s, summary, str(png))
+    assert png.stat().st_size > 0
+
+
 def test_budget_deltas_and_targets_are_taken_seed_by_seed():
     s = SpeedupSettings(epochs=2, policies=("none", "budget", "random", "mixtrain"),
                         seeds=(0, 1, 2))
