@@ -93,7 +93,8 @@ def test_budget_deltas_and_targets_are_taken_seed_by_seed():
 @pytest.mark.parametrize("schedule", [
     dict(epochs=20),
     dict(epochs=7, fraction=0.6, mix_schedule="constant", fraction_start=None),
-    dict(epochs=5, layout="halves", fraction_start=0.2, fraction=0.9, final_full_epochs=1)])
+    dict(epochs=5, layout="halves", fraction_start=0.2, fraction=0.9, final_full_epochs=1),
+    dict(epochs=6, recalibrate=150)])
 def test_budget_arm_trains_on_mixtrains_forward_inputs(schedule):
     """Independent count: the mixtrain policy's real plans, epoch by epoch, against the budget
     arm's real plans (whole epochs and the partial last one)."""
@@ -104,6 +105,7 @@ def test_budget_arm_trains_on_mixtrains_forward_inputs(schedule):
     snap = ledger.snapshot()
     mixtrain = sum(make_plan(snap, policy_settings("mixtrain", s), 0, e).num_forward_inputs
                    for e in range(s.epochs))
+    mixtrain += s.recalibrate  # the norms' pass on single images counts as mixtrain's inputs
     assert budget_epochs(s, n) == pytest.approx(mixtrain / n)
     budget = policy_settings("budget", s, n)
     epochs = run_epochs("budget", s, n)
@@ -306,3 +308,14 @@ def test_an_unreachable_server_is_one_line_not_a_traceback():
                 "--limit", "50", "--eval-limit", "20", "--epochs", "2", "--out", "/dev/null")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "no selection server at tcp://127.0.0.1:9" in done.stderr
+
+
+def test_only_mixing_arms_recalibrate_their_norms():
+    from mixpipe.bench.speedup.settings import recalibration_images
+
+    s = SpeedupSettings(epochs=4, recalibrate=300, frontier=(0.5,))
+    assert [recalibration_images(s, a, 1000) for a in ("none", "budget", "none@0.5")] == [0] * 3
+    assert [recalibration_images(s, a, 1000) for a in ("random", "mixtrain")] == [300, 300]
+    assert recalibration_images(s, "mixtrain", 200) == 200  # never more than the data set
+    with pytest.raises(ValueError, match="recalibrate"):
+        SpeedupSettings(recalibrate=-1)

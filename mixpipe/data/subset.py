@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["FirstN"]
+__all__ = ["FirstN", "Chosen"]
 
 
 class FirstN:
@@ -53,3 +53,21 @@ class FirstN:
 
     def path(self, index: int) -> str:
         return self.base.path(self._check(index))
+
+
+class Chosen:
+    """A map-style view of ``base`` at the given ``ids`` (``view[i] = base[ids[i]]``): e.g. a
+    seeded random slice of the training set for a forward-only pass."""
+
+    def __init__(self, base: Any, ids: Any) -> None:
+        ids = np.asarray(ids, dtype=np.int64).ravel()
+        if ids.size and (ids.min() < 0 or ids.max() >= len(base)):
+            raise IndexError(f"ids must lie in [0, {len(base)}), got {ids.min()}..{ids.max()}")
+        self.base = base
+        self.ids = ids
+
+    def __len__(self) -> int:
+        return int(self.ids.size)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.base[int(self.ids[index])]

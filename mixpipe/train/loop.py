@@ -24,7 +24,7 @@ from .loss import NORMALISATIONS
 from .reporter import LossReporter
 from .schedule import Schedule
 from .steps import (EpochStart, EpochTally, begin_epoch, close_epoch, epoch_record,
-                    history_totals, report_losses, reporting_service, set_lr, timed_evaluation,
+                    history_totals, recalibration_step, report_losses, reporting_service, set_lr, timed_evaluation,
                     train_step)
 
 __all__ = ["fit"]
@@ -37,7 +37,8 @@ def fit(model: nn.Module, loader: PlanLoader, optimizer: torch.optim.Optimizer, 
         rank: Optional[int] = None, commit: Optional[bool] = None, start_epoch: int = 0,
         progress: bool = True, reporter_chunk: int = 8192,
         on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None,
-        desc: str = "train", loss_per: str = "slot") -> Dict[str, Any]:
+        desc: str = "train", loss_per: str = "slot",
+        recalibrate: Optional[Iterable] = None) -> Dict[str, Any]:
     """Train ``model`` for ``epochs`` epochs of ``loader`` (a :class:`~mixpipe.core.loader
     .PlanLoader`, left open); return the history.
 
@@ -50,6 +51,11 @@ def fit(model: nn.Module, loader: PlanLoader, optimizer: torch.optim.Optimizer, 
     ranks meet at a barrier after flushing their losses, before anyone commits or asks for the
     next plan; only rank 0 prints. ``loss_per``: :func:`mixpipe.train.loss.mixed_loss`'s
     normalisation. ``start_epoch`` resumes there (restore model, optimizer and service first).
+    ``recalibrate``: batches of single training images (``(images, labels)``, e.g.
+    :class:`~mixpipe.train.EvalBatches` over a slice of the training set) on which the batch-norm
+    statistics are re-estimated after the last epoch, before it is scored
+    (:func:`mixpipe.train.recalibrate_norms`); its images and seconds count as that epoch's
+    forward inputs and training time.
 
     The history holds per-epoch records (:func:`mixpipe.train.steps.epoch_record`, with ``top1``
     and ``eval_seconds`` when there is an ``eval_loader``) and the totals.
@@ -76,6 +82,8 @@ def fit(model: nn.Module, loader: PlanLoader, optimizer: torch.optim.Optimizer, 
             tally = _train_epoch(run, loader, epoch, begun, f"{desc} {epoch + 1}/{epochs}", show)
             record = epoch_record(epoch, begun, tally, close_epoch(run.reporter, epoch, commit),
                                   run.lr(epoch + 1))
+            if recalibrate is not None and epoch == epochs - 1:
+                recalibration_step(run.net, recalibrate, prepare, device, record)
             record.update(timed_evaluation(run.net, eval_loader, prepare, device))
             history["epochs"].append(record)
             if show:

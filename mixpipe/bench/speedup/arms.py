@@ -9,7 +9,7 @@ import numpy as np
 from mixpipe.core.policies.budget import whole_epochs
 
 from .loaders import make_loader
-from .settings import SpeedupSettings, arm_epochs, arm_policy
+from .settings import SpeedupSettings, arm_epochs, arm_policy, recalibration_images
 
 __all__ = ["train_arm", "build_model"]
 
@@ -64,6 +64,7 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
     if labels is not None and hasattr(service, "set_labels"):
         service.set_labels(np.asarray(labels))  # per-class policies read them
     loader = make_loader(s, train, service, seed)
+    recalibrate = _recalibration_batches(s, arm, train, seed)
     local = None
     if s.local:
         from mixpipe.train.local import from_kind
@@ -74,7 +75,8 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
                       on_epoch=local.on_epoch if local is not None else None,
                       eval_loader=eval_batches, service=service, stride=s.stride,
                       device=s.device, prepare=Normalize(channels_last=s.uses_channels_last()),
-                      progress=s.progress, desc=f"{arm} seed {seed}", loss_per=s.loss_per)
+                      progress=s.progress, desc=f"{arm} seed {seed}", loss_per=s.loss_per,
+                      recalibrate=recalibrate)
     finally:
         loader.close()  # every protocol loader has it; DALI's workers must not outlive the arm
     barrier()  # every rank is done with this arm's server before rank 0 stops it
@@ -84,3 +86,17 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
                    epochs_of_data=length,
                    local=local.history if local is not None else None)
     return history
+
+
+def _recalibration_batches(s: SpeedupSettings, arm: str, train: Any, seed: int) -> Any:
+    """Single training images (a seeded random slice, shown as at evaluation) for the norms'
+    recalibration after the arm's last epoch; None where the arm has none."""
+    count = recalibration_images(s, arm, len(train))
+    if not count:
+        return None
+    from mixpipe.data.subset import Chosen
+    from mixpipe.train import EvalBatches
+
+    ids = np.sort(np.random.default_rng([seed, 0x4e4f524d]).permutation(len(train))[:count])
+    return EvalBatches(Chosen(train, ids), batch_size=256, cache=False, size=s.image_size,
+                       crop_ratio=s.crop_ratio)

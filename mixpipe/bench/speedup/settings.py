@@ -33,7 +33,7 @@ from mixpipe.core.policies.random import RandomSettings
 from mixpipe.core.policies.shrink import ShrinkSettings
 
 __all__ = ["SpeedupSettings", "POLICIES", "MIXING", "QUICK", "arm_names", "arm_policy",
-           "arm_epochs", "budget_epochs", "run_epochs", "run_order", "seed_arms", "FRONTIER_PREFIX"]
+           "arm_epochs", "budget_epochs", "run_epochs", "run_order", "seed_arms", "recalibration_images", "FRONTIER_PREFIX"]
 
 POLICIES = ("none", "budget", "random", "mixtrain", "shrink", "shrink+mixtrain", "assist",
             "assist+mixtrain")
@@ -105,6 +105,9 @@ class SpeedupSettings:
                                   "constituents (mixpipe.train.loss)", choices=NORMALISATIONS)
     prune_ratio: float = field(0.5, "shrink: share of the below-mean samples skipped per epoch")
     anneal_epochs: int = field(0, "shrink: the last epochs skip nothing")
+    recalibrate: int = field(0, "mixing arms: after the last epoch, re-estimate the batch-norm "
+                                "statistics on this many single training images (forward only; "
+                                "counted as forward inputs, so budget gets them too)")
     budget_match: str = field("mixtrain", "the mixing arm whose forward inputs the budget arm "
                                           "matches", choices=MIXING)
     limit: Optional[int] = field(None, "train on the first N samples (torch and DALI loaders)")
@@ -163,6 +166,7 @@ class SpeedupSettings:
              "final_full_epochs", "in [0, epochs - warmup_epochs]")
         need(0.0 <= self.prune_ratio < 1.0, "prune_ratio", "in [0, 1)")
         need(0 <= self.anneal_epochs <= self.epochs, "anneal_epochs", "in [0, epochs]")
+        need(self.recalibrate >= 0, "recalibrate", ">= 0")
         need(self.budget_match in MIXING, "budget_match", f"one of {MIXING}")
         need(self.limit is None or self.limit >= 1, "limit", ">= 1 or None")
         need(self.eval_limit is None or self.eval_limit >= 1, "eval_limit", ">= 1 or None")
@@ -238,15 +242,23 @@ def budget_epochs(s: SpeedupSettings, num_samples: int) -> float:
     Computed from mixtrain's schedule: each epoch mixes ``groups_for_fraction`` groups of the
     whole (seen) dataset, and a group of K costs one forward input instead of K. The warm-up
     epoch reports every sample, so from the first mixed epoch on the whole dataset is seen.
+    The norms' recalibration (``recalibrate``) is part of mixtrain's inputs.
     """
     from mixpipe.core.policies._common import groups_for_fraction
 
     k = s.group_size
-    inputs = 0
+    inputs = recalibration_images(s, "mixtrain", num_samples)
     for fraction in s.mixtrain_fractions():
         groups = groups_for_fraction(fraction, num_samples, k, num_samples) if fraction else 0
         inputs += num_samples - groups * (k - 1)
     return inputs / num_samples
+
+
+def recalibration_images(s: SpeedupSettings, arm: str, num_samples: int) -> int:
+    """Single images the arm's norms are re-estimated on after its run: mixing arms only (the
+    plain model's norms already saw single images)."""
+    plain = arm in ("none", "budget") or arm.startswith(FRONTIER_PREFIX)
+    return 0 if plain else min(s.recalibrate, num_samples)
 
 
 def arm_names(s: SpeedupSettings) -> List[str]:
