@@ -1,12 +1,13 @@
 """Re-estimate batch-norm statistics on single images after mixed training.
 
-Why: a mixed epoch trains the normalisation layers on composites, whose constituents are scaled
-down into their regions, so their activation statistics (sharper edges per pixel, several
-objects per image) differ from those of the single, full-size images the model is scored on.
-The running means and variances a model evaluates with are then largely those of composites: a
-train/test discrepancy of the kind FixRes (Touvron et al., 2019) describes for resolution. One
-forward-only pass over a few thousand single training images puts the statistics back where
-the model is used; the weights are not touched.
+The idea it tests: a mixed epoch trains the normalisation layers on composites, whose
+constituents are scaled down into their regions, so the running statistics describe composites
+while the model is scored on single, full-size images (the kind of train/test discrepancy FixRes
+describes for resolution). It does not pay for mixtrain, and is off by default: during training
+a single image is normalised by the statistics of its batch, which are mostly composites' too,
+and the weights are fitted to that normalisation; the composites' running statistics are
+therefore the consistent ones at test time (measured in benchmarks/README.md). It stays as a
+tool for models whose batches at training time do look like the images they are scored on.
 """
 from __future__ import annotations
 
