@@ -24,8 +24,8 @@ from .loss import NORMALISATIONS
 from .reporter import LossReporter
 from .schedule import Schedule
 from .steps import (EpochStart, EpochTally, begin_epoch, close_epoch, epoch_record,
-                    history_totals, recalibration_step, report_losses, reporting_service, set_lr, timed_evaluation,
-                    train_step)
+                    history_totals, recalibration_step, report_losses, reporting_service, set_lr,
+                    timed_evaluation, train_step)
 
 __all__ = ["fit"]
 

@@ -11,12 +11,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .settings import FRONTIER_PREFIX, SpeedupSettings, arm_names
+from .settings import FRONTIER_PREFIX, PLAIN_ARMS, SpeedupSettings, arm_names, trains_plain_model
 
 __all__ = ["summarise", "targets", "format_table", "plot", "time_to_reach", "PLAIN_ARMS"]
 
-#: arms that train the plain (unmixed) model: they trace the frontier
-PLAIN_ARMS = ("none", "budget")
 
 
 def _mean_std(values: List[Optional[float]]) -> Tuple[Optional[float], Optional[float]]:
@@ -177,7 +175,7 @@ def plot(runs: List[Dict[str, Any]], s: SpeedupSettings, summary: Dict[str, Any]
         t = np.mean([np.cumsum([e["train_seconds"] for e in r["epochs"][:length]])
                      for r in done], axis=0)
         acc = np.mean([[100 * e["top1"] for e in r["epochs"][:length]] for r in done], axis=0)
-        plain = arm in PLAIN_ARMS or arm.startswith(FRONTIER_PREFIX)
+        plain = trains_plain_model(arm)
         if plain:
             frontier.append((row["train_seconds"], 100 * row["final_top1"]))
         if not arm.startswith(FRONTIER_PREFIX):

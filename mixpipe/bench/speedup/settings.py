@@ -33,7 +33,8 @@ from mixpipe.core.policies.random import RandomSettings
 from mixpipe.core.policies.shrink import ShrinkSettings
 
 __all__ = ["SpeedupSettings", "POLICIES", "MIXING", "QUICK", "arm_names", "arm_policy",
-           "arm_epochs", "budget_epochs", "run_epochs", "run_order", "seed_arms", "recalibration_images", "FRONTIER_PREFIX"]
+           "arm_epochs", "budget_epochs", "run_epochs", "run_order", "seed_arms",
+           "recalibration_images", "trains_plain_model", "PLAIN_ARMS", "FRONTIER_PREFIX"]
 
 POLICIES = ("none", "budget", "random", "mixtrain", "shrink", "shrink+mixtrain", "assist",
             "assist+mixtrain")
@@ -49,6 +50,13 @@ AUGMENTS = ("none", "flip", "crop")
 EVAL_SPLITS = ("val", "test")
 FASHION = "fashion-mnist"
 FRONTIER_PREFIX = "none@"
+#: policies that train the plain (unmixed) model; with the frontier arms they trace the frontier
+PLAIN_ARMS = ("none", "budget")
+
+
+def trains_plain_model(arm: str) -> bool:
+    """Whether the arm trains the plain model (none, budget, a frontier point), not a mixing one."""
+    return arm in PLAIN_ARMS or arm.startswith(FRONTIER_PREFIX)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,8 +266,7 @@ def budget_epochs(s: SpeedupSettings, num_samples: int) -> float:
 def recalibration_images(s: SpeedupSettings, arm: str, num_samples: int) -> int:
     """Single images the arm's norms are re-estimated on after its run: mixing arms only (the
     plain model's norms already saw single images)."""
-    plain = arm in ("none", "budget") or arm.startswith(FRONTIER_PREFIX)
-    return 0 if plain else min(s.recalibrate, num_samples)
+    return 0 if trains_plain_model(arm) else min(s.recalibrate, num_samples)
 
 
 def arm_names(s: SpeedupSettings) -> List[str]:
