@@ -94,6 +94,23 @@ def test_ddp_keeps_the_ranks_parameters_identical(two_ranks):
     assert any(not torch.equal(fresh[k], a[k]) for k in a)  # they did train
 
 
+@pytest.mark.slow
+def test_split_norms_train_under_ddp_though_batches_without_composites_leave_twins_idle(tmp_path):
+    """Epoch 0 mixes nothing, so the composites' norms get no gradient for a whole epoch: DDP
+    must expect unused parameters, and the ranks must still agree on every weight."""
+    codes = launch(2, str(tmp_path), {"epochs": EPOCHS, "split_norms": True})
+    assert codes == [0, 0]
+    a, b = (load(str(tmp_path), r) for r in range(2))
+    assert a["fit"] == "ok" and b["fit"] == "ok", (a["fit"], b["fit"])
+    assert any(".aux." in k for k in a["weights"])
+    for key in a["weights"]:
+        torch.testing.assert_close(a["weights"][key], b["weights"][key], rtol=0, atol=1e-6,
+                                   msg=key)
+    fresh = dict(make_model().named_parameters())
+    twin = next(k for k in a["weights"] if k.endswith(".aux.weight"))
+    assert not torch.equal(a["weights"][twin], fresh[twin.replace(".aux.", ".")])  # trained
+
+
 def test_single_process_helpers_are_no_ops(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     monkeypatch.delenv("WORLD_SIZE", raising=False)

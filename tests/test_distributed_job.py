@@ -153,6 +153,10 @@ def rank_main(rank: int, world: int, port: int, out: str, cfg: Dict[str, Any]) -
     die = cfg.get("die") or {}
     watched = Watched(loader, die.get(rank), cfg.get("how", "exit"))
     model = make_model()
+    if cfg.get("split_norms"):
+        from mixpipe.train.splitnorm import split_norms
+
+        split_norms(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     result: Dict[str, Any] = {"rank": env.rank, "world": env.world_size, "backend": env.backend}
     inner = getattr(service, "inner", None)

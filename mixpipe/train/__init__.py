@@ -14,12 +14,13 @@ from .evaluate import EvalBatches, Normalize, evaluate
 from .loop import fit
 from .loss import MixedLoss, batch_loss, mixed_loss
 from .norms import recalibrate_norms
+from .splitnorm import merge_norms, split_norms
 from .models import SmallResNet, SmallResNetSettings, SmallViT, SmallViTSettings, build_model
 from .pooling import RegionMasks, region_pool, token_region_pool
 from .reporter import LossReporter, ReportError
 from .schedule import BudgetSchedule, Schedule
 
-__all__ = ["recalibrate_norms", "adapt", "RegionPooledModel", "model_family", "mixed_loss", "batch_loss", "MixedLoss",
+__all__ = ["recalibrate_norms", "split_norms", "merge_norms", "adapt", "RegionPooledModel", "model_family", "mixed_loss", "batch_loss", "MixedLoss",
            "LossReporter", "ReportError", "fit", "Schedule", "BudgetSchedule", "evaluate", "EvalBatches",
            "Normalize", "RegionMasks", "region_pool", "token_region_pool", "SmallResNet",
            "SmallResNetSettings", "SmallViT", "SmallViTSettings", "build_model"]

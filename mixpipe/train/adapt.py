@@ -6,6 +6,10 @@ HALVES / QUADS rows get extra work: each region of the captured map is pooled se
 through the model's own classifier. So an adapted model is the original model plus a cheap head,
 and a checkpoint of it is a checkpoint of the original.
 
+A model whose batch norms were split (:func:`mixpipe.train.splitnorm.split_norms`) runs its
+composites and its single images as two sub-batches, each through its own norms; the outputs
+come back in the batch's order.
+
 Families, recognised by attributes (the torchvision names):
 
 * ResNet-like: ``.avgpool`` and ``.fc`` (torchvision ResNets of any depth, :class:`SmallResNet`);
@@ -24,7 +28,10 @@ from typing import List, Optional
 import torch
 from torch import nn
 
+from mixpipe.core.plan import Layout
+
 from .pooling import RegionMasks, region_pool, spatial_rows, token_region_pool
+from .splitnorm import composite_batch, split_norm_layers
 
 __all__ = ["RegionPooledModel", "adapt", "model_family"]
 
@@ -126,6 +133,25 @@ class RegionPooledModel(nn.Module):
             raise ValueError(f"weights must be [B, K] with B={images.shape[0]}, got "
                              f"{None if weights is None else tuple(weights.shape)}")
         layout = torch.as_tensor(layout)
+        split = split_norm_layers(self.model)
+        composite = layout.to("cpu") != int(Layout.SINGLE)
+        if not split or not bool(composite.any()):
+            return self._mixed_forward(images, layout, weights)
+        # composites (any layout but SINGLE) go through their own norms (splitnorm.py), as a
+        # sub-batch of their own; the single images as another
+        groups = (torch.nonzero(composite).flatten(), torch.nonzero(~composite).flatten())
+        with composite_batch(split):
+            mixed = self._mixed_forward(*(_rows(t, groups[0]) for t in (images, layout, weights)))
+        if groups[1].numel() == 0:
+            return mixed
+        singles = self._mixed_forward(*(_rows(t, groups[1]) for t in (images, layout, weights)))
+        out = mixed.new_empty((images.shape[0],) + tuple(mixed.shape[1:]))
+        out[groups[0].to(out.device)] = mixed
+        out[groups[1].to(out.device)] = singles.to(out.dtype)
+        return out
+
+    def _mixed_forward(self, images: torch.Tensor, layout: torch.Tensor,
+                       weights: torch.Tensor) -> torch.Tensor:
         k = weights.shape[1]
         spatial = spatial_rows(layout.to("cpu"))
         if not bool(spatial.any()):
@@ -145,6 +171,10 @@ class RegionPooledModel(nn.Module):
         region_logits = self._classifier(pooled.reshape(-1, pooled.shape[-1]))
         out[rows_dev] = region_logits.reshape(rows.numel(), k, -1).to(out.dtype)
         return out
+
+
+def _rows(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return t[rows.to(t.device)]
 
 
 def adapt(model: nn.Module, stride: Optional[int] = None) -> RegionPooledModel:

@@ -178,9 +178,14 @@ def wrap_model(net: nn.Module, device: Any = None) -> nn.Module:
     """
     if not is_distributed() or isinstance(net, nn.parallel.DistributedDataParallel):
         return net
+    from .splitnorm import split_norm_layers
+
     device = torch.device(device) if device is not None else torch.device("cpu")
     ids = [device.index] if device.type == "cuda" and device.index is not None else None
-    return nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    # split norms (splitnorm.py): a batch without composites leaves the twins' parameters
+    # without a gradient, which DDP must be told to expect
+    return nn.parallel.DistributedDataParallel(
+        net, device_ids=ids, find_unused_parameters=bool(split_norm_layers(net)))
 
 
 def free_port(host: str = "127.0.0.1") -> int:

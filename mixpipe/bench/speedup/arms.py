@@ -9,7 +9,8 @@ import numpy as np
 from mixpipe.core.policies.budget import whole_epochs
 
 from .loaders import make_loader
-from .settings import SpeedupSettings, arm_epochs, arm_policy, recalibration_images
+from .settings import (SpeedupSettings, arm_epochs, arm_policy, recalibration_images,
+                       splits_norms)
 
 __all__ = ["train_arm", "build_model"]
 
@@ -50,6 +51,10 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
 
     torch.manual_seed(seed)
     model = build_model(s.model, num_classes)
+    if splits_norms(s, arm):
+        from mixpipe.train.splitnorm import split_norms
+
+        split_norms(model)  # before the optimizer: the twins' parameters are trained too
     optimizer = _optimizer(model, s)
     n = len(train)
     settings = arm_policy(arm, s, n, matched_inputs)

@@ -32,7 +32,7 @@ from mixpipe.core.policies.none import NoneSettings
 from mixpipe.core.policies.random import RandomSettings
 from mixpipe.core.policies.shrink import ShrinkSettings
 
-__all__ = ["SpeedupSettings", "POLICIES", "MIXING", "QUICK", "arm_names", "arm_policy",
+__all__ = ["SpeedupSettings", "POLICIES", "MIXING", "QUICK", "arm_names", "arm_policy", "splits_norms",
            "arm_epochs", "budget_epochs", "run_epochs", "run_order", "seed_arms",
            "recalibration_images", "trains_plain_model", "PLAIN_ARMS", "FRONTIER_PREFIX"]
 
@@ -117,6 +117,9 @@ class SpeedupSettings:
                                 "statistics on this many single training images (forward only; "
                                 "counted as forward inputs, so budget gets them too); it cost "
                                 "mixtrain 0.8-0.9 points in the pilot, so 0 by default")
+    split_norms: bool = field(False, "mixing arms: composites get batch-norm layers of their own, "
+                                     "so single images are normalised by singles only "
+                                     "(mixpipe.train.splitnorm)")
     budget_match: str = field("mixtrain", "the mixing arm whose forward inputs the budget arm "
                                           "matches", choices=MIXING)
     limit: Optional[int] = field(None, "train on the first N samples (torch and DALI loaders)")
@@ -267,6 +270,12 @@ def recalibration_images(s: SpeedupSettings, arm: str, num_samples: int) -> int:
     """Single images the arm's norms are re-estimated on after its run: mixing arms only (the
     plain model's norms already saw single images)."""
     return 0 if trains_plain_model(arm) else min(s.recalibrate, num_samples)
+
+
+def splits_norms(s: SpeedupSettings, arm: str) -> bool:
+    """Whether the arm's model gets the composites' own batch norms: mixing arms only (a plain
+    model never sees a composite, so its twins would stay unused)."""
+    return s.split_norms and not trains_plain_model(arm)
 
 
 def arm_names(s: SpeedupSettings) -> List[str]:
