@@ -23,7 +23,12 @@ from typing import Callable, Iterator, List, Optional
 import torch
 from torch import nn
 
-__all__ = ["SplitBatchNorm", "split_norms", "merge_norms", "split_norm_layers", "composite_batch"]
+#: the library's default and the benchmark's (``fit(split_norms=...)``, ``bench speedup
+#: --split-norms``), as chosen on the validation split (benchmarks/README.md)
+SPLIT_NORMS = False
+
+__all__ = ["SPLIT_NORMS", "SplitBatchNorm", "split_norms", "merge_norms", "split_norm_layers", "composite_batch",
+           "adopt_twins"]
 
 
 class SplitBatchNorm(nn.Module):
@@ -77,6 +82,23 @@ def merge_norms(model: nn.Module) -> int:
     """Undo :func:`split_norms` in place, keeping the single images' layers (the ones scored);
     returns how many layers were merged. The model is then the original architecture."""
     return _replace(model, lambda c: c.main if isinstance(c, SplitBatchNorm) else None)
+
+
+def adopt_twins(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
+    """Add the twins' parameters of ``model``'s split layers to ``optimizer``, each to the
+    parameter group of its counterpart in the main layer (same rate and decay), unless it is
+    there already; returns how many were added. For an optimizer built before the split."""
+    held = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+    added = 0
+    for layer in split_norm_layers(model):
+        for main, twin in zip(layer.main.parameters(), layer.aux.parameters()):
+            group = held.get(id(main))
+            if group is None or id(twin) in held:
+                continue  # a frozen main parameter stays frozen in the twin too
+            group["params"].append(twin)
+            held[id(twin)] = group
+            added += 1
+    return added
 
 
 def split_norm_layers(model: nn.Module) -> List[SplitBatchNorm]:
