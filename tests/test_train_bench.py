@@ -302,17 +302,6 @@ def test_library_and_benchmark_share_the_loss_normalisation():
     assert SpeedupSettings().loss_per == LOSS_PER
 
 
-def test_library_and_benchmark_share_the_split_norms_default():
-    import inspect
-
-    from mixpipe.bench.speedup.settings import SPLIT_NORMS
-    from mixpipe.train import fit, splitnorm
-
-    assert SPLIT_NORMS == splitnorm.SPLIT_NORMS
-    assert inspect.signature(fit).parameters["split_norms"].default == SPLIT_NORMS
-    assert SpeedupSettings().split_norms == SPLIT_NORMS
-
-
 @pytest.mark.slow
 def test_an_unreachable_server_is_one_line_not_a_traceback():
     done = _cli("--server", "tcp://127.0.0.1:9", "--policies", "mixtrain", "--seeds", "0",
@@ -332,23 +321,29 @@ def test_only_mixing_arms_recalibrate_their_norms():
         SpeedupSettings(recalibrate=-1)
 
 
-def test_only_mixing_arms_split_their_norms(monkeypatch):
+def test_only_mixing_arms_split_their_norms_and_the_split_model_is_the_one_trained(monkeypatch):
     from mixpipe.bench.speedup import arms
     from mixpipe.bench.speedup.settings import splits_norms
+    from mixpipe.train.splitnorm import split_norm_layers
 
-    s = SpeedupSettings(epochs=2, split_norms=True, frontier=(0.5,))
+    s = SpeedupSettings(epochs=2, frontier=(0.5,))
+    assert s.split_norms  # the default, chosen on val
     assert [splits_norms(s, a) for a in ("none", "budget", "none@0.5")] == [False] * 3
     assert [splits_norms(s, a) for a in ("random", "mixtrain")] == [True, True]
     assert not splits_norms(SpeedupSettings(epochs=2, split_norms=False), "mixtrain")
-    asked = {}
+    trained = {}
 
     def spy_fit(model, loader, optimizer, *args, **kwargs):
-        asked["split_norms"] = kwargs["split_norms"]
+        optimised = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        layers = split_norm_layers(model)
+        trained.update(layers=len(layers), twins_optimised=bool(layers) and all(
+            id(p) in optimised for m in layers for p in m.aux.parameters()))
         return {"epochs": [], "final_top1": None, "forward_inputs": 0, "train_seconds": 0.0}
 
     monkeypatch.setattr("mixpipe.train.fit", spy_fit)
     train = [(np.zeros((16, 16, 3), np.uint8), i % 2) for i in range(16)]
-    small = SpeedupSettings(epochs=2, split_norms=True, image_size=16, batch_size=4)
+    small = SpeedupSettings(epochs=2, image_size=16, batch_size=4)
     for arm, split in (("mixtrain", True), ("none", False)):
         arms.train_arm(small, arm, 0, train, None, 2, log=lambda *a, **k: None)
-        assert asked["split_norms"] is split
+        assert (trained["layers"] > 0) is split
+        assert trained["twins_optimised"] is split

@@ -96,8 +96,12 @@ def test_fit_refuses_a_loader_without_epochs():
 
 
 
-def test_fit_splits_the_norms_and_trains_the_twins_with_their_counterparts_settings():
-    from mixpipe.train.splitnorm import split_norm_layers
+@pytest.mark.parametrize("split", [False, True])
+def test_composites_warn_once_about_shared_norms_and_a_split_model_trains_its_twins(split):
+    import warnings
+
+    from mixpipe.train import split_norms
+    from mixpipe.train.splitnorm import SharedNormsWarning, split_norm_layers
 
     n = 96
     settings = MixTrainSettings(warmup_epochs=1, schedule="constant", fraction=0.5,
@@ -106,23 +110,18 @@ def test_fit_splits_the_norms_and_trains_the_twins_with_their_counterparts_setti
                          batch_size=32, size=(32, 32), stride=8, seed=2)
     torch.manual_seed(0)
     model = SmallResNet(SmallResNetSettings(num_classes=4, width=4))
-    norm_params = [p for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)
-                   for p in m.parameters()]
-    opt = torch.optim.SGD([{"params": [p for p in model.parameters() if p.ndim > 1],
-                            "weight_decay": 1e-3},
-                           {"params": norm_params, "weight_decay": 0.0}], lr=0.05)
-    fit(model, loader, opt, epochs=2, progress=False, split_norms=True)
-    layers = split_norm_layers(model)
-    assert len(layers) == sum(1 for _ in layers) > 0
-    norm_group = opt.param_groups[1]
-    twins = [p for m in layers for p in m.aux.parameters()]
-    assert all(any(t is p for p in norm_group["params"]) for t in twins)
-    assert not any(any(t is p for p in opt.param_groups[0]["params"]) for t in twins)
-    first = layers[0]
-    # epoch 1 mixed: the twin saw composites (and moved); the main layer saw the singles
+    if split:
+        split_norms(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, loader, opt, epochs=3, progress=False)
+    said = [w for w in caught if issubclass(w.category, SharedNormsWarning)]
+    if not split:
+        assert len(said) == 1 and "split_norms(model)" in str(said[0].message)
+        return
+    assert said == []
+    first = split_norm_layers(model)[0]
+    # epochs 1-2 mixed: the twin saw composites and trained apart from the main layer
     assert int(first.aux.num_batches_tracked) > 0 and int(first.main.num_batches_tracked) > 0
     assert not torch.equal(first.aux.weight, first.main.weight)
-    # a second fit on the split model adds nothing twice
-    before = [len(g["params"]) for g in opt.param_groups]
-    fit(model, loader, opt, epochs=3, start_epoch=2, progress=False, split_norms=True)
-    assert [len(g["params"]) for g in opt.param_groups] == before

@@ -23,8 +23,6 @@ from .evaluate import Normalize
 from .loss import NORMALISATIONS
 from .reporter import LossReporter
 from .schedule import Schedule
-from .splitnorm import SPLIT_NORMS, adopt_twins
-from .splitnorm import split_norms as split_model_norms
 from .steps import (EpochStart, EpochTally, begin_epoch, close_epoch, epoch_record,
                     history_totals, recalibration_step, report_losses, reporting_service, set_lr,
                     timed_evaluation, train_step)
@@ -40,8 +38,7 @@ def fit(model: nn.Module, loader: PlanLoader, optimizer: torch.optim.Optimizer, 
         progress: bool = True, reporter_chunk: int = 8192,
         on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None,
         desc: str = "train", loss_per: str = "slot",
-        recalibrate: Optional[Iterable] = None,
-        split_norms: bool = SPLIT_NORMS) -> Dict[str, Any]:
+        recalibrate: Optional[Iterable] = None) -> Dict[str, Any]:
     """Train ``model`` for ``epochs`` epochs of ``loader`` (a :class:`~mixpipe.core.loader
     .PlanLoader`, left open); return the history.
 
@@ -59,17 +56,14 @@ def fit(model: nn.Module, loader: PlanLoader, optimizer: torch.optim.Optimizer, 
     statistics are re-estimated after the last epoch, before it is scored
     (:func:`mixpipe.train.recalibrate_norms`); its images and seconds count as that epoch's
     forward inputs and training time.
-    ``split_norms``: composites get batch-norm layers of their own (:mod:`mixpipe.train
-    .splitnorm`), split in place before the first step; the twins' parameters join the
-    optimizer's groups of their counterparts. A model already split stays as it is.
+    Composites and single images share the model's batch norms unless the model was split
+    first (:func:`mixpipe.train.split_norms`, before the optimizer is built: the benchmark's
+    method); a model with shared norms that meets a composite gets one warning saying so.
 
     The history holds per-epoch records (:func:`mixpipe.train.steps.epoch_record`, with ``top1``
     and ``eval_seconds`` when there is an ``eval_loader``) and the totals.
     """
     _check(loader, epochs, start_epoch, loss_per)
-    if split_norms:
-        split_model_norms(model)
-        adopt_twins(optimizer, model)
     rank = world()[0] if rank is None else rank
     schedule = Schedule(schedule) if isinstance(schedule, str) else schedule
     net = _prepared_net(model, stride, prepare, device)

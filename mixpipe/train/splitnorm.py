@@ -18,17 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from typing import Callable, Iterator, List, Optional
 
 import torch
 from torch import nn
 
-#: the library's default and the benchmark's (``fit(split_norms=...)``, ``bench speedup
-#: --split-norms``), as chosen on the validation split (benchmarks/README.md)
-SPLIT_NORMS = False
-
-__all__ = ["SPLIT_NORMS", "SplitBatchNorm", "split_norms", "merge_norms", "split_norm_layers", "composite_batch",
-           "adopt_twins"]
+__all__ = ["SplitBatchNorm", "split_norms", "merge_norms", "split_norm_layers", "composite_batch",
+           "SharedNormsWarning", "warn_shared_norms"]
 
 
 class SplitBatchNorm(nn.Module):
@@ -84,21 +81,20 @@ def merge_norms(model: nn.Module) -> int:
     return _replace(model, lambda c: c.main if isinstance(c, SplitBatchNorm) else None)
 
 
-def adopt_twins(optimizer: torch.optim.Optimizer, model: nn.Module) -> int:
-    """Add the twins' parameters of ``model``'s split layers to ``optimizer``, each to the
-    parameter group of its counterpart in the main layer (same rate and decay), unless it is
-    there already; returns how many were added. For an optimizer built before the split."""
-    held = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-    added = 0
-    for layer in split_norm_layers(model):
-        for main, twin in zip(layer.main.parameters(), layer.aux.parameters()):
-            group = held.get(id(main))
-            if group is None or id(twin) in held:
-                continue  # a frozen main parameter stays frozen in the twin too
-            group["params"].append(twin)
-            held[id(twin)] = group
-            added += 1
-    return added
+class SharedNormsWarning(UserWarning):
+    """Composites reached a model whose batch norms they share with single images."""
+
+
+def warn_shared_norms(model: nn.Module) -> bool:
+    """Warn (once per call site's owner, who keeps the answer) that ``model`` has batch norms
+    composites share with single images; returns whether it warned (False: no batch norm)."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return False
+    warnings.warn("mixpipe: composites share this model's batch norms with single images; "
+                  "call mixpipe.train.split_norms(model) before building the optimizer to give "
+                  "them their own (the benchmark's method, benchmarks/README.md)",
+                  SharedNormsWarning, stacklevel=3)
+    return True
 
 
 def split_norm_layers(model: nn.Module) -> List[SplitBatchNorm]:

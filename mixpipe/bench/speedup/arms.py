@@ -51,6 +51,10 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
 
     torch.manual_seed(seed)
     model = build_model(s.model, num_classes)
+    if splits_norms(s, arm):  # before the optimizer and LoCal+SGD take the model's parameters
+        from mixpipe.train import split_norms
+
+        split_norms(model)
     optimizer = _optimizer(model, s)
     n = len(train)
     settings = arm_policy(arm, s, n, matched_inputs)
@@ -77,7 +81,7 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
                       eval_loader=eval_batches, service=service, stride=s.stride,
                       device=s.device, prepare=Normalize(channels_last=s.uses_channels_last()),
                       progress=s.progress, desc=f"{arm} seed {seed}", loss_per=s.loss_per,
-                      recalibrate=recalibrate, split_norms=splits_norms(s, arm))
+                      recalibrate=recalibrate)
     finally:
         loader.close()  # every protocol loader has it; DALI's workers must not outlive the arm
     barrier()  # every rank is done with this arm's server before rank 0 stops it

@@ -46,7 +46,6 @@ MIX_SCHEDULES = ("constant", "ramp")
 STATISTICS = ("ema", "last")  # mixpipe.core.policies.mixtrain.STATISTICS
 NORMALISATIONS = ("constituent", "slot")  # mixpipe.train.loss.NORMALISATIONS, without torch
 LOSS_PER = "slot"  # mixpipe.train.loss's default; a test holds the two equal
-SPLIT_NORMS = False  # mixpipe.train.splitnorm's default (torch-free here); a test holds them equal
 AUGMENTS = ("none", "flip", "crop")
 EVAL_SPLITS = ("val", "test")
 FASHION = "fashion-mnist"
@@ -118,9 +117,10 @@ class SpeedupSettings:
                                 "statistics on this many single training images (forward only; "
                                 "counted as forward inputs, so budget gets them too); it cost "
                                 "mixtrain 0.8-0.9 points in the pilot, so 0 by default")
-    split_norms: bool = field(SPLIT_NORMS, "mixing arms: composites get batch-norm layers of their own, "
-                                     "so single images are normalised by singles only "
-                                     "(mixpipe.train.splitnorm)")
+    split_norms: bool = field(True, "mixing arms: composites get batch-norm layers of their own, "
+                                    "so single images are normalised by singles only "
+                                    "(mixpipe.train.splitnorm; chosen on val, "
+                                    "benchmarks/README.md)")
     budget_match: str = field("mixtrain", "the mixing arm whose forward inputs the budget arm "
                                           "matches", choices=MIXING)
     limit: Optional[int] = field(None, "train on the first N samples (torch and DALI loaders)")
