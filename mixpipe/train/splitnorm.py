@@ -11,8 +11,9 @@ composite rows go through the twin, single rows through the layer itself, so the
 single image sees in training and at test time are singles' only. The convolutions and the
 classifier stay shared; only the normalisation is split.
 
-The main layer keeps its own parameter and buffer names, so a checkpoint of a split model loads
-into the original after dropping the ``aux.`` keys (:func:`merge_norms` does it in place).
+A split model's checkpoint names each layer's two halves ``<layer>.main.*`` and ``<layer>.aux.*``:
+split a fresh model before loading one. :func:`merge_norms` gives back the original
+architecture, and with it the original checkpoint keys, for deployment.
 """
 from __future__ import annotations
 
@@ -86,8 +87,8 @@ class SharedNormsWarning(UserWarning):
 
 
 def warn_shared_norms(model: nn.Module) -> bool:
-    """Warn (once per call site's owner, who keeps the answer) that ``model`` has batch norms
-    composites share with single images; returns whether it warned (False: no batch norm)."""
+    """Warn that composites share ``model``'s batch norms with single images; returns whether it
+    warned (False: the model has no batch norm). The caller decides how often to ask."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return False
     warnings.warn("mixpipe: composites share this model's batch norms with single images; "

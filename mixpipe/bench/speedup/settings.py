@@ -32,9 +32,10 @@ from mixpipe.core.policies.none import NoneSettings
 from mixpipe.core.policies.random import RandomSettings
 from mixpipe.core.policies.shrink import ShrinkSettings
 
-__all__ = ["SpeedupSettings", "POLICIES", "MIXING", "QUICK", "arm_names", "arm_policy", "splits_norms",
+__all__ = ["SpeedupSettings", "POLICIES", "MIXING", "QUICK", "arm_names", "arm_policy",
            "arm_epochs", "budget_epochs", "run_epochs", "run_order", "seed_arms",
-           "recalibration_images", "trains_plain_model", "PLAIN_ARMS", "FRONTIER_PREFIX"]
+           "recalibration_images", "splits_norms", "trains_plain_model", "PLAIN_ARMS",
+           "FRONTIER_PREFIX"]
 
 POLICIES = ("none", "budget", "random", "mixtrain", "shrink", "shrink+mixtrain", "assist",
             "assist+mixtrain")
