@@ -1,0 +1,128 @@
+"""Score a later run's mixing arms against an earlier run's plain arms.
+
+The plain arms (``none``, ``budget``, the frontier) do not change when only the mixing method
+does, and their training is deterministic per seed (``budget`` repeated itself to the hundredth
+across runs, benchmarks/README.md). Re-training them for every new mixing method would double a
+5-seed headline's cost for identical numbers. Joining keeps the accuracy comparison exact; it
+cannot make the timings side by side, so the joined record names both sources and marks its
+speed-ups as taken across runs.
+
+``python -m mixpipe.bench.speedup.combine PLAIN.json MIXING.json --out JOINED.json``
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+from .report import format_table, plot, summarise, targets
+from .settings import SpeedupSettings, budget_epochs, trains_plain_model
+
+__all__ = ["combine", "main", "SAME_TRAINING"]
+
+#: settings that must agree for the plain arms of one run to stand for the other's: the data,
+#: the model and its optimisation, and mixtrain's schedule (it sets budget's length)
+SAME_TRAINING = ("data", "eval_split", "limit", "eval_limit", "loader", "model", "epochs",
+                 "batch_size", "lr", "momentum", "weight_decay", "schedule", "warmup", "augment",
+                 "image_size", "stride", "channels_last", "layout", "fraction", "fraction_start",
+                 "mix_schedule", "warmup_epochs", "final_full_epochs", "recalibrate",
+                 "budget_match")
+
+
+def _settings(payload: Dict[str, Any]) -> SpeedupSettings:
+    fields = {f.name for f in dataclasses.fields(SpeedupSettings)}
+    values = {k: tuple(v) if isinstance(v, list) else v
+              for k, v in payload["settings"].items() if k in fields}
+    if isinstance(values.get("channels_last"), bool):  # recorded as a flag before "auto"
+        values["channels_last"] = "on" if values["channels_last"] else "off"
+    return SpeedupSettings(**values)
+
+
+def _trained(s: SpeedupSettings) -> Dict[str, Any]:
+    values = {k: getattr(s, k) for k in SAME_TRAINING}
+    values["channels_last"] = s.uses_channels_last()
+    return values
+
+
+def combine(plain: Dict[str, Any], mixing: Dict[str, Any],
+            sources: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """The payload of ``mixing``'s mixing arms scored against ``plain``'s plain arms, seed by
+    seed; refuses runs that did not train the same way, or whose budget was matched to another
+    schedule."""
+    # a setting an older run did not record yet had its default then; channels_last compares
+    # as resolved ("auto" is the memory format the run actually used)
+    a, b = (_trained(_settings(p)) for p in (plain, mixing))
+    differ = [k for k in SAME_TRAINING if a[k] != b[k]]
+    if differ:
+        raise ValueError("the runs trained differently in " + ", ".join(
+            f"{k} ({a[k]!r} vs {b[k]!r})" for k in differ)
+            + ": re-run the plain arms with the mixing run's settings")
+    if plain["num_train"] != mixing["num_train"] or plain["num_eval"] != mixing["num_eval"]:
+        raise ValueError("the runs used different amounts of data: re-run the plain arms")
+    kept = [r for r in plain["runs"] if trains_plain_model(r["policy"])]
+    new = [r for r in mixing["runs"] if not trains_plain_model(r["policy"])]
+    if not kept or not new:
+        raise ValueError("the first run must hold plain arms (none, budget, frontier) and the "
+                         "second mixing arms")
+    missing = sorted({r["seed"] for r in new} - {r["seed"] for r in kept})
+    if missing:
+        raise ValueError(f"seeds {missing} have mixing arms but no plain arms to score against")
+    base = _settings(plain)
+    policies = tuple(p for p in base.policies if trains_plain_model(p)) + tuple(
+        dict.fromkeys(r["policy"] for r in new))
+    s = dataclasses.replace(_settings(mixing), policies=policies, frontier=base.frontier,
+                            frontier_seeds=base.frontier_seeds,
+                            seeds=tuple(sorted({r["seed"] for r in new})))
+    if "budget" in policies:
+        want = budget_epochs(s, plain["num_train"])
+        got = {r["epochs_of_data"] for r in kept if r["policy"] == "budget"}
+        if any(abs(g - want) > 1e-9 for g in got):
+            raise ValueError(f"the plain run's budget trained {sorted(got)} epochs, the mixing "
+                             f"run's schedule needs {want}: re-run budget")
+    runs: List[Dict[str, Any]] = [r for r in kept if r["seed"] in s.seeds] + new
+    summary = summarise(s, runs, plain["num_train"])
+    return {
+        "benchmark": "speedup",
+        "joined_from": list(sources or ()),
+        "commands": [plain.get("command"), mixing.get("command")],
+        "timing_note": "plain and mixing arms ran in different runs: speed-ups are taken "
+                       "across runs, not side by side",
+        "machine_info": mixing.get("machine_info"),
+        "settings": dataclasses.asdict(s),
+        "num_train": plain["num_train"], "num_eval": plain["num_eval"],
+        "eval_split": s.eval_split,
+        "budget_epochs": plain.get("budget_epochs"),
+        "summary": summary, "targets": targets(s, summary),
+        "table": format_table(s, summary), "runs": runs,
+    }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import json
+
+    from mixpipe.bench.common import write_json
+
+    parser = argparse.ArgumentParser(prog="python -m mixpipe.bench.speedup.combine",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("plain", help="JSON of a run with the plain arms")
+    parser.add_argument("mixing", help="JSON of a run with the mixing arms")
+    parser.add_argument("--out", required=True, help="joined JSON (PNG beside it)")
+    args = parser.parse_args(argv)
+    payloads = []
+    for path in (args.plain, args.mixing):
+        with open(path) as f:
+            payloads.append(json.load(f))
+    try:
+        joined = combine(*payloads, sources=[args.plain, args.mixing])
+    except ValueError as err:
+        parser.exit(2, f"{parser.prog}: {err}\n")
+    write_json(args.out, joined)
+    plot(joined["runs"], _settings(joined), joined["summary"],
+         os.path.splitext(args.out)[0] + ".png")
+    print(joined["table"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
