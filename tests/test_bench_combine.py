@@ -30,12 +30,13 @@ def _pair(**mixing_changes):
                           split_norms=False)
     new = dataclasses.replace(old, policies=("random", "mixtrain"), split_norms=True,
                               **mixing_changes)
-    b = budget_epochs(old, N)
-    plain = _payload(old, [_run("none", 0, 0.90, 40), _run("budget", 0, 0.88, 25, 250, b),
+    inputs = round(budget_epochs(old, N) * N)  # mixtrain's, so budget's too
+    b = inputs / N
+    plain = _payload(old, [_run("none", 0, 0.90, 40), _run("budget", 0, 0.88, 25, inputs, b),
                            _run("mixtrain", 0, 0.10),  # the old method: must be dropped
-                           _run("none", 1, 0.91, 40), _run("budget", 1, 0.87, 25, 250, b)])
-    mixing = _payload(new, [_run("random", 0, 0.85, 20, 250), _run("mixtrain", 0, 0.89, 20, 250),
-                            _run("random", 1, 0.84, 20, 250), _run("mixtrain", 1, 0.86, 20, 250)])
+                           _run("none", 1, 0.91, 40), _run("budget", 1, 0.87, 25, inputs, b)])
+    mixing = _payload(new, [_run("random", 0, 0.85, 20, inputs), _run("mixtrain", 0, 0.89, 20, inputs),
+                            _run("random", 1, 0.84, 20, inputs), _run("mixtrain", 1, 0.86, 20, inputs)])
     return plain, mixing
 
 
@@ -66,9 +67,20 @@ def test_a_budget_matched_to_another_schedule_is_refused():
         combine(plain, mixing)
 
 
+def test_a_budget_matched_to_another_arm_needs_that_arm_in_the_mixing_run():
+    plain, mixing = _pair(budget_match="random")
+    plain["settings"]["budget_match"] = "random"
+    joined = combine(plain, mixing)  # random trained the budget's inputs in both seeds
+    assert joined["summary"]["random"]["delta_vs_budget_per_seed"] == pytest.approx(
+        {0: -3.0, 1: -3.0})
+    mixing["runs"] = [r for r in mixing["runs"] if r["policy"] != "random"]
+    with pytest.raises(ValueError, match="did not train in seed 0"):
+        combine(plain, mixing)
+
+
 def test_mixing_seeds_without_plain_arms_are_refused():
     plain, mixing = _pair()
-    mixing["runs"].append(_run("mixtrain", 7, 0.9))
+    mixing["runs"].append(_run("mixtrain", 7, 0.9))  # no plain arms in seed 7
     with pytest.raises(ValueError, match=r"seeds \[7\]"):
         combine(plain, mixing)
 

@@ -45,6 +45,26 @@ def _trained(s: SpeedupSettings) -> Dict[str, Any]:
     return values
 
 
+def _check_budget(s: SpeedupSettings, kept: List[Dict[str, Any]], new: List[Dict[str, Any]],
+                  num_train: int) -> None:
+    """Each seed's budget must have trained exactly the forward inputs of the arm it matches in
+    the new run (or, for mixtrain when it did not run, what mixtrain's schedule gives)."""
+    matched = {r["seed"]: r["forward_inputs"] for r in new if r["policy"] == s.budget_match}
+    for r in kept:
+        if r["policy"] != "budget" or r["seed"] not in s.seeds:
+            continue
+        if r["seed"] in matched:
+            want = matched[r["seed"]] / num_train
+        elif s.budget_match == "mixtrain":
+            want = budget_epochs(s, num_train)
+        else:
+            raise ValueError(f"budget matches {s.budget_match}, which the mixing run did not "
+                             f"train in seed {r['seed']}: re-run budget beside it")
+        if abs(r["epochs_of_data"] - want) * num_train > 0.5:
+            raise ValueError(f"seed {r['seed']}'s budget trained {r['epochs_of_data']} epochs, "
+                             f"the {s.budget_match} arm it matches {want}: re-run budget")
+
+
 def combine(plain: Dict[str, Any], mixing: Dict[str, Any],
             sources: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """The payload of ``mixing``'s mixing arms scored against ``plain``'s plain arms, seed by
@@ -75,11 +95,7 @@ def combine(plain: Dict[str, Any], mixing: Dict[str, Any],
                             frontier_seeds=base.frontier_seeds,
                             seeds=tuple(sorted({r["seed"] for r in new})))
     if "budget" in policies:
-        want = budget_epochs(s, plain["num_train"])
-        got = {r["epochs_of_data"] for r in kept if r["policy"] == "budget"}
-        if any(abs(g - want) > 1e-9 for g in got):
-            raise ValueError(f"the plain run's budget trained {sorted(got)} epochs, the mixing "
-                             f"run's schedule needs {want}: re-run budget")
+        _check_budget(s, kept, new, plain["num_train"])
     runs: List[Dict[str, Any]] = [r for r in kept if r["seed"] in s.seeds] + new
     summary = summarise(s, runs, plain["num_train"])
     return {
