@@ -95,7 +95,6 @@ def test_fit_refuses_a_loader_without_epochs():
         fit(torch.nn.Linear(2, 2), [1, 2], torch.optim.SGD([torch.zeros(1)], lr=0.1), epochs=1)
 
 
-
 def test_fit_trains_a_split_models_twins_on_composites_and_its_norms_on_singles():
     from mixpipe.train import split_norms
     from mixpipe.train.splitnorm import split_norm_layers

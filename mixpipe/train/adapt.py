@@ -133,9 +133,10 @@ class RegionPooledModel(nn.Module):
             raise ValueError(f"weights must be [B, K] with B={images.shape[0]}, got "
                              f"{None if weights is None else tuple(weights.shape)}")
         layout = torch.as_tensor(layout)
-        split = split_norm_layers(self.model)
         composite = layout.to("cpu") != int(Layout.SINGLE)
-        if not split or not bool(composite.any()):
+        # the module walk only for batches that hold composites: unmixed steps stay as they were
+        split = split_norm_layers(self.model) if bool(composite.any()) else []
+        if not split:
             return self._mixed_forward(images, layout, weights)
         # composites (any layout but SINGLE) go through their own norms (splitnorm.py), as a
         # sub-batch of their own; the single images as another
