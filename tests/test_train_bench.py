@@ -94,7 +94,8 @@ def test_budget_deltas_and_targets_are_taken_seed_by_seed():
     dict(epochs=20),
     dict(epochs=7, fraction=0.6, mix_schedule="constant", fraction_start=None),
     dict(epochs=5, layout="halves", fraction_start=0.2, fraction=0.9, final_full_epochs=1),
-    dict(epochs=6, recalibrate=150)])
+    dict(epochs=6, recalibrate=150),
+    dict(epochs=8, halves_share=0.4, fraction_start=0.5, fraction=0.9)])
 def test_budget_arm_trains_on_mixtrains_forward_inputs(schedule):
     """Independent count: the mixtrain policy's real plans, epoch by epoch, against the budget
     arm's real plans (whole epochs and the partial last one)."""
@@ -113,6 +114,23 @@ def test_budget_arm_trains_on_mixtrains_forward_inputs(schedule):
     inputs = [make_plan(snap, budget, 0, e).num_forward_inputs for e in range(epochs)]
     assert sum(inputs) == mixtrain  # to the sample: a partial last epoch, not rounding
     assert 0 < inputs[-1] < n or mixtrain % n == 0
+
+
+def test_random_arm_matches_tiered_mixtrains_forward_inputs():
+    """Random has one tier of quads; mixtrain's halves save a third less per sample, and
+    random's share must follow, or the two would not be compared at equal inputs."""
+    n = 2000
+    s = SpeedupSettings(epochs=12, halves_share=0.5, fraction_start=0.5, fraction=0.95)
+    snap = Ledger(n).snapshot()
+    full = Ledger(n)
+    full.update(0, np.arange(n), np.random.default_rng(3).random(n).astype(np.float32))
+    mixed = sum(make_plan(full.snapshot(), policy_settings("mixtrain", s), 0, e)
+                .num_forward_inputs for e in range(s.epochs))
+    rand = sum(make_plan(snap, policy_settings("random", s), 0, e).num_forward_inputs
+               for e in range(s.epochs))
+    assert abs(rand - mixed) <= s.epochs  # one group's rounding per epoch at most
+    with pytest.raises(ValueError, match="halves_share"):
+        SpeedupSettings(layout="halves", halves_share=0.3)
 
 
 def test_frontier_arms_train_fractions_of_the_run():

@@ -108,6 +108,9 @@ class SpeedupSettings:
     gamma: float = field(MixTrainSettings.gamma, "sharpness of the loss-driven shares (0: equal shares)")
     w_min: float = field(0.25, "smallest share a constituent gets")
     per_class: bool = field(False, "mixtrain mixes the same share of every class")
+    halves_share: float = field(MixTrainSettings.halves_share,
+                                "with --layout quads: the share of mixtrain's mixed samples (the "
+                                "hardest of them) composed as halves instead of quads")
     warmup_epochs: int = field(MixTrainSettings.warmup_epochs, "first epochs that mix nothing")
     final_full_epochs: int = field(0, "last epochs that mix nothing")
     loss_per: str = field(LOSS_PER, "divide the summed loss by composites or by real "
@@ -166,6 +169,8 @@ class SpeedupSettings:
         need(self.lr > 0, "lr", "> 0")
         need(self.layout in LAYOUTS, "layout", f"one of {LAYOUTS}")
         need(0.0 <= self.fraction <= 1.0, "fraction", "in [0, 1]")
+        need(0.0 <= self.halves_share <= 1.0 and (not self.halves_share or self.layout == "quads"),
+             "halves_share", "in [0, 1], and 0 unless --layout is quads")
         need(self.mix_schedule in MIX_SCHEDULES, "mix_schedule", f"one of {MIX_SCHEDULES}")
         need((self.fraction_start is None) == (self.mix_schedule == "constant"),
              "fraction_start", "set exactly when mix_schedule is 'ramp' (give --fraction-start "
@@ -241,8 +246,13 @@ class SpeedupSettings:
         return [mixing_fraction(mix, e) for e in range(self.epochs)]
 
     def random_fraction(self) -> float:
-        """Random's per-epoch fraction that matches mixtrain's forward inputs over the run."""
-        return statistics.fmean(self.mixtrain_fractions())
+        """Random's per-epoch fraction that matches mixtrain's forward inputs over the run.
+
+        Random composes groups of ``group_size`` only; a tier of mixtrain's halves saves a third
+        less per sample than quads, so it counts as two thirds of its samples in quads.
+        """
+        quads_equivalent = 1.0 - self.halves_share / 3.0
+        return statistics.fmean(self.mixtrain_fractions()) * quads_equivalent
 
 
 #: the quick run: the whole training set for a few epochs. An 8k subset for more epochs was
@@ -254,18 +264,16 @@ QUICK = dict(epochs=4, seeds=(0,))
 def budget_epochs(s: SpeedupSettings, num_samples: int) -> float:
     """Epochs of plain training that use as many forward inputs as mixtrain's run.
 
-    Computed from mixtrain's schedule: each epoch mixes ``groups_for_fraction`` groups of the
-    whole (seen) dataset, and a group of K costs one forward input instead of K. The warm-up
+    Computed from mixtrain's schedule with the policy's own count (its tiers of composites over
+    the whole, seen, dataset; a group of K costs one forward input instead of K). The warm-up
     epoch reports every sample, so from the first mixed epoch on the whole dataset is seen.
     The norms' recalibration (``recalibrate``) is part of mixtrain's inputs.
     """
-    from mixpipe.core.policies._common import groups_for_fraction
+    from mixpipe.core.policies.mixtrain import epoch_forward_inputs
 
-    k = s.group_size
+    mix = arm_policy("mixtrain", s)
     inputs = recalibration_images(s, "mixtrain", num_samples)
-    for fraction in s.mixtrain_fractions():
-        groups = groups_for_fraction(fraction, num_samples, k, num_samples) if fraction else 0
-        inputs += num_samples - groups * (k - 1)
+    inputs += sum(epoch_forward_inputs(mix, e, num_samples) for e in range(s.epochs))
     return inputs / num_samples
 
 
@@ -351,7 +359,7 @@ def arm_policy(arm: str, s: SpeedupSettings, num_samples: Optional[int] = None,
                            fraction=s.fraction, statistic=s.statistic, gamma=s.gamma,
                            w_min=s.w_min, layout=s.layout, grid_cells=s.grid_cells,
                            epochs=s.epochs, final_full_epochs=s.final_full_epochs,
-                           per_class=s.per_class)
+                           per_class=s.per_class, halves_share=s.halves_share)
     if arm == "mixtrain":
         return mix
     if arm in ("assist", "assist+mixtrain"):

@@ -6,7 +6,7 @@ epoch, so no step may loop over samples or slots in Python.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -16,7 +16,8 @@ from . import epoch_rng
 __all__ = [
     "STREAM_ORDER", "STREAM_SKIP", "LAYOUTS",
     "check_int", "check_float", "check_choice", "resolve_group_size", "groups_for_fraction",
-    "loss_shares", "floor_shares", "snap_shares", "group_weights", "assemble", "slot_order",
+    "loss_shares", "floor_shares", "snap_shares", "group_weights", "Tier", "assemble",
+    "assemble_tiers", "slot_order",
     "spread",
 ]
 
@@ -272,53 +273,91 @@ def spread(count: int, total: int) -> np.ndarray:
     return mask
 
 
+class Tier(NamedTuple):
+    """One kind of composite in an epoch: which walk positions it takes and how it groups them.
+
+    ``mixed`` is bool, aligned with the walk, a multiple of ``k`` True; ``weigh(groups) ->
+    (groups, float32 weights)`` sets the shares (it may reorder ids within a group).
+    """
+
+    mixed: np.ndarray
+    k: int
+    layout: Layout
+    weigh: Callable[[np.ndarray], tuple]
+
+
 def assemble(num_samples: int, order: np.ndarray, mixed: np.ndarray, k: int, layout: Layout,
              weigh: Optional[Callable[[np.ndarray], tuple]], skipped: np.ndarray, seed: int,
              epoch: int, scale: Optional[np.ndarray] = None) -> MixPlan:
+    """:func:`assemble_tiers` with one kind of composite (or none, when ``mixed`` is all False)."""
+    tiers = [Tier(mixed, k, layout, weigh)] if mixed.any() else []
+    return assemble_tiers(num_samples, order, tiers, skipped, seed, epoch, scale)
+
+
+def assemble_tiers(num_samples: int, order: np.ndarray, tiers: Sequence[Tier],
+                   skipped: np.ndarray, seed: int, epoch: int,
+                   scale: Optional[np.ndarray] = None) -> MixPlan:
     """Turn a random walk over the samples into a plan, with streaming passes only.
 
-    ``order`` lists every sample that gets a slot, in a (seed, epoch)-random order; ``mixed``
-    (bool, aligned with ``order``, a multiple of ``k`` True) marks those that go into
-    composites. Each run of ``k`` consecutive mixed samples forms one composite, placed where its
-    first member stands; every other sample is a single at its own place. So the grouping is as
-    random as the order, composites and singles interleave, and every array of the plan is
-    written front to back, never scattered: a 10M-sample plan is bound by memory bandwidth, not
-    by cache misses. ``weigh(groups) -> (groups, float32 weights)`` sets the shares (it may
-    reorder ids within a group). ``scale`` is an optional per-sample float32[N] loss multiplier;
-    padding entries get weight and loss scale 0.
+    ``order`` lists every sample that gets a slot, in a (seed, epoch)-random order; each tier
+    marks (disjoint) walk positions that go into its composites. Each run of ``k`` consecutive
+    positions of one tier forms one composite, placed where its first member stands; every
+    unmarked sample is a single at its own place. So the grouping is as random as the order,
+    composites of every tier and singles interleave, and every array of the plan is written front
+    to back, never scattered: a 10M-sample plan is bound by memory bandwidth, not by cache misses.
+    ``scale`` is an optional per-sample float32[N] loss multiplier; padding entries (a tier
+    narrower than the widest) get id -1, weight and loss scale 0.
     """
-    at_mixed = np.flatnonzero(mixed)
-    g = at_mixed.size // k
-    if g * k != at_mixed.size:
-        raise ValueError(f"{at_mixed.size} mixed samples do not fill groups of {k}")
-    if g == 0:
+    members = []
+    for tier in tiers:
+        at = np.flatnonzero(tier.mixed)
+        if at.size % tier.k:
+            raise ValueError(f"{at.size} mixed samples do not fill groups of {tier.k}")
+        if at.size:
+            members.append((tier, at))
+    if not members:
         ids = order.reshape(-1, 1)
         loss_scale = np.ones(ids.shape, np.float32) if scale is None else scale[ids]
         return MixPlan(ids, np.ones(ids.shape, np.float32), loss_scale,
                        np.zeros(ids.shape[0], np.uint8), skipped, num_samples, epoch, seed)
-    starts = ~mixed
-    starts[at_mixed[::k]] = True
-    composite = mixed[starts]  # bool[M]: which slots are composites
+    width = max(tier.k for tier, _ in members)
+    starts = np.ones(order.size, dtype=bool)
+    for tier, at in members:
+        starts[at] = False
+        starts[at[::tier.k]] = True
     first = order[starts]  # the single, or the first member of the composite, of every slot
     m = first.size
-    groups, weights = weigh(order[at_mixed].reshape(g, k))
-    ids = np.empty((m, k), dtype=np.int64)
+    ids = np.empty((m, width), dtype=np.int64)
     ids[:, 0] = first
     ids[:, 1:] = -1
-    _set_rows(ids, composite, groups)
-    w = np.zeros((m, k), dtype=np.float32)
+    w = np.zeros((m, width), dtype=np.float32)
     w[:, 0] = 1.0
-    _set_rows(w, composite, weights)
-    loss_scale = np.empty((m, k), dtype=np.float32)
-    if scale is None:
-        loss_scale[:, 0] = 1.0
-        loss_scale[:, 1:] = composite[:, None]
-    else:
-        loss_scale[:, 0] = scale[first]
-        loss_scale[:, 1:] = 0.0
-        _set_rows(loss_scale, composite, scale[groups])
-    lay = composite.view(np.uint8) * np.uint8(layout)
+    loss_scale = np.zeros((m, width), dtype=np.float32)
+    loss_scale[:, 0] = 1.0 if scale is None else scale[first]
+    lay = np.zeros(m, dtype=np.uint8)
+    one_tier = len(members) == 1
+    for tier, at in members:
+        g = at.size // tier.k
+        groups, weights = tier.weigh(order[at].reshape(g, tier.k))
+        # the slot of each group: a bool mask when it is the only tier (the cheaper scatter),
+        # else the slot numbers of its first members
+        rows = tier.mixed[starts] if one_tier else np.cumsum(starts)[at[::tier.k]] - 1
+        if tier.k < width:
+            groups, weights = _widen(groups, -1, width), _widen(weights, 0.0, width)
+        _set_rows(ids, rows, groups)
+        _set_rows(w, rows, weights)
+        if scale is None:
+            _set_rows(loss_scale, rows, (groups >= 0).astype(np.float32))
+        else:
+            _set_rows(loss_scale, rows, np.where(groups >= 0, scale[groups], 0.0))
+        lay[rows] = np.uint8(tier.layout)
     return MixPlan(ids, w, loss_scale, lay, skipped, num_samples, epoch, seed)
+
+
+def _widen(rows: np.ndarray, fill: Any, width: int) -> np.ndarray:
+    out = np.full((rows.shape[0], width), fill, dtype=rows.dtype)
+    out[:, :rows.shape[1]] = rows
+    return out
 
 
 def slot_order(seed: int, epoch: int, num_samples: int) -> np.ndarray:

@@ -22,6 +22,12 @@ cannot give four free areas (its cells are products of one column and one row sp
 constituents are placed by loss, hardest top-left and easiest bottom-right, and the shares are
 snapped with :func:`mixpipe.core.layouts.snap_weights`; the areas keep the order of the losses.
 
+Tiers (``halves_share``, quads only): the mixed samples split by loss once more. The hardest
+``halves_share`` of them go into HALVES, where each keeps half the area instead of a quarter, and
+the rest into QUADS: the hardest samples single, the middle ones at half resolution, the easiest
+at a quarter. Halves save one pass per two samples instead of three per four, so the same bound
+needs a larger mixed fraction (:func:`tier_groups` is the one count).
+
 Pairing: one (seed, epoch)-random walk over the samples decides everything random: consecutive
 mixed samples along the walk form a group, and each slot sits where its (first) sample stands, so
 composites and singles interleave through the epoch.
@@ -50,6 +56,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 import numpy as np
@@ -57,10 +64,11 @@ import numpy as np
 from ..ledger import LedgerSnapshot
 from ..plan import Layout, MixPlan
 from . import PolicySettings, register
-from ._common import (LAYOUTS, assemble, check_choice, check_float, check_int, group_weights,
-                      groups_for_fraction, resolve_group_size, slot_order)
+from ._common import (LAYOUTS, Tier, assemble_tiers, check_choice, check_float, check_int,
+                      group_weights, groups_for_fraction, resolve_group_size, slot_order)
 
-__all__ = ["MixTrainSettings", "plan_mixtrain", "mixing_fraction", "choose_lowest",
+__all__ = ["MixTrainSettings", "plan_mixtrain", "mixing_fraction", "tier_groups",
+           "epoch_forward_inputs", "choose_tiers", "walk_tiers",
            "lowest_per_class", "weigher", "statistic", "seen_mask"]
 
 SCHEDULES = ("constant", "ramp", "speedup")
@@ -101,6 +109,11 @@ class MixTrainSettings(PolicySettings):
             class cue; per-class selection removes the cue. It is off by default because it
             did not pay on the full data set (figures in benchmarks/README.md). Without labels
             it has no effect.
+        halves_share: with ``layout="quads"``, the share of the mixed samples (the hardest of
+            them) that go into HALVES instead: three tiers, the hardest samples single, the
+            middle ones in pairs at half the area, the easiest in quads at a quarter. The
+            mixed fraction still counts every mixed sample, so a tier of halves saves fewer
+            passes than the same samples in quads (see :func:`tier_groups`).
     """
 
     name = "mixtrain"
@@ -122,6 +135,7 @@ class MixTrainSettings(PolicySettings):
     epochs: Optional[int] = None
     final_full_epochs: int = 0
     per_class: bool = False
+    halves_share: float = 0.0
 
     def __post_init__(self) -> None:
         resolve_group_size(self)
@@ -144,6 +158,11 @@ class MixTrainSettings(PolicySettings):
         check_int(self, "grid_cells", 2, optional=True)
         check_int(self, "epochs", 1, optional=True)
         check_int(self, "final_full_epochs", 0)
+        check_float(self, "halves_share", 0.0, 1.0)
+        if self.halves_share and self.layout != "quads":
+            raise ValueError(f"MixTrainSettings.halves_share needs layout='quads' (it moves the "
+                             f"hardest mixed samples from quads into halves), got layout "
+                             f"{self.layout!r}; set halves_share=0 or layout='quads'")
         if not isinstance(self.per_class, bool):
             raise ValueError(f"MixTrainSettings.per_class must be True or False, got "
                              f"{self.per_class!r}")
@@ -216,29 +235,43 @@ def lowest_per_class(score: np.ndarray, pool_mask: np.ndarray, n: int,
     return mask
 
 
-def choose_lowest(score: np.ndarray, pool_mask: np.ndarray, base: int,
-                  settings: MixTrainSettings, epoch: int,
-                  labels: Optional[np.ndarray] = None) -> Optional[np.ndarray]:
-    """bool[N]: the lowest-``score`` samples of the pool that the epoch's schedule mixes.
+def tier_groups(settings: MixTrainSettings, fraction: float, base: int,
+                pool: int) -> list:
+    """``[(k, layout, groups), ...]``, easiest tier first: the composites that put ``fraction``
+    of ``base`` samples into the settings' tiers, clipped to the ``pool`` that may be mixed.
 
-    ``pool_mask`` marks the samples that may be mixed (seen, not skipped); ``base`` is the number
-    of samples the fraction counts against. None when nothing is mixed. With ``labels`` and
-    ``settings.per_class`` the share is taken class by class (:func:`lowest_per_class`). Samples tied with the
-    cut-off loss are taken in id order, so the choice does not depend on how numpy partitions.
-    Shared with ``shrink``.
+    The one count of both the policy and anyone predicting its forward inputs (a tier of
+    ``groups`` composites of ``k`` saves ``groups * (k - 1)`` passes). Without ``halves_share``
+    this is one tier of :func:`groups_for_fraction` groups; with it, the halves take the share of
+    the mixed samples nearest to ``halves_share`` that pairs can fill, the quads the rest.
     """
     k = settings.group_size
+    if not settings.halves_share:
+        return [(k, settings.layout_code, groups_for_fraction(fraction, base, k, pool))]
+    wanted = fraction * base
+    pairs = int(math.floor(settings.halves_share * wanted / 2 + 0.5))
+    quads = max(0, int(math.floor((wanted - 2 * pairs) / 4 + 0.5)))
+    quads = min(quads, pool // 4)
+    pairs = max(0, min(pairs, (pool - 4 * quads) // 2))
+    return [(4, Layout.QUADS, quads), (2, Layout.HALVES, pairs)]
+
+
+def epoch_forward_inputs(settings: MixTrainSettings, epoch: int, base: int) -> int:
+    """Forward inputs of an epoch over ``base`` samples, all of them seen: the budget a plain
+    run must match."""
     fraction = mixing_fraction(settings, epoch)
     if fraction <= 0.0:
-        return None
+        return base
+    return base - sum(g * (k - 1) for k, _, g in tier_groups(settings, fraction, base, base))
+
+
+def _lowest(score: np.ndarray, pool_mask: np.ndarray, n: int, per_class: bool,
+            labels: Optional[np.ndarray]) -> np.ndarray:
+    """bool[N]: the ``n`` lowest-``score`` samples of the pool; ties in id order."""
     available = int(np.count_nonzero(pool_mask))
-    groups = groups_for_fraction(fraction, base, k, available)
-    if groups == 0:
-        return None
-    n = groups * k
     if n == available:
         return pool_mask.copy()
-    if labels is not None and settings.per_class:
+    if labels is not None and per_class:
         return lowest_per_class(score, pool_mask, n, labels)
     everyone = available == score.shape[0]
     # the n-th lowest loss of the pool (partitioning values, not indices: half the memory)
@@ -253,13 +286,47 @@ def choose_lowest(score: np.ndarray, pool_mask: np.ndarray, base: int,
     return mask
 
 
-def weigher(score: np.ndarray, settings: MixTrainSettings):
-    """``groups -> (groups, weights)`` with the loss-driven, clipped and snapped shares."""
+def choose_tiers(score: np.ndarray, pool_mask: np.ndarray, base: int,
+                 settings: MixTrainSettings, epoch: int,
+                 labels: Optional[np.ndarray] = None) -> list:
+    """``[(bool[N] members, k, layout), ...]``: the lowest-``score`` samples of the pool that
+    the epoch's schedule mixes, easiest tier first; empty when nothing is mixed.
+
+    ``pool_mask`` marks the samples that may be mixed (seen, not skipped); ``base`` is the number
+    of samples the fraction counts against. Each tier takes the lowest-loss samples the tiers
+    before it left. With ``labels`` and ``settings.per_class`` each tier is taken class by
+    class (:func:`lowest_per_class`). Samples tied with a cut-off loss are taken in id order, so
+    the choice does not depend on how numpy partitions. Shared with ``shrink``.
+    """
+    fraction = mixing_fraction(settings, epoch)
+    if fraction <= 0.0:
+        return []
+    available = int(np.count_nonzero(pool_mask))
+    tiers, left = [], pool_mask
+    for k, layout, groups in tier_groups(settings, fraction, base, available):
+        if groups == 0:
+            continue
+        members = _lowest(score, left, groups * k, settings.per_class, labels)
+        tiers.append((members, k, layout))
+        left = left & ~members
+    return tiers
+
+
+def walk_tiers(tiers: list, order: np.ndarray, score: np.ndarray,
+               settings: MixTrainSettings) -> list:
+    """:func:`choose_tiers`' members as :class:`Tier` s along the epoch's walk ``order``."""
+    return [Tier(members[order], k, layout, weigher(score, settings, layout))
+            for members, k, layout in tiers]
+
+
+def weigher(score: np.ndarray, settings: MixTrainSettings, layout: Optional[Layout] = None):
+    """``groups -> (groups, weights)`` with the loss-driven, clipped and snapped shares of
+    ``layout`` (default: the settings' own)."""
     s = settings
+    code = s.layout_code if layout is None else layout
 
     def weigh(groups: np.ndarray) -> tuple:
-        return group_weights(groups, score[groups], s.gamma, s.w_min, s.layout_code,
-                             s.grid_cells)
+        return group_weights(groups, score[groups], s.gamma, s.w_min, code, s.grid_cells)
 
     return weigh
 
@@ -269,9 +336,7 @@ def plan_mixtrain(snapshot: LedgerSnapshot, settings: MixTrainSettings, seed: in
                   epoch: int) -> MixPlan:
     n = snapshot.num_samples
     score = statistic(snapshot, settings.statistic)
-    chosen = choose_lowest(score, seen_mask(snapshot, score), n, settings, epoch,
-                           snapshot.labels)
+    tiers = choose_tiers(score, seen_mask(snapshot, score), n, settings, epoch, snapshot.labels)
     order = slot_order(seed, epoch, n)
-    mixed = np.zeros(n, bool) if chosen is None else chosen[order]
-    return assemble(n, order, mixed, settings.group_size, settings.layout_code,
-                    weigher(score, settings), np.empty(0, np.int64), seed, epoch)
+    return assemble_tiers(n, order, walk_tiers(tiers, order, score, settings),
+                          np.empty(0, np.int64), seed, epoch)

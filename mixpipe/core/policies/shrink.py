@@ -35,8 +35,10 @@ import numpy as np
 from ..ledger import LedgerSnapshot
 from ..plan import MixPlan
 from . import PolicySettings, epoch_rng, register
-from ._common import STREAM_SKIP, assemble, check_choice, check_float, check_int, slot_order
-from .mixtrain import STATISTICS, MixTrainSettings, choose_lowest, seen_mask, statistic, weigher
+from ._common import (STREAM_SKIP, assemble, assemble_tiers, check_choice, check_float,
+                      check_int, slot_order)
+from .mixtrain import (STATISTICS, MixTrainSettings, choose_tiers, seen_mask, statistic,
+                       walk_tiers)
 
 __all__ = ["ShrinkSettings", "plan_shrink", "skip_easy", "plan_kept", "mix_settings"]
 
@@ -156,8 +158,7 @@ def plan_kept(snapshot: LedgerSnapshot, skip: np.ndarray, scale: Optional[np.nda
         return assemble(n, order, np.zeros(order.size, bool), 1, 0, None, skipped, seed, epoch,
                         scale)
     mix_score = statistic(snapshot, mix.statistic)
-    chosen = choose_lowest(mix_score, seen_mask(snapshot, mix_score) & ~skip, order.size, mix,
-                           epoch, snapshot.labels)
-    mixed = np.zeros(order.size, bool) if chosen is None else chosen[order]
-    return assemble(n, order, mixed, mix.group_size, mix.layout_code, weigher(mix_score, mix),
-                    skipped, seed, epoch, scale)
+    tiers = choose_tiers(mix_score, seen_mask(snapshot, mix_score) & ~skip, order.size, mix,
+                         epoch, snapshot.labels)
+    return assemble_tiers(n, order, walk_tiers(tiers, order, mix_score, mix), skipped, seed,
+                          epoch, scale)
