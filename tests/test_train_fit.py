@@ -35,6 +35,7 @@ class Recording:
         self.inner = inner
         self.num_samples = inner.num_samples
         self.reports = {}
+        self.plans = {}
 
     def report(self, epoch, ids, losses, rank=0):
         self.inner.report(epoch, ids, losses, rank)
@@ -44,7 +45,9 @@ class Recording:
         self.inner.commit(epoch)
 
     def plan(self, epoch, rank=0, world_size=1):
-        return self.inner.plan(epoch, rank, world_size)
+        plan = self.inner.plan(epoch, rank, world_size)
+        self.plans[epoch] = plan
+        return plan
 
 
 def test_short_run_reports_every_sample_each_epoch_and_the_plan_mixes_after_warmup():
@@ -75,6 +78,37 @@ def test_short_run_reports_every_sample_each_epoch_and_the_plan_mixes_after_warm
     assert records[-1]["lr_end"] == 0.0  # the schedule decays to zero
     assert records[-1]["top1"] > 0.5  # the stripes are learned (chance is 0.25)
     assert service.inner.stats()["seen"] == n
+
+
+def test_skip_hardest_leaves_out_a_fresh_share_each_epoch_and_never_the_same_twice():
+    """Through the real loop: the left-out samples are the highest last losses of those reported
+    the epoch before, so none is left out two epochs running (it comes back, is measured again)
+    and every epoch's forward inputs are what the budget arm is told."""
+    from mixpipe.core.policies.mixtrain import epoch_forward_inputs
+
+    n = 160
+    settings = MixTrainSettings(warmup_epochs=1, schedule="constant", fraction=0.5,
+                                grid_cells=4, skip_hardest=0.1)
+    service = Recording(InProcessService(n, policy=settings, seed=3))
+    loader = MixedLoader(StripeDataset(n), service, batch_size=32, size=(32, 32), stride=8,
+                         seed=3)
+    torch.manual_seed(0)
+    model = SmallResNet(SmallResNetSettings(num_classes=4, width=4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    history = fit(model, loader, opt, epochs=5, schedule=Schedule("linear"), progress=False)
+    reported = [np.concatenate(service.reports[e]) for e in range(5)]
+    assert reported[0].size == n
+    left_out = []
+    for epoch in range(1, 5):
+        plan = service.plans[epoch]
+        skipped = set(plan.skipped.tolist())
+        assert len(skipped) == 16
+        assert skipped.isdisjoint(reported[epoch].tolist())  # left out: not trained, not reported
+        assert len(reported[epoch]) == n - 16
+        left_out.append(skipped)
+        assert history["epochs"][epoch]["forward_inputs"] == epoch_forward_inputs(settings, epoch, n)
+    for before, after in zip(left_out, left_out[1:]):
+        assert before.isdisjoint(after)
 
 
 def test_schedule_reaches_zero_and_validates():

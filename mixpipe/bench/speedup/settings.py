@@ -111,6 +111,9 @@ class SpeedupSettings:
     halves_share: float = field(MixTrainSettings.halves_share,
                                 "with --layout quads: the share of mixtrain's mixed samples (the "
                                 "hardest of them) composed as halves instead of quads")
+    skip_hardest: float = field(MixTrainSettings.skip_hardest,
+                                "mixtrain leaves out this share of the dataset in each mixed "
+                                "epoch: the highest fresh losses (back the epoch after)")
     warmup_epochs: int = field(MixTrainSettings.warmup_epochs, "first epochs that mix nothing")
     final_full_epochs: int = field(0, "last epochs that mix nothing")
     loss_per: str = field(LOSS_PER, "divide the summed loss by composites or by real "
@@ -171,6 +174,7 @@ class SpeedupSettings:
         need(0.0 <= self.fraction <= 1.0, "fraction", "in [0, 1]")
         need(0.0 <= self.halves_share <= 1.0 and (not self.halves_share or self.layout == "quads"),
              "halves_share", "in [0, 1], and 0 unless --layout is quads")
+        need(0.0 <= self.skip_hardest <= 0.5, "skip_hardest", "in [0, 0.5]")
         need(self.mix_schedule in MIX_SCHEDULES, "mix_schedule", f"one of {MIX_SCHEDULES}")
         need((self.fraction_start is None) == (self.mix_schedule == "constant"),
              "fraction_start", "set exactly when mix_schedule is 'ramp' (give --fraction-start "
@@ -249,10 +253,15 @@ class SpeedupSettings:
         """Random's per-epoch fraction that matches mixtrain's forward inputs over the run.
 
         Random composes groups of ``group_size`` only; a tier of mixtrain's halves saves a third
-        less per sample than quads, so it counts as two thirds of its samples in quads.
+        less per sample than quads, so it counts as two thirds of its samples in quads; a share
+        ``q`` that mixtrain leaves out saves ``q`` passes, which random saves by mixing
+        ``q / (1 - 1 / K)`` more of the data.
         """
         quads_equivalent = 1.0 - self.halves_share / 3.0
-        return statistics.fmean(self.mixtrain_fractions()) * quads_equivalent
+        q, per_sample = self.skip_hardest, 1.0 - 1.0 / self.group_size
+        return statistics.fmean(
+            (q / per_sample + (1.0 - q) * f * quads_equivalent) if f else 0.0
+            for f in self.mixtrain_fractions())
 
 
 #: the quick run: the whole training set for a few epochs. An 8k subset for more epochs was
@@ -359,7 +368,8 @@ def arm_policy(arm: str, s: SpeedupSettings, num_samples: Optional[int] = None,
                            fraction=s.fraction, statistic=s.statistic, gamma=s.gamma,
                            w_min=s.w_min, layout=s.layout, grid_cells=s.grid_cells,
                            epochs=s.epochs, final_full_epochs=s.final_full_epochs,
-                           per_class=s.per_class, halves_share=s.halves_share)
+                           per_class=s.per_class, halves_share=s.halves_share,
+                           skip_hardest=s.skip_hardest)
     if arm == "mixtrain":
         return mix
     if arm in ("assist", "assist+mixtrain"):

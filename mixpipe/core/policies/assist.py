@@ -69,8 +69,8 @@ from ..ledger import LedgerSnapshot
 from ..plan import MixPlan
 from . import STATE_CHECKS, PolicySettings, epoch_rng, register, register_stateful
 from ._common import STREAM_SKIP, check_float, check_int
-from .mixtrain import MixTrainSettings
-from .shrink import annealed, mix_settings, plan_kept
+from .mixtrain import MixTrainSettings, plan_kept
+from .shrink import annealed, mix_settings
 
 __all__ = ["AssistSettings", "plan_assist", "plan_assist_step", "choose_skips", "STREAM_ASSIST"]
 

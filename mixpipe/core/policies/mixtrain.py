@@ -68,7 +68,8 @@ from ._common import (LAYOUTS, Tier, assemble_tiers, check_choice, check_float, 
                       group_weights, groups_for_fraction, resolve_group_size, slot_order)
 
 __all__ = ["MixTrainSettings", "plan_mixtrain", "mixing_fraction", "tier_groups",
-           "epoch_forward_inputs", "choose_tiers", "walk_tiers",
+           "epoch_forward_inputs", "skip_count", "hardest_fresh", "choose_tiers", "walk_tiers",
+           "plan_kept",
            "lowest_per_class", "weigher", "statistic", "seen_mask"]
 
 SCHEDULES = ("constant", "ramp", "speedup")
@@ -114,6 +115,13 @@ class MixTrainSettings(PolicySettings):
             middle ones in pairs at half the area, the easiest in quads at a quarter. The
             mixed fraction still counts every mixed sample, so a tier of halves saves fewer
             passes than the same samples in quads (see :func:`tier_groups`).
+        skip_hardest: in a mixed epoch, leave out this share of the dataset: the samples with
+            the highest loss among those reported in the last committed epoch. Hard samples
+            are the ones mixtrain keeps single, so late in a run its batches are mostly the
+            hardest few per cent, and a mislabelled or ambiguous image then weighs far more
+            than in plain training. Only freshly reported losses qualify, so a left-out
+            sample is back the next epoch (its loss is then measured again): it is halved,
+            not dropped. The mixed fraction then counts against the kept samples.
     """
 
     name = "mixtrain"
@@ -136,6 +144,7 @@ class MixTrainSettings(PolicySettings):
     final_full_epochs: int = 0
     per_class: bool = False
     halves_share: float = 0.0
+    skip_hardest: float = 0.0
 
     def __post_init__(self) -> None:
         resolve_group_size(self)
@@ -159,6 +168,7 @@ class MixTrainSettings(PolicySettings):
         check_int(self, "epochs", 1, optional=True)
         check_int(self, "final_full_epochs", 0)
         check_float(self, "halves_share", 0.0, 1.0)
+        check_float(self, "skip_hardest", 0.0, 0.5)
         if self.halves_share and self.layout != "quads":
             raise ValueError(f"MixTrainSettings.halves_share needs layout='quads' (it moves the "
                              f"hardest mixed samples from quads into halves), got layout "
@@ -256,13 +266,40 @@ def tier_groups(settings: MixTrainSettings, fraction: float, base: int,
     return [(4, Layout.QUADS, quads), (2, Layout.HALVES, pairs)]
 
 
+def skip_count(settings: MixTrainSettings, epoch: int, num_samples: int) -> int:
+    """How many of the hardest samples a mixed epoch leaves out (before the cap to those with a
+    fresh loss)."""
+    if not settings.skip_hardest or mixing_fraction(settings, epoch) <= 0.0:
+        return 0
+    return int(math.floor(settings.skip_hardest * num_samples + 0.5))
+
+
 def epoch_forward_inputs(settings: MixTrainSettings, epoch: int, base: int) -> int:
-    """Forward inputs of an epoch over ``base`` samples, all of them seen: the budget a plain
-    run must match."""
+    """Forward inputs of an epoch over ``base`` samples, every one of them reported in the
+    epoch before unless left out then: the budget a plain run must match."""
     fraction = mixing_fraction(settings, epoch)
     if fraction <= 0.0:
         return base
-    return base - sum(g * (k - 1) for k, _, g in tier_groups(settings, fraction, base, base))
+    kept = base - skip_count(settings, epoch, base)
+    return kept - sum(g * (k - 1) for k, _, g in tier_groups(settings, fraction, kept, kept))
+
+
+def hardest_fresh(snapshot: LedgerSnapshot, score: np.ndarray, settings: MixTrainSettings,
+                  epoch: int) -> np.ndarray:
+    """bool[N]: the samples a mixed epoch leaves out (:attr:`MixTrainSettings.skip_hardest`):
+    the highest-``score`` ones among those reported in the last committed epoch, ties in id
+    order."""
+    skip = np.zeros(snapshot.num_samples, dtype=bool)
+    count = skip_count(settings, epoch, snapshot.num_samples)
+    fresh = seen_mask(snapshot, score) & (snapshot.last_epoch == snapshot.committed_epoch)
+    count = min(count, int(np.count_nonzero(fresh)))
+    if count == 0:
+        return skip
+    fresh_ids = np.flatnonzero(fresh)
+    # descending by score, ascending by id among ties (a stable sort of the ids, in id order)
+    by_score = fresh_ids[np.argsort(-score[fresh_ids], kind="stable")]
+    skip[by_score[:count]] = True
+    return skip
 
 
 def _lowest(score: np.ndarray, pool_mask: np.ndarray, n: int, per_class: bool,
@@ -334,9 +371,29 @@ def weigher(score: np.ndarray, settings: MixTrainSettings, layout: Optional[Layo
 @register(MixTrainSettings)
 def plan_mixtrain(snapshot: LedgerSnapshot, settings: MixTrainSettings, seed: int,
                   epoch: int) -> MixPlan:
-    n = snapshot.num_samples
     score = statistic(snapshot, settings.statistic)
-    tiers = choose_tiers(score, seen_mask(snapshot, score), n, settings, epoch, snapshot.labels)
+    skip = hardest_fresh(snapshot, score, settings, epoch)
+    return plan_kept(snapshot, skip, None, settings, seed, epoch)
+
+
+def plan_kept(snapshot: LedgerSnapshot, skip: np.ndarray, scale: Optional[np.ndarray],
+              mix: Optional[MixTrainSettings], seed: int, epoch: int) -> MixPlan:
+    """The plan of the samples not in ``skip`` (bool[N]), mixed by ``mix`` if set.
+
+    Shared by every policy that leaves samples out (mixtrain's ``skip_hardest``, shrink,
+    assist): the mix fraction counts against the kept samples and only kept seen samples are
+    mixed; ``scale`` (float32[N] or None) is each sample's loss multiplier, kept inside
+    composites.
+    """
+    n = snapshot.num_samples
+    skipped = np.flatnonzero(skip)
     order = slot_order(seed, epoch, n)
-    return assemble_tiers(n, order, walk_tiers(tiers, order, score, settings),
-                          np.empty(0, np.int64), seed, epoch)
+    if skipped.size:
+        order = order[~skip[order]]
+    if mix is None:
+        return assemble_tiers(n, order, [], skipped, seed, epoch, scale)
+    mix_score = statistic(snapshot, mix.statistic)
+    tiers = choose_tiers(mix_score, seen_mask(snapshot, mix_score) & ~skip, order.size, mix,
+                         epoch, snapshot.labels)
+    return assemble_tiers(n, order, walk_tiers(tiers, order, mix_score, mix), skipped, seed,
+                          epoch, scale)

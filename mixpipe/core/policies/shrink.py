@@ -35,12 +35,10 @@ import numpy as np
 from ..ledger import LedgerSnapshot
 from ..plan import MixPlan
 from . import PolicySettings, epoch_rng, register
-from ._common import (STREAM_SKIP, assemble, assemble_tiers, check_choice, check_float,
-                      check_int, slot_order)
-from .mixtrain import (STATISTICS, MixTrainSettings, choose_tiers, seen_mask, statistic,
-                       walk_tiers)
+from ._common import STREAM_SKIP, check_choice, check_float, check_int
+from .mixtrain import STATISTICS, MixTrainSettings, plan_kept, seen_mask, statistic
 
-__all__ = ["ShrinkSettings", "plan_shrink", "skip_easy", "plan_kept", "mix_settings"]
+__all__ = ["ShrinkSettings", "plan_shrink", "skip_easy", "mix_settings"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,11 +86,20 @@ def mix_settings(mix: Any, where: str) -> Optional[MixTrainSettings]:
 
     ``where`` names the field in errors (``"ShrinkSettings.mix"``); shared with ``assist``.
     """
-    if mix is None or isinstance(mix, MixTrainSettings):
-        return mix
-    if not isinstance(mix, dict):
+    if mix is None:
+        return None
+    if isinstance(mix, dict):
+        mix = _from_dict(mix, where)
+    elif not isinstance(mix, MixTrainSettings):
         raise ValueError(f"{where} must be MixTrainSettings, a dict of its fields or "
                          f"None, got {type(mix).__name__}")
+    if mix.skip_hardest:
+        raise ValueError(f"{where}.skip_hardest must be 0: the skipping policy decides what it "
+                         f"leaves out; give the share to mixtrain itself or set it to 0")
+    return mix
+
+
+def _from_dict(mix: Dict[str, Any], where: str) -> MixTrainSettings:
     d = dict(mix)
     policy = d.pop("policy", MixTrainSettings.name)
     if policy != MixTrainSettings.name:
@@ -139,26 +146,3 @@ def plan_shrink(snapshot: LedgerSnapshot, settings: ShrinkSettings, seed: int,
     score = statistic(snapshot, settings.statistic)
     skip, scale = skip_easy(score, seen_mask(snapshot, score), settings, seed, epoch)
     return plan_kept(snapshot, skip, scale, settings.mix, seed, epoch)
-
-
-def plan_kept(snapshot: LedgerSnapshot, skip: np.ndarray, scale: Optional[np.ndarray],
-              mix: Optional[MixTrainSettings], seed: int, epoch: int) -> MixPlan:
-    """The plan of the samples not in ``skip`` (bool[N]), mixed by ``mix`` if set.
-
-    Shared by every skipping policy (shrink, assist): the mix fraction counts against the kept
-    samples and only kept seen samples are mixed; ``scale`` (float32[N] or None) is each
-    sample's loss multiplier, kept inside composites.
-    """
-    n = snapshot.num_samples
-    skipped = np.flatnonzero(skip)
-    order = slot_order(seed, epoch, n)
-    if skipped.size:
-        order = order[~skip[order]]
-    if mix is None:
-        return assemble(n, order, np.zeros(order.size, bool), 1, 0, None, skipped, seed, epoch,
-                        scale)
-    mix_score = statistic(snapshot, mix.statistic)
-    tiers = choose_tiers(mix_score, seen_mask(snapshot, mix_score) & ~skip, order.size, mix,
-                         epoch, snapshot.labels)
-    return assemble_tiers(n, order, walk_tiers(tiers, order, mix_score, mix), skipped, seed,
-                          epoch, scale)
