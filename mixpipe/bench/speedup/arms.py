@@ -41,9 +41,12 @@ def _optimizer(model: Any, s: SpeedupSettings) -> Any:
 
 def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches: Any,
               num_classes: int, log: Callable[..., None] = print,
-              matched_inputs: Optional[int] = None) -> Dict[str, Any]:
+              matched_inputs: Optional[int] = None,
+              observe: Optional[Callable[[Any, Any], Any]] = None) -> Dict[str, Any]:
     """One (arm, seed) run; returns its history with the arm's identity. ``matched_inputs``:
-    the forward inputs a budget arm matches, where they were measured."""
+    the forward inputs a budget arm matches, where they were measured. ``observe(service,
+    model)`` returns the service the loader and the trainer use (a diagnostic's wrapper, which
+    may also keep the model)."""
     import torch
 
     from mixpipe.train import BudgetSchedule, Normalize, Schedule, fit
@@ -68,6 +71,8 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
     labels = getattr(train, "labels", None)
     if labels is not None and hasattr(service, "set_labels"):
         service.set_labels(np.asarray(labels))  # per-class policies read them
+    if observe is not None:
+        service = observe(service, model)
     loader = make_loader(s, train, service, seed)
     recalibrate = _recalibration_batches(s, arm, train, seed)
     local = None
