@@ -321,9 +321,13 @@ def assemble_tiers(num_samples: int, order: np.ndarray, tiers: Sequence[Tier],
         return MixPlan(ids, np.ones(ids.shape, np.float32), loss_scale,
                        np.zeros(ids.shape[0], np.uint8), skipped, num_samples, epoch, seed)
     width = max(tier.k for tier, _ in members)
-    starts = np.ones(order.size, dtype=bool)
+    if len(members) == 1:
+        starts = ~members[0][0].mixed
+    else:
+        starts = np.ones(order.size, dtype=bool)
+        for _, at in members:
+            starts[at] = False
     for tier, at in members:
-        starts[at] = False
         starts[at[::tier.k]] = True
     first = order[starts]  # the single, or the first member of the composite, of every slot
     m = first.size
@@ -347,7 +351,7 @@ def assemble_tiers(num_samples: int, order: np.ndarray, tiers: Sequence[Tier],
         _set_rows(ids, rows, groups)
         _set_rows(w, rows, weights)
         if scale is None:
-            _set_rows(loss_scale, rows, (groups >= 0).astype(np.float32))
+            loss_scale[rows, 1:tier.k] = 1.0
         else:
             _set_rows(loss_scale, rows, np.where(groups >= 0, scale[groups], 0.0))
         lay[rows] = np.uint8(tier.layout)

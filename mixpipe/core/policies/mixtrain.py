@@ -291,6 +291,8 @@ def hardest_fresh(snapshot: LedgerSnapshot, score: np.ndarray, settings: MixTrai
     order."""
     skip = np.zeros(snapshot.num_samples, dtype=bool)
     count = skip_count(settings, epoch, snapshot.num_samples)
+    if count == 0:
+        return skip
     fresh = seen_mask(snapshot, score) & (snapshot.last_epoch == snapshot.committed_epoch)
     count = min(count, int(np.count_nonzero(fresh)))
     if count == 0:
@@ -340,12 +342,12 @@ def choose_tiers(score: np.ndarray, pool_mask: np.ndarray, base: int,
         return []
     available = int(np.count_nonzero(pool_mask))
     tiers, left = [], pool_mask
-    for k, layout, groups in tier_groups(settings, fraction, base, available):
-        if groups == 0:
-            continue
+    counts = [t for t in tier_groups(settings, fraction, base, available) if t[2] > 0]
+    for i, (k, layout, groups) in enumerate(counts):
         members = _lowest(score, left, groups * k, settings.per_class, labels)
         tiers.append((members, k, layout))
-        left = left & ~members
+        if i + 1 < len(counts):
+            left = left & ~members
     return tiers
 
 
