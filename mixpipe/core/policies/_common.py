@@ -339,13 +339,13 @@ def assemble_tiers(num_samples: int, order: np.ndarray, tiers: Sequence[Tier],
     loss_scale = np.zeros((m, width), dtype=np.float32)
     loss_scale[:, 0] = 1.0 if scale is None else scale[first]
     lay = np.zeros(m, dtype=np.uint8)
-    one_tier = len(members) == 1
+    # the slot of each group: a bool mask when there is one tier (the cheaper scatter), else
+    # the slot numbers of the groups' first members, counted once for every tier
+    slot_of = None if len(members) == 1 else np.cumsum(starts) - 1
     for tier, at in members:
         g = at.size // tier.k
         groups, weights = tier.weigh(order[at].reshape(g, tier.k))
-        # the slot of each group: a bool mask when it is the only tier (the cheaper scatter),
-        # else the slot numbers of its first members
-        rows = tier.mixed[starts] if one_tier else np.cumsum(starts)[at[::tier.k]] - 1
+        rows = tier.mixed[starts] if slot_of is None else slot_of[at[::tier.k]]
         if tier.k < width:
             groups, weights = _widen(groups, -1, width), _widen(weights, 0.0, width)
         _set_rows(ids, rows, groups)

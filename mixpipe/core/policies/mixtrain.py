@@ -117,8 +117,8 @@ class MixTrainSettings(PolicySettings):
             passes than the same samples in quads (see :func:`tier_groups`).
         skip_hardest: in a mixed epoch, leave out this share of the dataset: the samples with
             the highest loss among those reported in the last committed epoch. Hard samples
-            are the ones mixtrain keeps single, so late in a run its batches are mostly the
-            hardest few per cent, and a mislabelled or ambiguous image then weighs far more
+            are the ones mixtrain keeps single, so late in a run its single images are its
+            hardest fifth, and a mislabelled or ambiguous image among them weighs far more
             than in plain training. Only freshly reported losses qualify, so a left-out
             sample is back the next epoch (its loss is then measured again): it is halved,
             not dropped. The mixed fraction then counts against the kept samples.
@@ -358,14 +358,13 @@ def walk_tiers(tiers: list, order: np.ndarray, score: np.ndarray,
             for members, k, layout in tiers]
 
 
-def weigher(score: np.ndarray, settings: MixTrainSettings, layout: Optional[Layout] = None):
-    """``groups -> (groups, weights)`` with the loss-driven, clipped and snapped shares of
-    ``layout`` (default: the settings' own)."""
+def weigher(score: np.ndarray, settings: MixTrainSettings, layout: Layout):
+    """``groups -> (groups, weights)`` with the loss-driven, clipped and snapped shares of one
+    tier's ``layout``."""
     s = settings
-    code = s.layout_code if layout is None else layout
 
     def weigh(groups: np.ndarray) -> tuple:
-        return group_weights(groups, score[groups], s.gamma, s.w_min, code, s.grid_cells)
+        return group_weights(groups, score[groups], s.gamma, s.w_min, layout, s.grid_cells)
 
     return weigh
 
