@@ -51,9 +51,13 @@ def parallel_map(fn: Callable[[Any], List[Any]], chunks: Sequence[Any], workers:
             context = multiprocessing.get_context("fork")
             others = set(multiprocessing.active_children())
             with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+                # submit, not map: when a worker dies, map's clean-up cancels the pending
+                # futures while the executor's manager thread marks them broken, and 3.11's
+                # manager then dies on InvalidStateError (a warning in the test log)
+                futures = [pool.submit(fn, chunk) for chunk in chunks]
                 try:
-                    for result, size in zip(pool.map(fn, chunks), sizes):
-                        results.append(result)
+                    for future, size in zip(futures, sizes):
+                        results.append(future.result())
                         bar.update(size)
                 except concurrent.futures.process.BrokenProcessPool as err:
                     _end_workers(others)
