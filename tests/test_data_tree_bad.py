@@ -2,6 +2,7 @@
 worker processes that die. Nothing may hang; every error names the file and the fix."""
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -119,16 +120,19 @@ def test_a_dead_beton_worker_ends_the_run(tmp_path):
     assert "exit code 7" in proc.stdout and "--workers 1" in proc.stdout
 
 
-def test_pool_worker_death_is_an_error_not_a_hang():
+@pytest.mark.parametrize("chunks, dying", [(2500, 3), (40000, 0)])
+def test_pool_worker_death_is_an_error_not_a_hang(chunks, dying):
+    """A worker dies while results are collected, or (many chunks, the first one fatal) while
+    the rest are still being submitted: the same one-line error either way."""
     from mixpipe.data.writers import parallel_map
 
     with pytest.raises(DataError, match="worker process died"):
-        parallel_map(_die_on_three, [[i] for i in range(2500)], workers=2, total=2500,
-                     desc="test", sizes=[1] * 2500)
+        parallel_map(functools.partial(_die_on, dying), [[i] for i in range(chunks)], workers=2,
+                     total=chunks, desc="test", sizes=[1] * chunks)
 
 
-def _die_on_three(chunk):
-    if chunk[0] == 3:
+def _die_on(dying, chunk):
+    if chunk[0] == dying:
         os._exit(9)
     return chunk
 

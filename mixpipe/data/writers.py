@@ -54,8 +54,8 @@ def parallel_map(fn: Callable[[Any], List[Any]], chunks: Sequence[Any], workers:
                 # submit, not map: when a worker dies, map's clean-up cancels the pending
                 # futures while the executor's manager thread marks them broken, and 3.11's
                 # manager then dies on InvalidStateError (a warning in the test log)
-                futures = [pool.submit(fn, chunk) for chunk in chunks]
-                try:
+                try:  # the pool can break while chunks are still being submitted, too
+                    futures = [pool.submit(fn, chunk) for chunk in chunks]
                     for future, size in zip(futures, sizes):
                         results.append(future.result())
                         bar.update(size)
