@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from .report import format_table, plot, summarise, targets
 from .settings import SpeedupSettings, budget_epochs, trains_plain_model
 
-__all__ = ["combine", "main", "SAME_TRAINING"]
+__all__ = ["combine", "main", "SAME_TRAINING", "recorded_settings"]
 
 #: settings that must agree for the plain arms of one run to stand for the other's: the data,
 #: the model and its optimisation, and mixtrain's schedule (it sets budget's length)
@@ -30,7 +30,8 @@ SAME_TRAINING = ("data", "eval_split", "limit", "eval_limit", "loader", "model",
                  "budget_match")
 
 
-def _settings(payload: Dict[str, Any]) -> SpeedupSettings:
+def recorded_settings(payload: Dict[str, Any]) -> SpeedupSettings:
+    """A result file's settings; one an older run did not record yet takes today's default."""
     fields = {f.name for f in dataclasses.fields(SpeedupSettings)}
     values = {k: tuple(v) if isinstance(v, list) else v
               for k, v in payload["settings"].items() if k in fields}
@@ -72,7 +73,7 @@ def combine(plain: Dict[str, Any], mixing: Dict[str, Any],
     schedule."""
     # a setting an older run did not record yet had its default then; channels_last compares
     # as resolved ("auto" is the memory format the run actually used)
-    a, b = (_trained(_settings(p)) for p in (plain, mixing))
+    a, b = (_trained(recorded_settings(p)) for p in (plain, mixing))
     differ = [k for k in SAME_TRAINING if a[k] != b[k]]
     if differ:
         raise ValueError("the runs trained differently in " + ", ".join(
@@ -88,11 +89,11 @@ def combine(plain: Dict[str, Any], mixing: Dict[str, Any],
     missing = sorted({r["seed"] for r in new} - {r["seed"] for r in kept})
     if missing:
         raise ValueError(f"seeds {missing} have mixing arms but no plain arms to score against")
-    base = _settings(plain)
+    base = recorded_settings(plain)
     policies = tuple(p for p in base.policies if trains_plain_model(p)) + tuple(
         dict.fromkeys(r["policy"] for r in new))
-    s = dataclasses.replace(_settings(mixing), policies=policies, frontier=base.frontier,
-                            frontier_seeds=base.frontier_seeds,
+    s = dataclasses.replace(recorded_settings(mixing), policies=policies,
+                            frontier=base.frontier, frontier_seeds=base.frontier_seeds,
                             seeds=tuple(sorted({r["seed"] for r in new})))
     if "budget" in policies:
         _check_budget(s, kept, new, plain["num_train"])
@@ -134,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as err:
         parser.exit(2, f"{parser.prog}: {err}\n")
     write_json(args.out, joined)
-    plot(joined["runs"], _settings(joined), joined["summary"],
+    plot(joined["runs"], recorded_settings(joined), joined["summary"],
          os.path.splitext(args.out)[0] + ".png")
     print(joined["table"])
     return 0
