@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -129,6 +130,24 @@ def test_pool_worker_death_is_an_error_not_a_hang(chunks, dying):
     with pytest.raises(DataError, match="worker process died"):
         parallel_map(functools.partial(_die_on, dying), [[i] for i in range(chunks)], workers=2,
                      total=chunks, desc="test", sizes=[1] * chunks)
+
+
+def test_a_failing_chunk_stops_the_pool_without_running_the_rest(tmp_path):
+    """The error surfaces at once: the chunks not yet started are dropped, not worked through."""
+    from mixpipe.data.writers import parallel_map
+
+    with pytest.raises(ValueError, match="chunk 0 is broken"):
+        parallel_map(functools.partial(_fail_first, str(tmp_path)), [[i] for i in range(2500)],
+                     workers=2, total=2500, desc="test", sizes=[1] * 2500)
+    assert len(os.listdir(tmp_path)) < 2500 // 2
+
+
+def _fail_first(marks, chunk):
+    if chunk[0] == 0:
+        raise ValueError("chunk 0 is broken")
+    time.sleep(0.002)
+    open(os.path.join(marks, str(chunk[0])), "w").close()
+    return chunk
 
 
 def _die_on(dying, chunk):

@@ -54,8 +54,9 @@ def parallel_map(fn: Callable[[Any], List[Any]], chunks: Sequence[Any], workers:
                 # submit, not map: when a worker dies, map's clean-up cancels the pending
                 # futures while the executor's manager thread marks them broken, and 3.11's
                 # manager then dies on InvalidStateError (a warning in the test log)
+                futures: List[Any] = []
                 try:  # the pool can break while chunks are still being submitted, too
-                    futures = [pool.submit(fn, chunk) for chunk in chunks]
+                    futures.extend(pool.submit(fn, chunk) for chunk in chunks)
                     for future, size in zip(futures, sizes):
                         results.append(future.result())
                         bar.update(size)
@@ -63,6 +64,12 @@ def parallel_map(fn: Callable[[Any], List[Any]], chunks: Sequence[Any], workers:
                     _end_workers(others)
                     raise DataError(f"a {desc} worker process died ({err}); re-run with "
                                     "--workers 1 to see which file it was reading") from None
+                except BaseException:
+                    # a chunk failed (or Ctrl-C) in a healthy pool: drop the chunks not started,
+                    # or leaving the pool would wait for all of them before the error shows
+                    for future in futures:
+                        future.cancel()
+                    raise
     return results
 
 
