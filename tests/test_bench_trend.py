@@ -56,7 +56,8 @@ def test_runs_that_trained_differently_are_refused_naming_the_setting():
 def test_a_seed_given_twice_for_one_model_and_length_is_refused():
     runs = _grid() + [_payload([("budget", 2, 0.7), ("mixtrain", 2, 0.7)], epochs=10,
                                seeds=(2,))]
-    with pytest.raises(ValueError, match="seed 2 of resnet-tiny at 10 epochs is in both b and e"):
+    with pytest.raises(ValueError, match="seed 2 of resnet-tiny at 32 px and 10 "
+                                              "epochs is in both b and e"):
         trend(runs, ["a", "b", "c", "d", "e"])
 
 
@@ -77,6 +78,30 @@ def test_channels_last_is_compared_as_it_resolved():
     assert len(trend([on, other], ["a", "b"])["rows"]) == 2
     with pytest.raises(ValueError, match="channels_last"):
         trend([on, flipped], ["a", "b"])
+
+
+def test_composite_sizes_are_separate_lines_each_in_one_memory_format():
+    """A quadrant of a 32 px composite is 16 px, of a 64 px one 32 px: the gain over budget
+    depends on it, so sizes are kept apart; auto's memory format differs between them by
+    design, and must agree within one size."""
+    small = _payload([("budget", 0, 0.90), ("mixtrain", 0, 0.89)], epochs=20, seeds=(0,))
+    large = _payload([("budget", 0, 0.90), ("mixtrain", 0, 0.93), ("budget", 1, 0.91),
+                      ("mixtrain", 1, 0.92)], epochs=20, seeds=(0, 1), image_size=64)
+    assert SpeedupSettings(image_size=32).uses_channels_last() != \
+        SpeedupSettings(image_size=64).uses_channels_last()  # else this test checks nothing
+    result = trend([small, large], ["a", "b"])
+    rows = {(r["model"], r["image_size"], r["epochs"]): r for r in result["rows"]}
+    assert list(rows) == [("resnet-tiny", 32, 20), ("resnet-tiny", 64, 20)]
+    assert rows[("resnet-tiny", 32, 20)]["delta_vs_budget_per_seed"] == pytest.approx({0: -1.0})
+    assert rows[("resnet-tiny", 64, 20)]["delta_vs_budget_per_seed"] == pytest.approx(
+        {0: 3.0, 1: 1.0})
+    assert "image_size" not in result["settings"]
+    forced = "on" if not SpeedupSettings(image_size=64).uses_channels_last() else "off"
+    odd = _payload([("budget", 2, 0.9), ("mixtrain", 2, 0.9)], epochs=10, seeds=(2,),
+                   image_size=64, channels_last=forced)
+    with pytest.raises(ValueError, match=r"c trained differently from b in channels_last "
+                                         r".* at 64 px"):
+        trend([small, large, odd], ["a", "b", "c"])
 
 
 def test_the_command_writes_json_and_png_and_names_a_bad_file(tmp_path, capsys):
