@@ -86,6 +86,7 @@ def run_benchmark(s: SpeedupSettings, out: Optional[str] = None,
         "settings": dataclasses.asdict(s),
         "num_train": len(train),
         "num_eval": len(scored),
+        "num_classes": num_classes,
         "eval_split": s.eval_split,
         "budget_epochs": {r["seed"]: r["epochs_of_data"] for r in runs
                           if r["policy"] == "budget"},

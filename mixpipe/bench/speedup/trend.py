@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .combine import recorded_settings
 from .settings import SpeedupSettings
 
-__all__ = ["trend", "plot_trend", "main", "VARIES"]
+__all__ = ["trend", "plot_trend", "main", "VARIES", "compared_settings"]
 
 #: what may differ between the runs drawn together: what tells the figure's lines and points
 #: apart (model, composite size, run length) and what says which arms and seeds a run trained or
@@ -35,7 +35,7 @@ VARIES = ("model", "epochs", "image_size", "policies", "frontier", "frontier_see
           "progress", "workers", "threads", "data_root", "server", "local")
 
 
-def _compared(s: SpeedupSettings) -> Dict[str, Any]:
+def compared_settings(s: SpeedupSettings) -> Dict[str, Any]:
     """The settings that must agree across every run (channels_last: per composite size)."""
     return {f.name: getattr(s, f.name) for f in dataclasses.fields(s)
             if f.name not in VARIES and f.name != "channels_last"}
@@ -67,11 +67,11 @@ def trend(payloads: Sequence[Dict[str, Any]], sources: Sequence[str],
             raise ValueError(f"{source} is not a speed-up result (no {', '.join(missing)}): "
                              "pass JSON written by mixpipe bench speedup or its combine tool")
     settings = [recorded_settings(p) for p in payloads]
-    reference = _compared(settings[0])
+    reference = compared_settings(settings[0])
     groups: Dict[Tuple[str, int, int], Dict[str, Any]] = {}
     memory_format: Dict[int, Tuple[bool, str]] = {}  # composite px -> (channels_last, source)
     for payload, s, source in zip(payloads, settings, sources):
-        other = _compared(s)
+        other = compared_settings(s)
         differ = [k for k in reference if reference[k] != other[k]]
         if differ:
             raise ValueError(f"{source} trained differently from {sources[0]} in " + ", ".join(

@@ -1,0 +1,203 @@
+"""Accuracy against training compute, across runs whose inputs differ in size.
+
+Forward inputs count compute only while every input costs the same. A 64 px composite costs a
+convolutional network four times a 32 px image, so a mixing run at 64 px can match a 32 px
+run's forward inputs while spending four times its arithmetic. This tool prices each arm of
+each run in floating-point operations: its forward inputs times what one forward and backward
+pass costs the model at the run's input size (counted by torch's FLOP counter on the model
+itself), and draws final top-1 against that. An arm is worth its compute only if no arm of any
+run given reaches its accuracy for less.
+
+Region pooling (a masked mean per constituent) is not counted: it is a few multiply-adds per
+feature cell against the convolutions' hundreds.
+
+``python -m mixpipe.bench.speedup.compute RUN.json [RUN.json ...] --out COMPUTE.json`` (PNG
+beside)
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .combine import recorded_settings
+from .trend import compared_settings
+
+__all__ = ["pass_flops", "compute", "plot_compute", "format_compute", "main"]
+
+
+@functools.lru_cache(maxsize=None)
+def pass_flops(model: str, image_size: int, num_classes: int) -> int:
+    """FLOPs of one forward and backward pass of one input (batch of one, square image)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .arms import build_model
+
+    net = build_model(model, num_classes)
+    first_conv = next((m for m in net.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    channels = 3 if first_conv is None else first_conv.in_channels
+    x = torch.zeros(1, channels, image_size, image_size)
+    with FlopCounterMode(display=False) as counter:
+        net(x).sum().backward()
+    return int(counter.get_total_flops())
+
+
+def _num_classes(payload: Dict[str, Any], s: Any, source: str) -> int:
+    """The class count the run trained with; records from before it was kept are all
+    Fashion-MNIST's, whose ten classes are known."""
+    if "num_classes" in payload:
+        return int(payload["num_classes"])
+    if s.data == "fashion-mnist":
+        return 10
+    raise ValueError(f"{source} does not record its number of classes: re-run it with this "
+                     "mixpipe, which keeps num_classes in the JSON")
+
+
+def compute(payloads: Sequence[Dict[str, Any]], sources: Sequence[str]) -> Dict[str, Any]:
+    """One row per arm, composite size and run length, its seeds gathered across the files
+    (one seed per file is how runs are spread over cores): forward inputs, training FLOPs and
+    final top-1, mean and per seed. The runs must score one split with one model; an arm given
+    by two files for one size and length must have trained the same way, and no seed twice."""
+    if len(payloads) != len(sources) or not payloads:
+        raise ValueError("give at least one run, with one source name per run")
+    groups: Dict[Tuple[str, int, int], Dict[str, Any]] = {}
+    first = None
+    for payload, source in zip(payloads, sources):
+        missing = [k for k in ("settings", "runs") if k not in payload]
+        if missing:
+            raise ValueError(f"{source} is not a speed-up result (no {', '.join(missing)}): "
+                             "pass JSON written by mixpipe bench speedup or its combine tool")
+        s = recorded_settings(payload)
+        if first is None:
+            first = (s, source)
+        for name in ("eval_split", "data", "model"):
+            if getattr(s, name) != getattr(first[0], name):
+                raise ValueError(f"{source} differs from {first[1]} in {name} "
+                                 f"({getattr(first[0], name)!r} vs {getattr(s, name)!r}): "
+                                 "compare runs of one model scored on one split")
+        per_pass = pass_flops(s.model, s.image_size, _num_classes(payload, s, source))
+        ranks = int(payload.get("world_size", 1))  # a run's inputs are counted per rank
+        trained = dict(compared_settings(s), channels_last=s.uses_channels_last())
+        for run in payload["runs"]:
+            arm = run["policy"]
+            group = groups.setdefault((arm, s.image_size, s.epochs), {
+                "trained": trained, "source": source, "pass_flops": per_pass, "runs": {},
+                "sources": set()})
+            differ = sorted(k for k in trained if trained[k] != group["trained"][k])
+            if differ:
+                raise ValueError(f"{source} and {group['source']} both give {arm} at "
+                                 f"{s.image_size} px and {s.epochs} epochs, trained differently "
+                                 f"in {', '.join(differ)}: compare them in separate calls")
+            if run["seed"] in group["runs"]:
+                raise ValueError(f"seed {run['seed']} of {arm} at {s.image_size} px and "
+                                 f"{s.epochs} epochs is in both {group['runs'][run['seed']][3]}"
+                                 f" and {source}: pass one of them")
+            group["runs"][run["seed"]] = (ranks * run["forward_inputs"],
+                                          run.get("epochs_of_data", s.epochs),
+                                          100.0 * run["final_top1"], source)
+            group["sources"].add(source)
+    rows: List[Dict[str, Any]] = []
+    for (arm, size, _), group in groups.items():
+        seeds = sorted(group["runs"])
+        inputs = statistics.fmean(group["runs"][seed][0] for seed in seeds)
+        rows.append({
+            "arm": arm, "image_size": size,
+            "epochs": statistics.fmean(group["runs"][seed][1] for seed in seeds),
+            "seeds": seeds, "sources": sorted(group["sources"]),
+            "forward_inputs": inputs, "pass_flops": group["pass_flops"],
+            "train_tflops": inputs * group["pass_flops"] / 1e12,
+            "final_top1": statistics.fmean(group["runs"][seed][2] for seed in seeds),
+            "final_top1_per_seed": {seed: group["runs"][seed][2] for seed in seeds},
+        })
+    cheapest = min(row["train_tflops"] for row in rows)
+    for row in rows:
+        row["compute_vs_cheapest"] = row["train_tflops"] / cheapest
+        # dominated: another arm reaches at least this accuracy (mean) for less compute
+        row["dominated_by"] = sorted(
+            f"{o['arm']} at {o['image_size']} px" for o in rows
+            if o is not row and o["train_tflops"] < row["train_tflops"]
+            and o["final_top1"] >= row["final_top1"])
+    rows.sort(key=lambda r: (r["train_tflops"], r["arm"]))
+    assert first is not None
+    return {"benchmark": "speedup-compute", "sources": list(sources),
+            "model": first[0].model, "eval_split": first[0].eval_split, "rows": rows}
+
+
+def plot_compute(result: Dict[str, Any], path: str) -> None:
+    """Final top-1 against training TFLOPs: each arm's mean as a marker (shape by composite
+    size), its seeds as dots."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, ax = plt.subplots(figsize=(6.8, 4.4), dpi=120)
+    arms = sorted({row["arm"] for row in result["rows"]})
+    colours = {arm: plt.get_cmap("tab10")(i % 10) for i, arm in enumerate(arms)}
+    markers = {size: m for size, m in zip(sorted({r["image_size"] for r in result["rows"]}),
+                                          "os^Dv")}
+    for row in result["rows"]:
+        x = row["train_tflops"]
+        seeds = list(row["final_top1_per_seed"].values())
+        ax.scatter([x] * len(seeds), seeds, s=10, alpha=0.4, color=colours[row["arm"]])
+        ax.scatter([x], [row["final_top1"]], s=60, color=colours[row["arm"]],
+                   marker=markers.get(row["image_size"], "o"), edgecolor="black",
+                   label=f"{row['arm']}, {row['image_size']} px, {row['epochs']:.1f} epochs")
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("training compute (TFLOPs: forward inputs × one forward+backward pass)")
+    ax.set_ylabel(f"final top-1 on {result['eval_split']} (%)")
+    ax.set_title(f"{result['model']}: accuracy against compute\n"
+                 "up and left is better; dots: seeds", fontsize=10)
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def format_compute(result: Dict[str, Any]) -> str:
+    lines = [f"{result['model']}: final top-1 on {result['eval_split']} against training compute",
+             f"{'arm':<12}{'px':>5}{'epochs':>8}{'seeds':>6}{'inputs':>10}{'TFLOPs':>9}"
+             f"{'x min':>7}{'top-1':>8}  dominated by"]
+    for row in result["rows"]:
+        lines.append(f"{row['arm']:<12}{row['image_size']:>5}{row['epochs']:>8.2f}"
+                     f"{len(row['seeds']):>6}{row['forward_inputs']:>10.0f}"
+                     f"{row['train_tflops']:>9.2f}{row['compute_vs_cheapest']:>7.2f}"
+                     f"{row['final_top1']:>8.2f}  {', '.join(row['dominated_by']) or '-'}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    import json
+
+    from mixpipe.bench.common import write_json
+
+    parser = argparse.ArgumentParser(prog="python -m mixpipe.bench.speedup.compute",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", help="JSON of speed-up runs (or combine's output)")
+    parser.add_argument("--out", required=True, help="compute JSON (PNG beside it)")
+    args = parser.parse_args(argv)
+    payloads = []
+    for path in args.runs:
+        try:
+            with open(path) as f:
+                payloads.append(json.load(f))
+        except (OSError, ValueError) as err:
+            parser.exit(2, f"{parser.prog}: cannot read {path}: {err}\n")
+    try:
+        result = compute(payloads, args.runs)
+    except ValueError as err:
+        parser.exit(2, f"{parser.prog}: {err}\n")
+    write_json(args.out, result)
+    plot_compute(result, os.path.splitext(args.out)[0] + ".png")
+    print(format_compute(result))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
