@@ -99,6 +99,12 @@ def test_the_command_writes_json_and_png_and_refuses_in_one_line(tmp_path, capsy
         main([paths[1], paths[0], "--out", str(out)])  # swapped: no plain arms first
     assert done.value.code == 2
     assert "must hold plain arms" in capsys.readouterr().err
+    (tmp_path / "cut.json").write_text(json.dumps(plain)[:100])  # a run killed while writing
+    with pytest.raises(SystemExit) as done:
+        main([str(tmp_path / "cut.json"), paths[1], "--out", str(out)])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "cannot read" in err and "cut.json" in err and "\n" not in err
 
 
 def test_an_older_record_without_newer_settings_joins_with_their_defaults():

@@ -1,6 +1,7 @@
 """What every benchmark records beside its numbers, so a result can be judged later."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -59,6 +60,36 @@ def write_json(path: str, payload: Dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True, default=str)
         f.write("\n")
+
+
+def read_results(parser: argparse.ArgumentParser, paths: Sequence[str]) -> List[Dict[str, Any]]:
+    """The JSON of each result file a command was given; one that cannot be read or parsed
+    ends the command with one line naming it, not a traceback."""
+    payloads = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                payloads.append(json.load(f))
+        except (OSError, ValueError) as err:
+            parser.exit(2, f"{parser.prog}: cannot read {path}: {err}\n")
+    return payloads
+
+
+def finish_result(parser: argparse.ArgumentParser, out: str,
+                  build: Callable[[], Dict[str, Any]],
+                  draw: Callable[[Dict[str, Any], str], None],
+                  text: Callable[[Dict[str, Any]], str]) -> int:
+    """Build a tool's result from result files, write it as JSON with its PNG beside, print
+    its table; a ValueError (runs that cannot be compared) ends the command with its one
+    line."""
+    try:
+        result = build()
+    except ValueError as err:
+        parser.exit(2, f"{parser.prog}: {err}\n")
+    write_json(out, result)
+    draw(result, os.path.splitext(out)[0] + ".png")
+    print(text(result))
+    return 0
 
 
 def write_and_print(out: str, payload: Dict[str, Any], datasets: Dict[str, Any], notes: list,

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from typing import Any, Dict, List, Optional, Sequence
 
 from .report import format_table, plot, summarise, targets
 from .settings import SpeedupSettings, budget_epochs, trains_plain_model
 
-__all__ = ["combine", "main", "SAME_TRAINING", "recorded_settings"]
+__all__ = ["combine", "main", "SAME_TRAINING", "recorded_settings", "results_settings"]
 
 #: settings that must agree for the plain arms of one run to stand for the other's: the data,
 #: the model and its optimisation, and mixtrain's schedule (it sets budget's length)
@@ -38,6 +37,20 @@ def recorded_settings(payload: Dict[str, Any]) -> SpeedupSettings:
     if isinstance(values.get("channels_last"), bool):  # recorded as a flag before "auto"
         values["channels_last"] = "on" if values["channels_last"] else "off"
     return SpeedupSettings(**values)
+
+
+def results_settings(payloads: Sequence[Dict[str, Any]],
+                     sources: Sequence[str]) -> List[SpeedupSettings]:
+    """Each result's settings, after checking that every file is a speed-up result and has a
+    name to be called by in errors."""
+    if len(payloads) != len(sources) or not payloads:
+        raise ValueError("give at least one run, with one source name per run")
+    for payload, source in zip(payloads, sources):
+        missing = [k for k in ("settings", "runs") if k not in payload]
+        if missing:
+            raise ValueError(f"{source} is not a speed-up result (no {', '.join(missing)}): "
+                             "pass JSON written by mixpipe bench speedup or its combine tool")
+    return [recorded_settings(p) for p in payloads]
 
 
 def _trained(s: SpeedupSettings) -> Dict[str, Any]:
@@ -116,9 +129,7 @@ def combine(plain: Dict[str, Any], mixing: Dict[str, Any],
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import json
-
-    from mixpipe.bench.common import write_json
+    from mixpipe.bench.common import finish_result, read_results
 
     parser = argparse.ArgumentParser(prog="python -m mixpipe.bench.speedup.combine",
                                      description=__doc__.splitlines()[0])
@@ -126,19 +137,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("mixing", help="JSON of a run with the mixing arms")
     parser.add_argument("--out", required=True, help="joined JSON (PNG beside it)")
     args = parser.parse_args(argv)
-    payloads = []
-    for path in (args.plain, args.mixing):
-        with open(path) as f:
-            payloads.append(json.load(f))
-    try:
-        joined = combine(*payloads, sources=[args.plain, args.mixing])
-    except ValueError as err:
-        parser.exit(2, f"{parser.prog}: {err}\n")
-    write_json(args.out, joined)
-    plot(joined["runs"], recorded_settings(joined), joined["summary"],
-         os.path.splitext(args.out)[0] + ".png")
-    print(joined["table"])
-    return 0
+    plain, mixing = read_results(parser, [args.plain, args.mixing])
+
+    def draw(joined: Dict[str, Any], png: str) -> None:
+        plot(joined["runs"], recorded_settings(joined), joined["summary"], png)
+
+    return finish_result(parser, args.out,
+                         lambda: combine(plain, mixing, sources=[args.plain, args.mixing]),
+                         draw, lambda joined: joined["table"])
 
 
 if __name__ == "__main__":

@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import statistics
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .combine import recorded_settings
+from .combine import results_settings
 from .trend import compared_settings
 
 __all__ = ["pass_flops", "compute", "plot_compute", "format_compute", "main"]
@@ -61,18 +60,10 @@ def compute(payloads: Sequence[Dict[str, Any]], sources: Sequence[str]) -> Dict[
     (one seed per file is how runs are spread over cores): forward inputs, training FLOPs and
     final top-1, mean and per seed. The runs must score one split with one model; an arm given
     by two files for one size and length must have trained the same way, and no seed twice."""
-    if len(payloads) != len(sources) or not payloads:
-        raise ValueError("give at least one run, with one source name per run")
+    settings = results_settings(payloads, sources)
+    first = (settings[0], sources[0])
     groups: Dict[Tuple[str, int, int], Dict[str, Any]] = {}
-    first = None
-    for payload, source in zip(payloads, sources):
-        missing = [k for k in ("settings", "runs") if k not in payload]
-        if missing:
-            raise ValueError(f"{source} is not a speed-up result (no {', '.join(missing)}): "
-                             "pass JSON written by mixpipe bench speedup or its combine tool")
-        s = recorded_settings(payload)
-        if first is None:
-            first = (s, source)
+    for payload, s, source in zip(payloads, settings, sources):
         for name in ("eval_split", "data", "model"):
             if getattr(s, name) != getattr(first[0], name):
                 raise ValueError(f"{source} differs from {first[1]} in {name} "
@@ -121,7 +112,6 @@ def compute(payloads: Sequence[Dict[str, Any]], sources: Sequence[str]) -> Dict[
             if o is not row and o["train_tflops"] < row["train_tflops"]
             and o["final_top1"] >= row["final_top1"])
     rows.sort(key=lambda r: (r["train_tflops"], r["arm"]))
-    assert first is not None
     return {"benchmark": "speedup-compute", "sources": list(sources),
             "model": first[0].model, "eval_split": first[0].eval_split, "rows": rows}
 
@@ -173,30 +163,16 @@ def format_compute(result: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import json
-
-    from mixpipe.bench.common import write_json
+    from mixpipe.bench.common import finish_result, read_results
 
     parser = argparse.ArgumentParser(prog="python -m mixpipe.bench.speedup.compute",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", help="JSON of speed-up runs (or combine's output)")
     parser.add_argument("--out", required=True, help="compute JSON (PNG beside it)")
     args = parser.parse_args(argv)
-    payloads = []
-    for path in args.runs:
-        try:
-            with open(path) as f:
-                payloads.append(json.load(f))
-        except (OSError, ValueError) as err:
-            parser.exit(2, f"{parser.prog}: cannot read {path}: {err}\n")
-    try:
-        result = compute(payloads, args.runs)
-    except ValueError as err:
-        parser.exit(2, f"{parser.prog}: {err}\n")
-    write_json(args.out, result)
-    plot_compute(result, os.path.splitext(args.out)[0] + ".png")
-    print(format_compute(result))
-    return 0
+    payloads = read_results(parser, args.runs)
+    return finish_result(parser, args.out, lambda: compute(payloads, args.runs), plot_compute,
+                         format_compute)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
-from .combine import recorded_settings
+from .combine import results_settings
 from .settings import SpeedupSettings
 
 __all__ = ["trend", "plot_trend", "main", "VARIES", "compared_settings"]
@@ -59,14 +58,7 @@ def trend(payloads: Sequence[Dict[str, Any]], sources: Sequence[str],
     Refuses runs that trained differently in anything but :data:`VARIES`, runs without a
     mixtrain and budget pair, and a seed that two files give for the same model and length
     (which one counts would be a silent choice)."""
-    if len(payloads) != len(sources) or not payloads:
-        raise ValueError("give at least one run, with one source name per run")
-    for payload, source in zip(payloads, sources):
-        missing = [k for k in ("settings", "runs") if k not in payload]
-        if missing:
-            raise ValueError(f"{source} is not a speed-up result (no {', '.join(missing)}): "
-                             "pass JSON written by mixpipe bench speedup or its combine tool")
-    settings = [recorded_settings(p) for p in payloads]
+    settings = results_settings(payloads, sources)
     reference = compared_settings(settings[0])
     groups: Dict[Tuple[str, int, int], Dict[str, Any]] = {}
     memory_format: Dict[int, Tuple[bool, str]] = {}  # composite px -> (channels_last, source)
@@ -165,9 +157,7 @@ def format_trend(result: Dict[str, Any]) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    import json
-
-    from mixpipe.bench.common import write_json
+    from mixpipe.bench.common import finish_result, read_results
 
     parser = argparse.ArgumentParser(prog="python -m mixpipe.bench.speedup.trend",
                                      description=__doc__.splitlines()[0])
@@ -176,21 +166,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--target", type=float, default=None,
                         help="draw this Δ vs budget (points) as the target line")
     args = parser.parse_args(argv)
-    payloads = []
-    for path in args.runs:
-        try:
-            with open(path) as f:
-                payloads.append(json.load(f))
-        except (OSError, ValueError) as err:
-            parser.exit(2, f"{parser.prog}: cannot read {path}: {err}\n")
-    try:
-        result = trend(payloads, args.runs, args.target)
-    except ValueError as err:
-        parser.exit(2, f"{parser.prog}: {err}\n")
-    write_json(args.out, result)
-    plot_trend(result, os.path.splitext(args.out)[0] + ".png")
-    print(format_trend(result))
-    return 0
+    payloads = read_results(parser, args.runs)
+    return finish_result(parser, args.out, lambda: trend(payloads, args.runs, args.target),
+                         plot_trend, format_trend)
 
 
 if __name__ == "__main__":  # pragma: no cover
