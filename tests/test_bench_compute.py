@@ -56,10 +56,10 @@ def test_arms_are_priced_at_their_runs_size_and_seeds_gather_across_files():
     assert mix64["final_top1_per_seed"] == pytest.approx({0: 92.5, 1: 92.5})
     assert rows[("budget", 32)]["final_top1"] == pytest.approx(92.25)
     # none at 32 px: more forward inputs than mixtrain at 64 px, less compute, more accuracy
-    assert mix64["dominated_by"] == ["none at 32 px"]
+    assert mix64["dominated_by"] == ["none (32 px, 10-epoch run)"]
     assert rows[("none", 32)]["dominated_by"] == []
-    assert rows[("budget", 64)]["dominated_by"] == ["budget at 32 px", "mixtrain at 32 px",
-                                                    "none at 32 px"]
+    assert rows[("budget", 64)]["dominated_by"] == [
+        f"{arm} (32 px, 10-epoch run)" for arm in ("budget", "mixtrain", "none")]
     assert rows[("budget", 32)]["compute_vs_cheapest"] == pytest.approx(1.0)
     assert [r["train_tflops"] for r in result["rows"]] == sorted(
         r["train_tflops"] for r in result["rows"])

@@ -91,11 +91,12 @@ def compute(payloads: Sequence[Dict[str, Any]], sources: Sequence[str]) -> Dict[
                                           100.0 * run["final_top1"], source)
             group["sources"].add(source)
     rows: List[Dict[str, Any]] = []
-    for (arm, size, _), group in groups.items():
+    for (arm, size, run_epochs), group in groups.items():
         seeds = sorted(group["runs"])
         inputs = statistics.fmean(group["runs"][seed][0] for seed in seeds)
         rows.append({
-            "arm": arm, "image_size": size,
+            "arm": arm, "image_size": size, "run_epochs": run_epochs,
+            "name": f"{arm} ({size} px, {run_epochs}-epoch run)",
             "epochs": statistics.fmean(group["runs"][seed][1] for seed in seeds),
             "seeds": seeds, "sources": sorted(group["sources"]),
             "forward_inputs": inputs, "pass_flops": group["pass_flops"],
@@ -108,7 +109,7 @@ def compute(payloads: Sequence[Dict[str, Any]], sources: Sequence[str]) -> Dict[
         row["compute_vs_cheapest"] = row["train_tflops"] / cheapest
         # dominated: another arm reaches at least this accuracy (mean) for less compute
         row["dominated_by"] = sorted(
-            f"{o['arm']} at {o['image_size']} px" for o in rows
+            o["name"] for o in rows
             if o is not row and o["train_tflops"] < row["train_tflops"]
             and o["final_top1"] >= row["final_top1"])
     rows.sort(key=lambda r: (r["train_tflops"], r["arm"]))
@@ -125,7 +126,7 @@ def plot_compute(result: Dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(6.8, 4.4), dpi=120)
+    fig, ax = plt.subplots(figsize=(10.5, 4.8), dpi=120)
     arms = sorted({row["arm"] for row in result["rows"]})
     colours = {arm: plt.get_cmap("tab10")(i % 10) for i, arm in enumerate(arms)}
     markers = {size: m for size, m in zip(sorted({r["image_size"] for r in result["rows"]}),
@@ -136,15 +137,17 @@ def plot_compute(result: Dict[str, Any], path: str) -> None:
         ax.scatter([x] * len(seeds), seeds, s=10, alpha=0.4, color=colours[row["arm"]])
         ax.scatter([x], [row["final_top1"]], s=60, color=colours[row["arm"]],
                    marker=markers.get(row["image_size"], "o"), edgecolor="black",
-                   label=f"{row['arm']}, {row['image_size']} px, {row['epochs']:.1f} epochs")
+                   label=f"{row['name']}: {row['epochs']:.1f} epochs of data")
     ax.set_xscale("log")
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("training compute (TFLOPs: forward inputs × one forward+backward pass)")
     ax.set_ylabel(f"final top-1 on {result['eval_split']} (%)")
     ax.set_title(f"{result['model']}: accuracy against compute\n"
                  "up and left is better; dots: seeds", fontsize=10)
     ax.grid(True, alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -152,10 +155,11 @@ def plot_compute(result: Dict[str, Any], path: str) -> None:
 
 def format_compute(result: Dict[str, Any]) -> str:
     lines = [f"{result['model']}: final top-1 on {result['eval_split']} against training compute",
-             f"{'arm':<12}{'px':>5}{'epochs':>8}{'seeds':>6}{'inputs':>10}{'TFLOPs':>9}"
+             f"{'arm':<12}{'px':>5}{'run':>5}{'epochs':>8}{'seeds':>6}{'inputs':>10}{'TFLOPs':>9}"
              f"{'x min':>7}{'top-1':>8}  dominated by"]
     for row in result["rows"]:
-        lines.append(f"{row['arm']:<12}{row['image_size']:>5}{row['epochs']:>8.2f}"
+        lines.append(f"{row['arm']:<12}{row['image_size']:>5}{row['run_epochs']:>5}"
+                     f"{row['epochs']:>8.2f}"
                      f"{len(row['seeds']):>6}{row['forward_inputs']:>10.0f}"
                      f"{row['train_tflops']:>9.2f}{row['compute_vs_cheapest']:>7.2f}"
                      f"{row['final_top1']:>8.2f}  {', '.join(row['dominated_by']) or '-'}")
