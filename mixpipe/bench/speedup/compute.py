@@ -29,13 +29,18 @@ __all__ = ["pass_flops", "compute", "plot_compute", "format_compute", "main"]
 
 @functools.lru_cache(maxsize=None)
 def pass_flops(model: str, image_size: int, num_classes: int) -> int:
-    """FLOPs of one forward and backward pass of one input (batch of one, square image)."""
+    """FLOPs of one forward and backward pass of one input (batch of one, square image).
+
+    torch's counter counts convolutions and matrix products, which are nearly all of a
+    network's arithmetic, and not element-wise work. The model is put in eval mode so that a
+    batch norm over a 1x1 map of one image does not refuse to run; the counted products are the
+    same in both modes."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from .arms import build_model
 
-    net = build_model(model, num_classes)
+    net = build_model(model, num_classes).eval()
     first_conv = next((m for m in net.modules() if isinstance(m, torch.nn.Conv2d)), None)
     channels = 3 if first_conv is None else first_conv.in_channels
     x = torch.zeros(1, channels, image_size, image_size)
