@@ -80,8 +80,7 @@ def compute(payloads: Sequence[Dict[str, Any]], sources: Sequence[str]) -> Dict[
         for run in payload["runs"]:
             arm = run["policy"]
             group = groups.setdefault((arm, s.image_size, s.epochs), {
-                "trained": trained, "source": source, "pass_flops": per_pass, "runs": {},
-                "sources": set()})
+                "trained": trained, "source": source, "pass_flops": per_pass, "runs": {}})
             differ = sorted(k for k in trained if trained[k] != group["trained"][k])
             if differ:
                 raise ValueError(f"{source} and {group['source']} both give {arm} at "
@@ -94,7 +93,6 @@ def compute(payloads: Sequence[Dict[str, Any]], sources: Sequence[str]) -> Dict[
             group["runs"][run["seed"]] = (ranks * run["forward_inputs"],
                                           run.get("epochs_of_data", s.epochs),
                                           100.0 * run["final_top1"], source)
-            group["sources"].add(source)
     rows: List[Dict[str, Any]] = []
     for (arm, size, run_epochs), group in groups.items():
         seeds = sorted(group["runs"])
@@ -103,7 +101,7 @@ def compute(payloads: Sequence[Dict[str, Any]], sources: Sequence[str]) -> Dict[
             "arm": arm, "image_size": size, "run_epochs": run_epochs,
             "name": f"{arm} ({size} px, {run_epochs}-epoch run)",
             "epochs": statistics.fmean(group["runs"][seed][1] for seed in seeds),
-            "seeds": seeds, "sources": sorted(group["sources"]),
+            "seeds": seeds, "sources": sorted({group["runs"][seed][3] for seed in seeds}),
             "forward_inputs": inputs, "pass_flops": group["pass_flops"],
             "train_tflops": inputs * group["pass_flops"] / 1e12,
             "final_top1": statistics.fmean(group["runs"][seed][2] for seed in seeds),
