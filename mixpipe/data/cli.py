@@ -53,8 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fm.add_argument("--no-beton", dest="beton", action="store_false",
                     help="skip the FFCV .beton files")
     _common(fm)
-    tree = sources.add_parser("tree", help="a class-folder tree SRC/{train,val}/<class>/<image> "
-                              "(ImageNet layout; SRC/val becomes the test split); images are linked, not copied")
+    tree = sources.add_parser("tree", help="a class-folder tree SRC/{train,val|test}/<class>/"
+                              "<image> (ImageNet layout; SRC/val or SRC/test becomes the test "
+                              "split); images are linked, not copied")
     tree.add_argument("--src", required=True, help="root of the class-folder tree")
     tree.add_argument("--beton", action="store_true", help="also write FFCV .beton files")
     tree.add_argument("--max-side", type=int, default=None,

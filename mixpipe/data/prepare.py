@@ -8,8 +8,8 @@ everywhere):
 - ``OUT/classes.txt``: class name of label i on line i.
 - ``OUT/<split>/<class>/<file>``: the images. Fashion-MNIST: ``<source row:06d>.jpg`` written
   here. A user tree: ``OUT/train`` and ``OUT/val`` link to ``SRC/train``, ``OUT/test`` to
-  ``SRC/val`` (nothing copied; the user's files keep their names), so one ``file_root=OUT``
-  serves every split.
+  ``SRC/val`` or ``SRC/test`` (nothing copied; the user's files keep their names), so one
+  ``file_root=OUT`` serves every split.
 - ``OUT/<split>_files.txt``: ``<split>/<class>/<file> <label>``, relative to ``OUT``: DALI's
   ``fn.readers.file(file_root=OUT, file_list=OUT/<split>_files.txt)`` reads it as is.
 - ``OUT/<split>_arrays.npz``: ``images`` uint8[N, H, W, 3], ``labels`` int64[N]. For
@@ -338,7 +338,8 @@ def _tree_split(target: OutputDir, root: str, classes: Sequence[str], part: Spli
 def _tree_parts(splits: Dict[str, SplitListing], holdout: float, holdout_seed: int
                 ) -> List[Tuple[SplitListing, str, np.ndarray, Dict[str, Any]]]:
     """Prepared splits of a tree: ``SRC/train`` gives ``train`` and the ``val`` hold-out,
-    ``SRC/val`` (ImageNet's validation set, scored once for the record) gives ``test``."""
+    ``SRC/val`` or ``SRC/test`` (the source's own held-out set, scored once for the record)
+    gives ``test``."""
     parts = []
     for source_split, part in splits.items():
         if source_split == "train":
@@ -358,10 +359,12 @@ def prepare_tree(src: str, out: str, *, beton: bool = False, max_side: Optional[
                  workers: Optional[int] = None, verify: bool = False,
                  on_bad: str = "fail", allow_empty_classes: bool = False,
                  log: Log = print) -> Dict[str, str]:
-    """Prepare a user's class-folder tree ``SRC/{train,val}/<class>/<image>`` in ``out``.
+    """Prepare a user's class-folder tree ``SRC/{train,val|test}/<class>/<image>`` in ``out``.
 
     Splits: ``train`` and ``val`` (a stratified, seeded ``holdout`` share of ``SRC/train``, where
-    settings are chosen) and ``test`` (``SRC/val``, scored once for the record).
+    settings are chosen) and ``test`` (``SRC/val`` or ``SRC/test``, whichever the tree has,
+    scored once for the record). A tree with neither is prepared with a warning: its figures
+    can then only be the hold-out's.
 
     Every image is decode-checked first (real trees hold truncated downloads and HTML pages
     saved as ``.jpg``): ``on_bad="fail"`` stops naming the bad files, ``"skip"`` leaves them out
@@ -388,6 +391,9 @@ def prepare_tree(src: str, out: str, *, beton: bool = False, max_side: Optional[
     out = os.path.abspath(out)
     _check_disjoint(src, out)
     listing = scan_tree(src, allow_empty_classes)
+    if listing.heldout is None:
+        log(f"warning: {listing.root} has no val/ or test/ folder, so there is no test split; "
+            "only train and its val hold-out are prepared")
     with OutputDir(out, verify=verify, log=log) as target:
         target.ensure(_classes_artifact(listing.classes))
         readable: Dict[str, SplitListing] = {}

@@ -1,5 +1,9 @@
 """Scanning a user's ImageNet-style class-folder tree: ``SRC/<split>/<class>/<image>``.
 
+The held-out folder is ``val/`` in ImageNet's layout but ``test/`` in CIFAR-10 copies and Kaggle
+sets; either is accepted, so such a tree does not silently lose its test split. Both at once is
+refused: which one is the test split would be a guess.
+
 Labels come from the sorted class folder names of the first split found (``train`` normally), so
 the same tree always gives the same labels; every other split must use a subset of those classes.
 Files within a class are sorted by name, which fixes the dataset index of every image.
@@ -9,16 +13,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from .errors import DataError
 
-__all__ = ["IMAGE_EXTENSIONS", "TREE_SPLITS", "SplitListing", "TreeListing", "scan_tree"]
+__all__ = ["IMAGE_EXTENSIONS", "TREE_SPLITS", "HELDOUT_FOLDERS", "SplitListing", "TreeListing",
+           "scan_tree"]
 
 #: Formats both pillow and DALI's decoder read; anything else in a class folder is ignored.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                     ".pnm")
-TREE_SPLITS = ("train", "val")
+#: The folder names of a held-out set (prepared as ``test``); a tree may hold at most one.
+HELDOUT_FOLDERS = ("val", "test")
+TREE_SPLITS = ("train",) + HELDOUT_FOLDERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +43,12 @@ class SplitListing:
 class TreeListing:
     root: str
     classes: Tuple[str, ...]
-    splits: Dict[str, SplitListing]
+    splits: Dict[str, SplitListing]  # keyed by source folder: train, and val or test
+
+    @property
+    def heldout(self) -> Optional[str]:
+        """The held-out folder's name (``val`` or ``test``), or None when the tree has none."""
+        return next((s for s in HELDOUT_FOLDERS if s in self.splits), None)
 
 
 def _class_dirs(split_dir: str) -> List[str]:
@@ -96,8 +108,11 @@ def scan_tree(root: str, allow_empty_classes: bool = False) -> TreeListing:
         raise DataError(f"source tree {root} does not exist or is not a directory")
     present = [s for s in TREE_SPLITS if os.path.isdir(os.path.join(root, s))]
     if not present:
-        raise DataError(f"{root}: no split folders; expected {' and/or '.join(TREE_SPLITS)}/ "
-                        "each holding one folder per class (ImageNet layout)")
+        raise DataError(f"{root}: no split folders; expected train/ and val/ or test/, each "
+                        "holding one folder per class (ImageNet layout)")
+    if all(s in present for s in HELDOUT_FOLDERS):
+        raise DataError(f"{root} has both val/ and test/, and either would become the test "
+                        "split; remove or rename one of them")
     classes = tuple(_class_dirs(os.path.join(root, present[0])))
     if not classes:
         raise DataError(f"{os.path.join(root, present[0])}: no class folders; expected "
