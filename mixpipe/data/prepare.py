@@ -35,9 +35,12 @@ from .writers import (check_arrays, check_beton, ffcv_available, find_bad_images
                       load_rgb, parallel_map, write_arrays, write_beton, write_file_list,
                       write_jpegs)
 
-__all__ = ["prepare_fashion_mnist", "prepare_tree", "artifact_paths"]
+__all__ = ["prepare_fashion_mnist", "prepare_from_arrays", "prepare_tree", "artifact_paths",
+           "split_rows"]
 
 Log = Callable[[str], None]
+#: ``images(source_split, rows)`` -> uint8[len(rows), H, W, 3], the RGB images of those rows.
+ImagesOf = Callable[[str, np.ndarray], np.ndarray]
 #: FFCV page sizes: 2 MiB (its minimum) for 32x32 images, 8 MiB (its default) for photos.
 _SMALL_PAGE, _LARGE_PAGE = 1 << 21, 1 << 23
 
@@ -158,26 +161,41 @@ def _optional(target: OutputDir, wanted: bool, art: Artifact) -> None:
         target.discard(art.name, art.relpath, art.recipe)
 
 
-def _fashion_split(target: OutputDir, src: str, source_split: str, split: str,
-                   rows: np.ndarray, labels: np.ndarray, source: Dict[str, Any], quality: int,
-                   beton: bool, workers: int) -> None:
-    """Write prepared ``split``: the ``rows`` of IDX source ``source_split`` (files keep the
-    source row in their name, so a hold-out image can be traced back)."""
+def split_rows(source_split: str, labels: np.ndarray, holdout: float, holdout_seed: int
+               ) -> List[Tuple[str, np.ndarray, Dict[str, Any]]]:
+    """``[(prepared split, source rows, hold-out recipe)]`` of one source split.
+
+    ``train`` gives ``train`` and the ``val`` hold-out (none when ``holdout`` holds nothing
+    out); any other source split is a held-out set of the source's own and becomes ``test``,
+    whole. Every preparation carves the same way, so ``val`` means the same thing everywhere.
+    """
+    if source_split != "train":
+        return [("test", np.arange(len(labels)), {})]
+    keep, held = stratified_holdout(np.asarray(labels), holdout, holdout_seed)
+    carve = {"holdout": holdout, "holdout_seed": holdout_seed}
+    return [("train", keep, carve)] + ([("val", held, carve)] if held.size else [])
+
+
+def _array_split(target: OutputDir, classes: Sequence[str], source_split: str, split: str,
+                 rows: np.ndarray, labels: np.ndarray, images: ImagesOf,
+                 source: Dict[str, Any], image_recipe: Dict[str, Any], quality: int,
+                 beton: bool, workers: int) -> None:
+    """Write prepared ``split``: the ``rows`` of in-memory source ``source_split`` (files keep
+    the source row in their name, so a hold-out image can be traced back)."""
     n = len(rows)
     labels = labels[rows]
     cache: Dict[str, np.ndarray] = {}
 
     def rgb() -> np.ndarray:
-        """The padded RGB images, read from the IDX file only if some artifact needs them."""
+        """The split's RGB images, read from the source only if some artifact needs them."""
         if "rgb" not in cache:
-            upto = int(rows[-1]) + 1 if n else 0
-            cache["rgb"] = fm.pad_to_rgb(fm.load_split(src, source_split, upto)[0][rows])
+            cache["rgb"] = images(source_split, rows)
         return cache["rgb"]
 
-    names = [f"{fm.CLASSES[label]}/{int(i):06d}.jpg" for i, label in zip(rows, labels)]
+    names = [f"{classes[label]}/{int(i):06d}.jpg" for i, label in zip(rows, labels)]
     rel = artifact_paths(target.root, split)
     target.ensure(Artifact(
-        f"{split}.images", rel["images"], {**source, "quality": quality, "pad": fm.PAD},
+        f"{split}.images", rel["images"], {**source, "quality": quality, **image_recipe},
         _build(lambda p: write_jpegs(p, rgb(), names, quality, workers), n)))
     target.ensure(Artifact(
         f"{split}.files", rel["files"], source,
@@ -188,6 +206,41 @@ def _fashion_split(target: OutputDir, src: str, source_split: str, split: str,
     _optional(target, beton, _beton_step(
         f"{split}.beton", rel["beton"], {**source, "quality": quality, "write_mode": "jpg"}, n,
         lambda: _ArraySource(rgb(), labels), quality, None, workers, _SMALL_PAGE))
+
+
+def prepare_from_arrays(out: str, classes: Sequence[str],
+                        sources: Dict[str, Tuple[np.ndarray, Dict[str, Any]]],
+                        images: ImagesOf, *, image_recipe: Optional[Dict[str, Any]] = None,
+                        beton: bool = True, quality: int = 95,
+                        holdout: float = DEFAULT_FRACTION, holdout_seed: int = DEFAULT_SEED,
+                        workers: Optional[int] = None, verify: bool = False,
+                        log: Log = print) -> Dict[str, str]:
+    """Write a dataset of small images held in memory (Fashion-MNIST).
+
+    ``sources`` maps each source split (``train``, ``test``) to its labels and a recipe naming
+    the source files, so a changed source rebuilds what came from it; ``images`` is called only
+    when an artifact must be (re)built, so a re-run that skips everything stays cheap. Splits as
+    :func:`split_rows` carves them; every artifact of the module docstring is written (the
+    .beton only when ffcv is installed, with a note otherwise). Returns the paths written.
+    """
+    _positive("quality", quality, 1, 100)
+    workers = _workers(workers)
+    out = os.path.abspath(out)
+    want_beton = beton and ffcv_available()
+    if beton and not want_beton:
+        log("note: ffcv is not importable, so no .beton is written "
+            "(pip install --no-build-isolation ffcv==1.0.2)")
+    # Carve before touching the output, so a bad hold-out setting leaves nothing.
+    parts = [(source_split, split, rows, labels, {**recipe, **carve})
+             for source_split, (labels, recipe) in sources.items()
+             for split, rows, carve in split_rows(source_split, labels, holdout, holdout_seed)]
+    with OutputDir(out, verify=verify, log=log) as target:
+        target.ensure(_classes_artifact(classes))
+        for source_split, split, rows, labels, recipe in parts:
+            recipe = {**recipe, "split": split, "samples": len(rows)}
+            _array_split(target, classes, source_split, split, rows, labels, images, recipe,
+                         image_recipe or {}, quality, want_beton, workers)
+    return _result(out, [split for _, split, *_ in parts])
 
 
 def prepare_fashion_mnist(out: str, limit: Optional[int] = None, beton: bool = True,
@@ -204,37 +257,25 @@ def prepare_fashion_mnist(out: str, limit: Optional[int] = None, beton: bool = T
     with the same settings are kept as they are."""
     _positive("limit", limit)
     _positive("test_limit", test_limit)
-    _positive("quality", quality, 1, 100)
-    workers = _workers(workers)
-    out = os.path.abspath(out)
     limits = {"train": limit, "test": test_limit if test_limit is not None else limit}
-    want_beton = beton and ffcv_available()
-    if beton and not want_beton:
-        log("note: ffcv is not importable, so no .beton is written "
-            "(pip install --no-build-isolation ffcv==1.0.2)")
-    # Read and check the sources before touching the output, so bad input leaves nothing.
-    parts = []  # (source split, prepared split, rows, all labels, recipe)
+    # Only the labels are read up front (cheap): the images wait until an artifact needs them.
+    sources = {}
     for source_split in fm.SPLIT_FILES:
         files = fm.source_files(src, source_split)
         labels = fm.load_labels(src, source_split)[:limits[source_split]]
         recipe = {"dataset": "fashion-mnist", "source_split": source_split,
                   "files": {os.path.basename(p): [os.path.getsize(p), os.stat(p).st_mtime_ns]
                             for p in files.values()}}
-        if source_split == "train":
-            keep, held = stratified_holdout(labels, holdout, holdout_seed)
-            carve = {"holdout": holdout, "holdout_seed": holdout_seed}
-            parts.append((source_split, "train", keep, labels, {**recipe, **carve}))
-            if held.size:
-                parts.append((source_split, "val", held, labels, {**recipe, **carve}))
-        else:
-            parts.append((source_split, "test", np.arange(len(labels)), labels, recipe))
-    with OutputDir(out, verify=verify, log=log) as target:
-        target.ensure(_classes_artifact(fm.CLASSES))
-        for source_split, split, rows, labels, recipe in parts:
-            recipe = {**recipe, "split": split, "samples": len(rows)}
-            _fashion_split(target, src, source_split, split, rows, labels, recipe, quality,
-                           want_beton, workers)
-    return _result(out, [split for _, split, *_ in parts])
+        sources[source_split] = (labels, recipe)
+
+    def images(source_split: str, rows: np.ndarray) -> np.ndarray:
+        upto = int(rows[-1]) + 1 if len(rows) else 0
+        return fm.pad_to_rgb(fm.load_split(src, source_split, upto)[0][rows])
+
+    return prepare_from_arrays(out, fm.CLASSES, sources, images, image_recipe={"pad": fm.PAD},
+                               beton=beton, quality=quality, holdout=holdout,
+                               holdout_seed=holdout_seed, workers=workers, verify=verify,
+                               log=log)
 
 
 def _decode_chunk(job: Tuple[List[str], Optional[Tuple[int, int]]]) -> List[np.ndarray]:
@@ -340,17 +381,9 @@ def _tree_parts(splits: Dict[str, SplitListing], holdout: float, holdout_seed: i
     """Prepared splits of a tree: ``SRC/train`` gives ``train`` and the ``val`` hold-out,
     ``SRC/val`` or ``SRC/test`` (the source's own held-out set, scored once for the record)
     gives ``test``."""
-    parts = []
-    for source_split, part in splits.items():
-        if source_split == "train":
-            keep, held = stratified_holdout(np.asarray(part.labels), holdout, holdout_seed)
-            carve = {"holdout": holdout, "holdout_seed": holdout_seed}
-            parts.append((part, "train", keep, carve))
-            if held.size:
-                parts.append((part, "val", held, carve))
-        else:
-            parts.append((part, "test", np.arange(len(part.labels)), {}))
-    return parts
+    return [(part, split, rows, carve) for source_split, part in splits.items()
+            for split, rows, carve in split_rows(source_split, part.labels, holdout,
+                                                 holdout_seed)]
 
 
 def prepare_tree(src: str, out: str, *, beton: bool = False, max_side: Optional[int] = None,
