@@ -92,8 +92,9 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
     barrier()  # every rank is done with this arm's server before rank 0 stops it
     if owned is not None:
         owned.stop()
+    # the framing it was scored with: the settings record None where it followed the training
     history.update(policy=arm, seed=seed, policy_settings=settings.to_dict(),
-                   epochs_of_data=length,
+                   epochs_of_data=length, eval_crop_ratio=s.crop_ratio,
                    local=local.history if local is not None else None)
     return history
 
