@@ -1,9 +1,11 @@
-"""``mixpipe data prepare {fashion-mnist,tree}``: write a dataset in the layout the loaders read.
+"""``mixpipe data prepare {fashion-mnist,cifar10,tree}``: write a dataset in the layout the
+loaders read.
 
 Examples::
 
     mixpipe data prepare fashion-mnist --out data/fashion-mnist
     mixpipe data prepare fashion-mnist --out /tmp/fm --limit 2000 --no-beton
+    mixpipe data prepare cifar10 --src ~/.cache/torchvision/cifar-10-batches-py --out data/cifar10
     mixpipe data prepare tree --src /datasets/imagenet --out data/imagenet --beton --max-side 512
 
 Re-running is cheap: complete artifacts are skipped, interrupted ones rebuilt.
@@ -53,6 +55,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fm.add_argument("--no-beton", dest="beton", action="store_false",
                     help="skip the FFCV .beton files")
     _common(fm)
+    c10 = sources.add_parser("cifar10", help="CIFAR-10 from a copy you have: torchvision's "
+                             "cifar-10-batches-py folder (train 45k, val 5k held out of train, "
+                             "test = the 10k test batch), or a class-folder tree "
+                             "SRC/{train,test}/<class>/<image> (prepared as `tree` does, with "
+                             "arrays); nothing is downloaded")
+    c10.add_argument("--src", required=True,
+                     help="the cifar-10-batches-py folder (data_batch_1..5, test_batch, "
+                          "batches.meta) or the root above it, or a class-folder tree")
+    c10.add_argument("--no-beton", dest="beton", action="store_false",
+                     help="skip the FFCV .beton files")
+    _common(c10)
     tree = sources.add_parser("tree", help="a class-folder tree SRC/{train,val|test}/<class>/"
                               "<image> (ImageNet layout; SRC/val or SRC/test becomes the test "
                               "split); images are linked, not copied")
@@ -73,10 +86,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .cifar10 import prepare_cifar10
     from .prepare import prepare_fashion_mnist, prepare_tree
 
     try:
-        if args.source == "fashion-mnist":
+        if args.source == "cifar10":
+            paths = prepare_cifar10(args.src, args.out, beton=args.beton, quality=args.quality,
+                                    holdout=args.holdout, holdout_seed=args.holdout_seed,
+                                    workers=args.workers, verify=args.verify)
+        elif args.source == "fashion-mnist":
             paths = prepare_fashion_mnist(args.out, args.limit, args.beton, args.quality,
                                           src=args.src, test_limit=args.test_limit,
                                           holdout=args.holdout, holdout_seed=args.holdout_seed,

@@ -6,14 +6,15 @@ record). Layout (``OUT`` is the output directory; line / row / record i is sampl
 everywhere):
 
 - ``OUT/classes.txt``: class name of label i on line i.
-- ``OUT/<split>/<class>/<file>``: the images. Fashion-MNIST: ``<source row:06d>.jpg`` written
-  here. A user tree: ``OUT/train`` and ``OUT/val`` link to ``SRC/train``, ``OUT/test`` to
-  ``SRC/val`` or ``SRC/test`` (nothing copied; the user's files keep their names), so one
-  ``file_root=OUT`` serves every split.
+- ``OUT/<split>/<class>/<file>``: the images. Fashion-MNIST and CIFAR-10's pickled batches:
+  ``<source row:06d>.jpg`` written here. A user tree: ``OUT/train`` and ``OUT/val`` link to
+  ``SRC/train``, ``OUT/test`` to ``SRC/val`` or ``SRC/test`` (nothing copied; the user's files
+  keep their names), so one ``file_root=OUT`` serves every split.
 - ``OUT/<split>_files.txt``: ``<split>/<class>/<file> <label>``, relative to ``OUT``: DALI's
   ``fn.readers.file(file_root=OUT, file_list=OUT/<split>_files.txt)`` reads it as is.
 - ``OUT/<split>_arrays.npz``: ``images`` uint8[N, H, W, 3], ``labels`` int64[N]. For
-  Fashion-MNIST these are the padded RGB pixels *before* JPEG encoding (lossless originals).
+  Fashion-MNIST these are the padded RGB pixels *before* JPEG encoding (lossless originals), for
+  CIFAR-10's batches the source pixels themselves.
 - ``OUT/<split>.beton``: FFCV fields ``image`` (RGBImageField, JPEG) and ``label`` (IntField).
 - ``OUT/<split>_bad.txt`` (user trees): ``relpath<TAB>reason`` for every file pillow could not
   decode; with ``on_bad="skip"`` these are left out of every other artifact.
@@ -36,7 +37,7 @@ from .writers import (check_arrays, check_beton, ffcv_available, find_bad_images
                       write_jpegs)
 
 __all__ = ["prepare_fashion_mnist", "prepare_from_arrays", "prepare_tree", "artifact_paths",
-           "split_rows"]
+           "split_rows", "beton_wanted"]
 
 Log = Callable[[str], None]
 #: ``images(source_split, rows)`` -> uint8[len(rows), H, W, 3], the RGB images of those rows.
@@ -153,6 +154,16 @@ def _beton_step(name: str, relpath: str, recipe: Dict[str, Any], samples: int,
     return Artifact(name, relpath, recipe, build, check_beton)
 
 
+def beton_wanted(beton: bool, log: Log) -> bool:
+    """Whether to write a .beton that is on by default: asked for and ffcv installed. A missing
+    ffcv is a note, not an error, so the other artifacts still get written."""
+    if beton and not ffcv_available():
+        log("note: ffcv is not importable, so no .beton is written "
+            "(pip install --no-build-isolation ffcv==1.0.2)")
+        return False
+    return beton
+
+
 def _optional(target: OutputDir, wanted: bool, art: Artifact) -> None:
     """Build a requested artifact; drop an unrequested one only if it went stale."""
     if wanted:
@@ -215,7 +226,7 @@ def prepare_from_arrays(out: str, classes: Sequence[str],
                         holdout: float = DEFAULT_FRACTION, holdout_seed: int = DEFAULT_SEED,
                         workers: Optional[int] = None, verify: bool = False,
                         log: Log = print) -> Dict[str, str]:
-    """Write a dataset of small images held in memory (Fashion-MNIST).
+    """Write a dataset of small images held in memory (Fashion-MNIST, CIFAR-10's batches).
 
     ``sources`` maps each source split (``train``, ``test``) to its labels and a recipe naming
     the source files, so a changed source rebuilds what came from it; ``images`` is called only
@@ -226,10 +237,7 @@ def prepare_from_arrays(out: str, classes: Sequence[str],
     _positive("quality", quality, 1, 100)
     workers = _workers(workers)
     out = os.path.abspath(out)
-    want_beton = beton and ffcv_available()
-    if beton and not want_beton:
-        log("note: ffcv is not importable, so no .beton is written "
-            "(pip install --no-build-isolation ffcv==1.0.2)")
+    want_beton = beton_wanted(beton, log)
     # Carve before touching the output, so a bad hold-out setting leaves nothing.
     parts = [(source_split, split, rows, labels, {**recipe, **carve})
              for source_split, (labels, recipe) in sources.items()
