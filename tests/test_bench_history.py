@@ -34,10 +34,27 @@ def test_watched_run_counts_single_epochs_and_scores_every_training_image(tmp_pa
     from mixpipe.bench.speedup.data import load_data
 
     train, _, _ = load_data(s, log=lambda *a, **k: None)
-    top1 = evaluate(model, EvalBatches(train, batch_size=16, size=32),
+    top1 = evaluate(model, EvalBatches(train, batch_size=16, size=32, crop_ratio=s.crop_ratio),
                     Normalize(channels_last=s.uses_channels_last()))
     assert summary["train_top1_single_view"] == pytest.approx(top1)
     assert np.isfinite(arrays["loss"]).all() and (arrays["loss"] >= 0).all()
+    # the diagnosis: class shares per epoch (warm-up mixes nothing), stickiness between
+    # consecutive epochs, and the eval split scored class by class
+    shares = summary["class_mixed_share_per_epoch"]
+    assert len(shares) == 4 and shares[0] == [0.0, 0.0]
+    assert len(summary["stickiness_per_epoch"]) == 3
+    assert summary["stickiness_per_epoch"][0]["stay_mixed"] is None  # nothing mixed before
+    mixed_share = [1 - x for x in summary["single_share_per_epoch"]]
+    assert [st["mixed"] for st in summary["stickiness_per_epoch"]] == pytest.approx(
+        mixed_share[1:])
+    _, scored, _ = load_data(s, log=lambda *a, **k: None)
+    eval_top1 = evaluate(model, EvalBatches(scored, batch_size=16, size=32, crop_ratio=s.crop_ratio),
+                         Normalize(channels_last=s.uses_channels_last()))
+    assert summary["eval_top1"] == pytest.approx(eval_top1)
+    assert np.mean(summary["eval_top1_per_class"]) == pytest.approx(eval_top1)  # 4 per class
+    assert sum(summary["eval_prediction_share"]) == pytest.approx(1.0)
+    gap = summary["view_gap"]
+    assert gap is not None and gap["constituent_ratio"] is not None
     # grouping by another run's counts: the bands follow those counts, not this run's
     other = np.full(n, 4, np.int64)
     again, _, _ = watch_run(s, "none", 0, groups_from=other)
