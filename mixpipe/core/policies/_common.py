@@ -25,6 +25,7 @@ __all__ = [
 # how many samples are skipped) does not reshuffle an unrelated one (e.g. the slot order).
 STREAM_ORDER = 0  #: the walk over the samples: slot order and grouping
 STREAM_SKIP = 1  #: which easy samples shrink leaves out
+STREAM_SELECT = 2  #: which samples mixtrain's sampled selection mixes
 
 #: settings spelling -> layout code, and the group sizes each layout allows (default first)
 LAYOUTS = {

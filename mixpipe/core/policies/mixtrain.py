@@ -63,16 +63,17 @@ import numpy as np
 
 from ..ledger import LedgerSnapshot
 from ..plan import Layout, MixPlan
-from . import PolicySettings, register
-from ._common import (LAYOUTS, Tier, assemble_tiers, check_choice, check_float, check_int,
-                      group_weights, groups_for_fraction, resolve_group_size, slot_order)
+from . import PolicySettings, epoch_rng, register
+from ._common import (LAYOUTS, STREAM_SELECT, Tier, assemble_tiers, check_choice, check_float,
+                      check_int, group_weights, groups_for_fraction, resolve_group_size, slot_order)
 
 __all__ = ["MixTrainSettings", "plan_mixtrain", "mixing_fraction", "tier_groups",
-           "epoch_forward_inputs", "skip_count", "hardest_fresh", "choose_tiers", "walk_tiers",
+           "epoch_forward_inputs", "sampled_order", "skip_count", "hardest_fresh", "choose_tiers", "walk_tiers",
            "plan_kept",
            "lowest_per_class", "weigher", "statistic", "seen_mask"]
 
 SCHEDULES = ("constant", "ramp", "speedup")
+SELECTIONS = ("lowest", "sampled")
 #: a ramp's length when the run's length is not given: the 20-epoch benchmark's (one warm-up
 #: epoch, nineteen mixed ones)
 DEFAULT_RAMP_EPOCHS = 18
@@ -115,6 +116,15 @@ class MixTrainSettings(PolicySettings):
             middle ones in pairs at half the area, the easiest in quads at a quarter. The
             mixed fraction still counts every mixed sample, so a tier of halves saves fewer
             passes than the same samples in quads (see :func:`tier_groups`).
+        selection: how the mixed samples are chosen from the ranking. ``lowest``: always the
+            lowest losses. ``sampled``: drawn afresh each epoch, without replacement, with a
+            weight ``(1 - q) ** ease_power`` where ``q`` in [0, 1) is the sample's loss rank
+            among those that may be mixed (0: the easiest). The easiest are the likeliest to be
+            mixed and the very hardest never are, but no sample is mixed every epoch by rule,
+            so every one is seen whole now and then, and a choice that follows loss cannot
+            freeze into a choice of classes or of one view.
+        ease_power: sharpness of ``sampled`` (0: uniform, as random mixing; large: nearly
+            ``lowest``).
         skip_hardest: in a mixed epoch, leave out this share of the dataset: the samples with
             the highest loss among those reported in the last committed epoch. Hard samples
             are the ones mixtrain keeps single, so late in a run its single images are its
@@ -145,6 +155,8 @@ class MixTrainSettings(PolicySettings):
     per_class: bool = False
     halves_share: float = 0.0
     skip_hardest: float = 0.0
+    selection: str = "lowest"
+    ease_power: float = 1.0
 
     def __post_init__(self) -> None:
         resolve_group_size(self)
@@ -169,6 +181,8 @@ class MixTrainSettings(PolicySettings):
         check_int(self, "final_full_epochs", 0)
         check_float(self, "halves_share", 0.0, 1.0)
         check_float(self, "skip_hardest", 0.0, 0.5)
+        check_choice(self, "selection", SELECTIONS)
+        check_float(self, "ease_power", 0.0, 64.0)
         if self.halves_share and self.layout != "quads":
             raise ValueError(f"MixTrainSettings.halves_share needs layout='quads' (it moves the "
                              f"hardest mixed samples from quads into halves), got layout "
@@ -351,6 +365,23 @@ def choose_tiers(score: np.ndarray, pool_mask: np.ndarray, base: int,
     return tiers
 
 
+def sampled_order(score: np.ndarray, pool_mask: np.ndarray, power: float,
+                  rng: np.random.Generator) -> np.ndarray:
+    """float64[N], lower first: a random order of the pool in which taking the ``n`` lowest is
+    drawing ``n`` samples without replacement with weights ``(1 - q) ** power`` (``q``: the
+    sample's loss rank in the pool over the pool's size; Gumbel top-k). Outside the pool: +inf.
+    """
+    out = np.full(score.shape[0], np.inf)
+    pool = np.flatnonzero(pool_mask)
+    if pool.size == 0:
+        return out
+    q = np.empty(pool.size)
+    q[np.argsort(score[pool], kind="stable")] = np.arange(pool.size) / pool.size
+    gumbel = rng.gumbel(size=pool.size)
+    out[pool] = -(power * np.log1p(-q) + gumbel)
+    return out
+
+
 def walk_tiers(tiers: list, order: np.ndarray, score: np.ndarray,
                settings: MixTrainSettings) -> list:
     """:func:`choose_tiers`' members as :class:`Tier` s along the epoch's walk ``order``."""
@@ -394,7 +425,9 @@ def plan_kept(snapshot: LedgerSnapshot, skip: np.ndarray, scale: Optional[np.nda
     if mix is None:
         return assemble_tiers(n, order, [], skipped, seed, epoch, scale)
     mix_score = statistic(snapshot, mix.statistic)
-    tiers = choose_tiers(mix_score, seen_mask(snapshot, mix_score) & ~skip, order.size, mix,
-                         epoch, snapshot.labels)
+    pool = seen_mask(snapshot, mix_score) & ~skip
+    rank_score = mix_score if mix.selection == "lowest" else sampled_order(
+        mix_score, pool, mix.ease_power, epoch_rng(seed, epoch, STREAM_SELECT))
+    tiers = choose_tiers(rank_score, pool, order.size, mix, epoch, snapshot.labels)
     return assemble_tiers(n, order, walk_tiers(tiers, order, mix_score, mix), skipped, seed,
                           epoch, scale)
