@@ -38,7 +38,8 @@ def fit(model: nn.Module, loader: PlanLoader, optimizer: torch.optim.Optimizer, 
         progress: bool = True, reporter_chunk: int = 8192,
         on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None,
         desc: str = "train", loss_per: str = "slot",
-        recalibrate: Optional[Iterable] = None) -> Dict[str, Any]:
+        recalibrate: Optional[Iterable] = None,
+        resolution: Optional[Callable[[int], int]] = None) -> Dict[str, Any]:
     """Train ``model`` for ``epochs`` epochs of ``loader`` (a :class:`~mixpipe.core.loader
     .PlanLoader`, left open); return the history.
 
@@ -56,6 +57,9 @@ def fit(model: nn.Module, loader: PlanLoader, optimizer: torch.optim.Optimizer, 
     statistics are re-estimated after the last epoch, before it is scored
     (:func:`mixpipe.train.recalibrate_norms`); its images and seconds count as that epoch's
     forward inputs and training time.
+    ``resolution(epoch)``: the side in px each epoch trains at, the loader's batches resized to
+    it before the forward pass (progressive resizing, :class:`mixpipe.train.resolution
+    .ProgressiveResize`; plans of single images only); the record keeps it as ``resolution``.
     Composites and single images share the model's batch norms unless the model was split
     first (:func:`mixpipe.train.split_norms`, before the optimizer is built).
 
@@ -81,9 +85,13 @@ def fit(model: nn.Module, loader: PlanLoader, optimizer: torch.optim.Optimizer, 
         for epoch in range(start_epoch, epochs):
             run.net.train()
             begun = begin_epoch(loader, epoch)
-            tally = _train_epoch(run, loader, epoch, begun, f"{desc} {epoch + 1}/{epochs}", show)
+            size = resolution(epoch) if resolution is not None else None
+            tally = _train_epoch(run, loader, epoch, begun, f"{desc} {epoch + 1}/{epochs}", show,
+                                 size)
             record = epoch_record(epoch, begun, tally, close_epoch(run.reporter, epoch, commit),
                                   run.lr(epoch + 1))
+            if size is not None:
+                record["resolution"] = size
             if recalibrate is not None and epoch == epochs - 1:
                 recalibration_step(run.net, recalibrate, prepare, device, record)
             record.update(timed_evaluation(run.net, eval_loader, prepare, device))
@@ -142,8 +150,9 @@ class _Run:
 
 
 def _train_epoch(run: _Run, loader: PlanLoader, epoch: int, begun: EpochStart, label: str,
-                 show: bool) -> EpochTally:
-    """The epoch's steps, timed: waiting for a batch is data wait, the rest is compute."""
+                 show: bool, size: Optional[int] = None) -> EpochTally:
+    """The epoch's steps, timed: waiting for a batch is data wait, the rest is compute (the
+    resizing of a progressive epoch, at ``size`` px, included)."""
     tally = EpochTally()
     with tqdm(total=begun.steps, desc=label, leave=False, disable=not show) as bar:
         tick = time.perf_counter()
@@ -154,7 +163,7 @@ def _train_epoch(run: _Run, loader: PlanLoader, epoch: int, begun: EpochStart, l
             factor = run.factor(epoch + step / max(begun.steps, 1))
             set_lr(run.optimizer, run.base_lrs, factor)
             out = train_step(run.net, run.optimizer, batch, run.prepare, run.device,
-                             run.loss_per)
+                             run.loss_per, size)
             report_losses(run.reporter, epoch, batch, out)
             tick, waited = time.perf_counter(), got - tick
             tally.add(out, waited, tick - got)
@@ -169,6 +178,7 @@ def _train_epoch(run: _Run, loader: PlanLoader, epoch: int, begun: EpochStart, l
 
 def _print_epoch(record: Dict[str, Any], desc: str, epochs: int) -> None:
     top = f" top-1 {record['top1'] * 100:.2f}%" if "top1" in record else ""
-    print(f"[{desc}] epoch {record['epoch'] + 1}/{epochs}: {record['forward_inputs']} inputs, "
-          f"loss {record['train_loss']:.4f}, {record['train_seconds']:.1f}s "
+    side = f" at {record['resolution']} px" if "resolution" in record else ""
+    print(f"[{desc}] epoch {record['epoch'] + 1}/{epochs}: {record['forward_inputs']} "
+          f"inputs{side}, loss {record['train_loss']:.4f}, {record['train_seconds']:.1f}s "
           f"(data wait {record['data_wait_seconds']:.1f}s){top}", flush=True)

@@ -21,6 +21,7 @@ from .distributed import agree_steps, barrier
 from .evaluate import Normalize, evaluate
 from .loss import MixedLoss, batch_loss
 from .reporter import LossReporter
+from .resolution import check_singles, resize_images
 
 __all__ = ["EpochStart", "EpochTally", "begin_epoch", "set_lr", "train_step", "report_losses",
            "close_epoch", "timed_evaluation", "epoch_record", "history_totals", "reporting_service"]
@@ -53,9 +54,15 @@ def set_lr(optimizer: torch.optim.Optimizer, base_lrs: Sequence[float], factor: 
 
 
 def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, batch: MixedBatch,
-               prepare: Normalize, device: Any, loss_per: str) -> MixedLoss:
-    """One optimiser step on one batch of composites; returns its losses."""
+               prepare: Normalize, device: Any, loss_per: str,
+               size: Optional[int] = None) -> MixedLoss:
+    """One optimiser step on one batch of composites; returns its losses. ``size``: train at
+    that side instead of the loader's (progressive resizing, :mod:`mixpipe.train.resolution`;
+    single images only)."""
     images = prepare(batch.image, device)
+    if size is not None:
+        check_singles(batch.layout)
+        images = resize_images(images, size)
     logits = net(images, batch.layout, batch.weights.to(device))
     out = batch_loss(logits, batch, loss_per)
     optimizer.zero_grad(set_to_none=True)
