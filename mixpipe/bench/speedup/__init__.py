@@ -27,7 +27,8 @@ from .arms import train_arm
 from .data import load_data
 from .loaders import make_loader
 from .report import format_table, plot, summarise, targets, time_to_reach
-from .settings import QUICK, SpeedupSettings, arm_policy, budget_epochs, run_order, seed_arms
+from .settings import (MATCHING_ARMS, QUICK, SpeedupSettings, arm_policy, budget_epochs,
+                       run_order, seed_arms)
 
 __all__ = ["SpeedupSettings", "QUICK", "run_benchmark", "add_arguments", "run", "format_table",
            "summarise", "targets", "arm_policy", "budget_epochs", "load_data", "make_loader",
@@ -69,7 +70,7 @@ def run_benchmark(s: SpeedupSettings, out: Optional[str] = None,
     for seed in s.seeds:
         inputs: Dict[str, int] = {}
         for arm in seed_arms(s, seed):
-            matched = inputs.get(s.budget_match) if arm == "budget" else None
+            matched = inputs.get(s.budget_match) if arm in MATCHING_ARMS else None
             history = train_arm(s, arm, seed, train, eval_batches, num_classes, log, matched)
             inputs[arm] = history["forward_inputs"] * env.world_size  # counted per rank
             runs.append(history)

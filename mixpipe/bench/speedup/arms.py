@@ -9,6 +9,7 @@ import numpy as np
 from mixpipe.core.policies.budget import whole_epochs
 
 from .loaders import make_loader
+from .progressive import plan_progressive, progressive_resize
 from .settings import (SpeedupSettings, arm_epochs, arm_policy, recalibration_images,
                        splits_norms)
 
@@ -44,7 +45,8 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
               matched_inputs: Optional[int] = None,
               observe: Optional[Callable[[Any, Any], Any]] = None) -> Dict[str, Any]:
     """One (arm, seed) run; returns its history with the arm's identity. ``matched_inputs``:
-    the forward inputs a budget arm matches, where they were measured. ``observe(service,
+    the forward inputs a budget or progressive arm matches, where they were measured. The
+    progressive arm's epoch records also hold each epoch's side and FLOPs. ``observe(service,
     model)`` returns the service the loader and the trainer use (a diagnostic's wrapper, which
     may also keep the model)."""
     import torch
@@ -52,6 +54,9 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
     from mixpipe.train import BudgetSchedule, Normalize, Schedule, fit
     from mixpipe.train.distributed import barrier, job_service
 
+    n = len(train)
+    # before the seed: pricing passes builds models, which must not draw from the seeded stream
+    progressive = _progressive(s, arm, n, num_classes, matched_inputs)
     torch.manual_seed(seed)
     model = build_model(s.model, num_classes)
     if splits_norms(s, arm):  # before the optimizer and LoCal+SGD take the model's parameters
@@ -59,9 +64,8 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
 
         split_norms(model)
     optimizer = _optimizer(model, s)
-    n = len(train)
-    settings = arm_policy(arm, s, n, matched_inputs)
-    length = arm_epochs(arm, s, n, matched_inputs)
+    settings = arm_policy(arm, s, n, matched_inputs, num_classes)
+    length = arm_epochs(arm, s, n, matched_inputs, num_classes)
     epochs = whole_epochs(length)
     schedule = Schedule(s.schedule, s.warmup)
     if length != s.epochs:
@@ -86,7 +90,8 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
                       eval_loader=eval_batches, service=service, stride=s.stride,
                       device=s.device, prepare=Normalize(channels_last=s.uses_channels_last()),
                       progress=s.progress, desc=f"{arm} seed {seed}", loss_per=s.loss_per,
-                      recalibrate=recalibrate)
+                      recalibrate=recalibrate,
+                      resolution=progressive_resize(s, length) if progressive else None)
     finally:
         loader.close()  # every protocol loader has it; DALI's workers must not outlive the arm
     barrier()  # every rank is done with this arm's server before rank 0 stops it
@@ -96,7 +101,30 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
     history.update(policy=arm, seed=seed, policy_settings=settings.to_dict(),
                    epochs_of_data=length, eval_crop_ratio=s.crop_ratio,
                    local=local.history if local is not None else None)
+    if progressive is not None:
+        _price_epochs(history, s, num_classes)
+        history["progressive"] = progressive.to_dict()
     return history
+
+
+def _progressive(s: SpeedupSettings, arm: str, num_samples: int, num_classes: int,
+                 matched_inputs: Optional[int]) -> Any:
+    """The progressive arm's plan (its length and sides), None for every other arm."""
+    if arm != "progressive":
+        return None
+    return plan_progressive(s, num_samples, num_classes, matched_inputs)
+
+
+def _price_epochs(history: Dict[str, Any], s: SpeedupSettings, num_classes: int) -> None:
+    """Each epoch's FLOPs at the side it trained at: forward inputs count compute only while
+    every input costs the same."""
+    from .compute import pass_flops
+
+    for record in history["epochs"]:
+        record["pass_flops"] = pass_flops(s.model, record.get("resolution", s.image_size),
+                                          num_classes)
+        record["train_flops"] = record["forward_inputs"] * record["pass_flops"]
+    history["train_flops"] = sum(r["train_flops"] for r in history["epochs"])
 
 
 def _recalibration_batches(s: SpeedupSettings, arm: str, train: Any, seed: int) -> Any:

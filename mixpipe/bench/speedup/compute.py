@@ -6,7 +6,8 @@ run's forward inputs while spending four times its arithmetic. This tool prices 
 each run in floating-point operations: its forward inputs times what one forward and backward
 pass costs the model at the run's input size (counted by torch's FLOP counter on the model
 itself), and draws final top-1 against that. An arm is worth its compute only if no arm of any
-run given reaches its accuracy for less.
+run given reaches its accuracy for less. An arm whose epochs trained at sizes of their own (the
+``progressive`` arm) is priced epoch by epoch: each epoch's inputs times a pass at its size.
 
 Region pooling (a masked mean per constituent) is not counted: it is a few multiply-adds per
 feature cell against the convolutions' hundreds.
@@ -34,13 +35,15 @@ def pass_flops(model: str, image_size: int, num_classes: int) -> int:
     torch's counter counts convolutions and matrix products, which are nearly all of a
     network's arithmetic, and not element-wise work. The model is put in eval mode so that a
     batch norm over a 1x1 map of one image does not refuse to run; the counted products are the
-    same in both modes."""
+    same in both modes. Building the model leaves torch's random stream as it was: a run that
+    prices its passes must train as one that does not."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from .arms import build_model
 
-    net = build_model(model, num_classes).eval()
+    with torch.random.fork_rng(devices=[]):
+        net = build_model(model, num_classes).eval()
     first_conv = next((m for m in net.modules() if isinstance(m, torch.nn.Conv2d)), None)
     channels = 3 if first_conv is None else first_conv.in_channels
     x = torch.zeros(1, channels, image_size, image_size)
@@ -92,7 +95,9 @@ def compute(payloads: Sequence[Dict[str, Any]], sources: Sequence[str]) -> Dict[
                                  f" and {source}: pass one of them")
             group["runs"][run["seed"]] = (ranks * run["forward_inputs"],
                                           run.get("epochs_of_data", s.epochs),
-                                          100.0 * run["final_top1"], source)
+                                          100.0 * run["final_top1"], source,
+                                          ranks * _run_flops(run, s, per_pass,
+                                                             _num_classes(payload, s, source)))
     rows: List[Dict[str, Any]] = []
     for (arm, size, run_epochs), group in groups.items():
         seeds = sorted(group["runs"])
@@ -103,7 +108,7 @@ def compute(payloads: Sequence[Dict[str, Any]], sources: Sequence[str]) -> Dict[
             "epochs": statistics.fmean(group["runs"][seed][1] for seed in seeds),
             "seeds": seeds, "sources": sorted({group["runs"][seed][3] for seed in seeds}),
             "forward_inputs": inputs, "pass_flops": group["pass_flops"],
-            "train_tflops": inputs * group["pass_flops"] / 1e12,
+            "train_tflops": statistics.fmean(group["runs"][seed][4] for seed in seeds) / 1e12,
             "final_top1": statistics.fmean(group["runs"][seed][2] for seed in seeds),
             "final_top1_per_seed": {seed: group["runs"][seed][2] for seed in seeds},
         })
@@ -118,6 +123,16 @@ def compute(payloads: Sequence[Dict[str, Any]], sources: Sequence[str]) -> Dict[
     rows.sort(key=lambda r: (r["train_tflops"], r["arm"]))
     return {"benchmark": "speedup-compute", "sources": list(sources),
             "model": first[0].model, "eval_split": first[0].eval_split, "rows": rows}
+
+
+def _run_flops(run: Dict[str, Any], s: Any, per_pass: int, num_classes: int) -> float:
+    """One rank's training FLOPs: epoch by epoch at the side each trained at where the run
+    records one (progressive resizing), else its forward inputs at the run's size."""
+    epochs = run.get("epochs") or []
+    if not any("resolution" in e for e in epochs):
+        return float(run["forward_inputs"] * per_pass)
+    return float(sum(e["forward_inputs"] * pass_flops(s.model, e.get("resolution", s.image_size),
+                                                      num_classes) for e in epochs))
 
 
 def plot_compute(result: Dict[str, Any], path: str) -> None:
@@ -145,7 +160,8 @@ def plot_compute(result: Dict[str, Any], path: str) -> None:
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("training compute (TFLOPs: forward inputs × one forward+backward pass)")
+    ax.set_xlabel("training compute (TFLOPs: forward inputs × one forward+backward pass at "
+                  "the size each trained at)")
     ax.set_ylabel(f"final top-1 on {result['eval_split']} (%)")
     ax.set_title(f"{result['model']}: accuracy against compute\n"
                  "up and left is better; dots: seeds", fontsize=10)

@@ -153,7 +153,9 @@ def format_table(s: SpeedupSettings, summary: Dict[str, Any]) -> str:
                  f"{s.model}, loader {s.loader}, layout {s.layout}, fraction "
                  f"{s.fraction if s.fraction_start is None else f'{s.fraction_start}->{s.fraction}'}"
                  f", loss per {s.loss_per}; speed-up and Δ seed by seed; ± is the spread over "
-                 f"seeds; budget = the plain model on {s.budget_match}'s forward inputs)")
+                 f"seeds; budget = the plain model on {s.budget_match}'s forward inputs"
+                 + (f"; progressive = the plain model resized progressively, on "
+                    f"{s.budget_match}'s FLOPs" if "progressive" in s.policies else "") + ")")
     return "\n".join(lines)
 
 

@@ -6,13 +6,16 @@ Arms (``policies``):
 - ``budget``: the plain model trained on as many forward inputs as ``mixtrain`` uses, with the
   learning-rate schedule spread over that shorter run (a partial last epoch rather than rounding).
   The equal-compute baseline every mixing arm must beat.
+- ``progressive``: the plain model with progressive resizing (FFCV's ResNet recipes: small
+  images first, full size from late in the run), as long as buys the FLOPs of ``budget``'s
+  run (:mod:`.progressive`). The equal-compute baseline with the best-known plain-model trick.
 - ``random``: naive mixing, matched to mixtrain's forward inputs over the run.
 - ``mixtrain``: the loss-driven policy; ``shrink``, ``assist``: skipping;
   ``shrink+mixtrain``, ``assist+mixtrain``: skip some easy samples, mix the next ones.
 
-``budget`` matches the arm ``budget_match`` names: its forward inputs are predicted from the
-schedule for mixtrain and random, and taken from that arm's run in the same seed otherwise (the
-matched arm then runs first).
+``budget`` and ``progressive`` match the arm ``budget_match`` names: its forward inputs are
+predicted from the schedule for mixtrain and random, and taken from that arm's run in the same
+seed otherwise (the matched arm then runs first).
 
 ``frontier`` adds the plain model at fractions of the run (``none@0.55`` ...), the curve a method
 must lie above to be worth using.
@@ -35,10 +38,10 @@ from mixpipe.core.policies.shrink import ShrinkSettings
 __all__ = ["SpeedupSettings", "POLICIES", "MIXING", "QUICK", "arm_names", "arm_policy",
            "arm_epochs", "budget_epochs", "run_epochs", "run_order", "seed_arms",
            "recalibration_images", "splits_norms", "trains_plain_model", "PLAIN_ARMS",
-           "FRONTIER_PREFIX", "eval_framing"]
+           "FRONTIER_PREFIX", "eval_framing", "MATCHING_ARMS", "matched_forward_inputs"]
 
-POLICIES = ("none", "budget", "random", "mixtrain", "shrink", "shrink+mixtrain", "assist",
-            "assist+mixtrain")
+POLICIES = ("none", "budget", "progressive", "random", "mixtrain", "shrink", "shrink+mixtrain",
+            "assist", "assist+mixtrain")
 #: arms whose forward inputs a budget arm can match
 MIXING = ("random", "mixtrain", "shrink", "shrink+mixtrain", "assist", "assist+mixtrain")
 LOADERS = ("torch", "dali", "ffcv")
@@ -52,7 +55,9 @@ EVAL_SPLITS = ("val", "test")
 FASHION = "fashion-mnist"
 FRONTIER_PREFIX = "none@"
 #: policies that train the plain (unmixed) model; with the frontier arms they trace the frontier
-PLAIN_ARMS = ("none", "budget")
+PLAIN_ARMS = ("none", "budget", "progressive")
+#: arms whose length is set by the compute of the arm ``budget_match`` names
+MATCHING_ARMS = ("budget", "progressive")
 
 
 #: ImageNet's evaluation framing (resize to 256, centre crop 224): the counterpart of training
@@ -134,6 +139,11 @@ class SpeedupSettings:
     skip_hardest: float = field(MixTrainSettings.skip_hardest,
                                 "mixtrain leaves out this share of the dataset in each mixed "
                                 "epoch: the highest fresh losses (back the epoch after)")
+    selection: str = field(MixTrainSettings.selection, "mixtrain mixes the lowest losses "
+                           "(lowest) or draws the mixed samples each epoch, the easier the "
+                           "likelier (sampled)", choices=("lowest", "sampled"))
+    ease_power: float = field(MixTrainSettings.ease_power, "sharpness of --selection sampled "
+                                                           "(0: uniform)")
     warmup_epochs: int = field(MixTrainSettings.warmup_epochs, "first epochs that mix nothing")
     final_full_epochs: int = field(0, "last epochs that mix nothing")
     loss_per: str = field(LOSS_PER, "divide the summed loss by composites or by real "
@@ -149,8 +159,17 @@ class SpeedupSettings:
                                      "(mixpipe.train.splitnorm); it lifted random mixing by 0.37 "
                                      "points on test but not mixtrain, and costs wall-clock, so "
                                      "off by default (benchmarks/README.md)")
-    budget_match: str = field("mixtrain", "the mixing arm whose forward inputs the budget arm "
-                                          "matches", choices=MIXING)
+    budget_match: str = field("mixtrain", "the mixing arm whose compute the budget arm (forward"
+                                          " inputs) and the progressive arm (FLOPs) match",
+                              choices=MIXING)
+    progressive_min: Optional[int] = field(None, "progressive: the side in px it starts at (a "
+                                                 "multiple of --stride, at least two strides); "
+                                                 "none: half of --image-size, snapped down to "
+                                                 "the stride")
+    progressive_ramp: Tuple[float, ...] = field((0.0, 0.75), "progressive: START,END fractions "
+                                                "of the arm's own run between which the side "
+                                                "ramps linearly from --progressive-min to "
+                                                "--image-size")
     limit: Optional[int] = field(None, "train on the first N samples (torch and DALI loaders)")
     eval_limit: Optional[int] = field(None, "score the first N samples of the eval split")
     workers: int = field(1, "loader worker processes")
@@ -205,7 +224,7 @@ class SpeedupSettings:
              "in [0, 1]")
         need(self.statistic in STATISTICS, "statistic", f"one of {STATISTICS}")
         need(self.loss_per in NORMALISATIONS, "loss_per", f"one of {NORMALISATIONS}")
-        mixing = set(self.policies) - {"none", "budget"}
+        mixing = {p for p in self.policies if not trains_plain_model(p)}
         need(not mixing or 0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
              "in [0, epochs) when a mixing arm runs")
         need(0 <= self.final_full_epochs <= max(self.epochs - self.warmup_epochs, 0),
@@ -226,6 +245,14 @@ class SpeedupSettings:
         need(self.image_size >= 2 * self.stride, "image_size", f">= 2 * stride ({self.stride})")
         need(self.image_size % self.stride == 0, "image_size", f"a multiple of stride "
              f"({self.stride})")
+        need(self.progressive_min is None or (
+            2 * self.stride <= self.progressive_min <= self.image_size
+            and self.progressive_min % self.stride == 0), "progressive_min",
+             f"none or a multiple of stride ({self.stride}) from {2 * self.stride} to "
+             f"image_size ({self.image_size})")
+        need(len(self.progressive_ramp) == 2
+             and 0.0 <= self.progressive_ramp[0] < self.progressive_ramp[1] <= 1.0,
+             "progressive_ramp", "START,END with 0 <= START < END <= 1")
         need(self.server is None or (str(self.server).startswith("tcp://")
                                      and len(self.policies) == 1 and len(self.seeds) == 1
                                      and not self.frontier),
@@ -326,21 +353,25 @@ def arm_names(s: SpeedupSettings) -> List[str]:
 
 
 def predictable(s: SpeedupSettings) -> bool:
-    """Whether the budget arm's length follows from the settings alone (no loss-driven skipping
-    in the matched arm), so it need not wait for that arm's run."""
+    """Whether the matching arms' lengths follow from the settings alone (no loss-driven
+    skipping in the matched arm), so they need not wait for that arm's run."""
     return s.budget_match in ("mixtrain", "random")
 
 
 def run_order(s: SpeedupSettings) -> List[str]:
-    """:func:`arm_names` with the budget arm after the arm it matches, where it must be."""
+    """:func:`arm_names` with the matching arms (budget, progressive) after the arm they match,
+    where they must be."""
     arms = arm_names(s)
-    if "budget" in arms and not predictable(s):
+    matching = [a for a in arms if a in MATCHING_ARMS]
+    if matching and not predictable(s):
         if s.budget_match not in arms:
             raise ValueError(f"budget_match={s.budget_match!r}: that arm must run too (add it "
-                             "to --policies), since its forward inputs are only known after "
-                             "its run")
-        arms.remove("budget")
-        arms.insert(arms.index(s.budget_match) + 1, "budget")
+                             f"to --policies), since {' and '.join(matching)} match its "
+                             "forward inputs, known only after its run")
+        for arm in matching:
+            arms.remove(arm)
+        at = arms.index(s.budget_match) + 1
+        arms[at:at] = matching
     return arms
 
 
@@ -352,32 +383,50 @@ def seed_arms(s: SpeedupSettings, seed: int) -> List[str]:
     return [a for a in arms if not a.startswith(FRONTIER_PREFIX)]
 
 
+def matched_forward_inputs(s: SpeedupSettings, num_samples: int,
+                           measured: Optional[int] = None) -> float:
+    """The forward inputs of the arm ``budget_match`` names: ``measured`` from its run, or
+    predicted from the schedule where they follow from it."""
+    if measured is not None:
+        return float(measured)
+    if not predictable(s):
+        raise ValueError(f"budget and progressive match {s.budget_match!r}, whose forward inputs "
+                         "are known only after its run: run it first in the same seed")
+    return budget_epochs(s, num_samples) * num_samples
+
+
 def arm_epochs(arm: str, s: SpeedupSettings, num_samples: int,
-               matched_inputs: Optional[int] = None) -> float:
-    """The arm's run length in epochs of data (fractional for budget and frontier arms);
-    ``matched_inputs`` are the matched arm's forward inputs where they were measured."""
+               matched_inputs: Optional[int] = None,
+               num_classes: Optional[int] = None) -> float:
+    """The arm's run length in epochs of data (fractional for budget, progressive and frontier
+    arms); ``matched_inputs`` are the matched arm's forward inputs where they were measured.
+    progressive's length is priced in the model's FLOPs, which need ``num_classes``."""
     if arm == "budget":
-        if matched_inputs is not None:
-            return matched_inputs / num_samples
-        if not predictable(s):
-            raise ValueError(f"the budget arm matches {s.budget_match!r}, whose forward inputs "
-                             "are known only after its run")
-        return budget_epochs(s, num_samples)
+        return matched_forward_inputs(s, num_samples, matched_inputs) / num_samples
+    if arm == "progressive":
+        from .progressive import plan_progressive
+
+        if num_classes is None:
+            raise ValueError("the progressive arm's length is priced in the model's FLOPs: pass "
+                             "num_classes")
+        return plan_progressive(s, num_samples, num_classes, matched_inputs).epochs
     if arm.startswith(FRONTIER_PREFIX):
         return s.epochs * float(arm[len(FRONTIER_PREFIX):])
     return float(s.epochs)
 
 
 def arm_policy(arm: str, s: SpeedupSettings, num_samples: Optional[int] = None,
-               matched_inputs: Optional[int] = None) -> PolicySettings:
-    """The selection-policy settings of one arm (budget and frontier arms need the dataset
-    size, to match forward inputs)."""
+               matched_inputs: Optional[int] = None,
+               num_classes: Optional[int] = None) -> PolicySettings:
+    """The selection-policy settings of one arm (budget, progressive and frontier arms need the
+    dataset size, to match compute; progressive the class count too)."""
     if arm == "none":
         return NoneSettings()
-    if arm == "budget" or arm.startswith(FRONTIER_PREFIX):
+    if arm in MATCHING_ARMS or arm.startswith(FRONTIER_PREFIX):
         if num_samples is None:
             raise ValueError(f"arm {arm!r} needs the number of training samples")
-        return BudgetSettings(epochs=arm_epochs(arm, s, num_samples, matched_inputs))
+        return BudgetSettings(epochs=arm_epochs(arm, s, num_samples, matched_inputs,
+                                                num_classes))
     if arm == "random":
         return RandomSettings(fraction=s.random_fraction(), layout=s.layout,
                               grid_cells=s.grid_cells)
@@ -389,7 +438,8 @@ def arm_policy(arm: str, s: SpeedupSettings, num_samples: Optional[int] = None,
                            w_min=s.w_min, layout=s.layout, grid_cells=s.grid_cells,
                            epochs=s.epochs, final_full_epochs=s.final_full_epochs,
                            per_class=s.per_class, halves_share=s.halves_share,
-                           skip_hardest=s.skip_hardest)
+                           skip_hardest=s.skip_hardest, selection=s.selection,
+                           ease_power=s.ease_power)
     if arm == "mixtrain":
         return mix
     if arm in ("assist", "assist+mixtrain"):
@@ -402,6 +452,6 @@ def arm_policy(arm: str, s: SpeedupSettings, num_samples: Optional[int] = None,
 
 
 def run_epochs(arm: str, s: SpeedupSettings, num_samples: int,
-               matched_inputs: Optional[int] = None) -> int:
+               matched_inputs: Optional[int] = None, num_classes: Optional[int] = None) -> int:
     """Whole epochs the arm's loop runs (a partial last epoch counts as one)."""
-    return whole_epochs(arm_epochs(arm, s, num_samples, matched_inputs))
+    return whole_epochs(arm_epochs(arm, s, num_samples, matched_inputs, num_classes))
