@@ -57,15 +57,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 
 from ..ledger import LedgerSnapshot
 from ..plan import Layout, MixPlan
-from . import PolicySettings, epoch_rng, register
+from . import STATE_CHECKS, PolicySettings, epoch_rng, register, register_stateful
 from ._common import (LAYOUTS, STREAM_SELECT, Tier, assemble_tiers, check_choice, check_float,
                       check_int, group_weights, groups_for_fraction, resolve_group_size, slot_order)
+from .views import ViewState, mixed_mask, view_quantiles
 
 __all__ = ["MixTrainSettings", "plan_mixtrain", "mixing_fraction", "tier_groups",
            "epoch_forward_inputs", "sampled_order", "skip_count", "hardest_fresh", "choose_tiers", "walk_tiers",
@@ -123,6 +124,13 @@ class MixTrainSettings(PolicySettings):
             mixed and the very hardest never are, but no sample is mixed every epoch by rule,
             so every one is seen whole now and then, and a choice that follows loss cannot
             freeze into a choice of classes or of one view.
+        calibrate: rank each sample's loss within the view it was last reported from (as a
+            constituent, or as a single image) instead of all losses together: a shrunk view
+            reports a loss on another scale, so a joint ranking makes every mixed sample look
+            easy and keeps it mixed (:mod:`mixpipe.core.policies.views`). The policy then
+            remembers which samples its last plan mixed (its state, one bit per sample); without
+            a state (the first plan, or the stateless ``make_plan``) every loss counts as a
+            single image's.
         ease_power: sharpness of ``sampled`` (0: uniform, as random mixing; large: nearly
             ``lowest``).
         skip_hardest: in a mixed epoch, leave out this share of the dataset: the samples with
@@ -157,6 +165,7 @@ class MixTrainSettings(PolicySettings):
     skip_hardest: float = 0.0
     selection: str = "lowest"
     ease_power: float = 1.0
+    calibrate: bool = False
 
     def __post_init__(self) -> None:
         resolve_group_size(self)
@@ -187,6 +196,9 @@ class MixTrainSettings(PolicySettings):
             raise ValueError(f"MixTrainSettings.halves_share needs layout='quads' (it moves the "
                              f"hardest mixed samples from quads into halves), got layout "
                              f"{self.layout!r}; set halves_share=0 or layout='quads'")
+        if not isinstance(self.calibrate, bool):
+            raise ValueError(f"MixTrainSettings.calibrate must be True or False, got "
+                             f"{self.calibrate!r}")
         if not isinstance(self.per_class, bool):
             raise ValueError(f"MixTrainSettings.per_class must be True or False, got "
                              f"{self.per_class!r}")
@@ -403,19 +415,48 @@ def weigher(score: np.ndarray, settings: MixTrainSettings, layout: Layout):
 @register(MixTrainSettings)
 def plan_mixtrain(snapshot: LedgerSnapshot, settings: MixTrainSettings, seed: int,
                   epoch: int) -> MixPlan:
+    return _plan(snapshot, settings, seed, epoch, None)
+
+
+@register_stateful(MixTrainSettings)
+def plan_mixtrain_step(snapshot: LedgerSnapshot, settings: MixTrainSettings, seed: int,
+                       epoch: int, state: Optional[bytes]) -> Tuple[MixPlan, Optional[bytes]]:
+    """(plan, state): with ``calibrate`` the state remembers which samples this plan mixed, so
+    the next plan knows which view each loss came from; without it, no state."""
+    if not settings.calibrate:
+        return _plan(snapshot, settings, seed, epoch, None), state
+    view = None if state is None else ViewState.from_bytes(state, snapshot.num_samples)
+    plan = _plan(snapshot, settings, seed, epoch, view)
+    return plan, ViewState(epoch, mixed_mask(plan)).to_bytes()
+
+
+def _plan(snapshot: LedgerSnapshot, settings: MixTrainSettings, seed: int, epoch: int,
+          view: Optional[ViewState]) -> MixPlan:
     score = statistic(snapshot, settings.statistic)
     skip = hardest_fresh(snapshot, score, settings, epoch)
-    return plan_kept(snapshot, skip, None, settings, seed, epoch)
+    rank = view_quantiles(score, snapshot, view) if settings.calibrate else None
+    return plan_kept(snapshot, skip, None, settings, seed, epoch, rank)
+
+
+def check_state(state: bytes, num_samples: int) -> None:
+    """Refuse a state no mixtrain plan could have written (the server asks before taking one
+    from outside)."""
+    ViewState.from_bytes(state, num_samples)
+
+
+STATE_CHECKS[MixTrainSettings.name] = check_state
 
 
 def plan_kept(snapshot: LedgerSnapshot, skip: np.ndarray, scale: Optional[np.ndarray],
-              mix: Optional[MixTrainSettings], seed: int, epoch: int) -> MixPlan:
+              mix: Optional[MixTrainSettings], seed: int, epoch: int,
+              rank: Optional[np.ndarray] = None) -> MixPlan:
     """The plan of the samples not in ``skip`` (bool[N]), mixed by ``mix`` if set.
 
     Shared by every policy that leaves samples out (mixtrain's ``skip_hardest``, shrink,
     assist): the mix fraction counts against the kept samples and only kept seen samples are
     mixed; ``scale`` (float32[N] or None) is each sample's loss multiplier, kept inside
-    composites.
+    composites. ``rank`` (float[N], lower: easier) orders the choice of whom to mix in place of
+    the loss (the shares inside a composite still follow the loss).
     """
     n = snapshot.num_samples
     skipped = np.flatnonzero(skip)
@@ -426,8 +467,9 @@ def plan_kept(snapshot: LedgerSnapshot, skip: np.ndarray, scale: Optional[np.nda
         return assemble_tiers(n, order, [], skipped, seed, epoch, scale)
     mix_score = statistic(snapshot, mix.statistic)
     pool = seen_mask(snapshot, mix_score) & ~skip
-    rank_score = mix_score if mix.selection == "lowest" else sampled_order(
-        mix_score, pool, mix.ease_power, epoch_rng(seed, epoch, STREAM_SELECT))
+    ranked = mix_score if rank is None else rank
+    rank_score = ranked if mix.selection == "lowest" else sampled_order(
+        ranked, pool, mix.ease_power, epoch_rng(seed, epoch, STREAM_SELECT))
     tiers = choose_tiers(rank_score, pool, order.size, mix, epoch, snapshot.labels)
     return assemble_tiers(n, order, walk_tiers(tiers, order, mix_score, mix), skipped, seed,
                           epoch, scale)
