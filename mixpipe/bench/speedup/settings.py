@@ -144,6 +144,8 @@ class SpeedupSettings:
                            "likelier (sampled)", choices=("lowest", "sampled"))
     ease_power: float = field(MixTrainSettings.ease_power, "sharpness of --selection sampled "
                                                            "(0: uniform)")
+    calibrate: bool = field(MixTrainSettings.calibrate, "mixtrain ranks each loss within the "
+                            "view it came from (constituent or single image)")
     warmup_epochs: int = field(MixTrainSettings.warmup_epochs, "first epochs that mix nothing")
     final_full_epochs: int = field(0, "last epochs that mix nothing")
     loss_per: str = field(LOSS_PER, "divide the summed loss by composites or by real "
@@ -439,7 +441,7 @@ def arm_policy(arm: str, s: SpeedupSettings, num_samples: Optional[int] = None,
                            epochs=s.epochs, final_full_epochs=s.final_full_epochs,
                            per_class=s.per_class, halves_share=s.halves_share,
                            skip_hardest=s.skip_hardest, selection=s.selection,
-                           ease_power=s.ease_power)
+                           ease_power=s.ease_power, calibrate=s.calibrate)
     if arm == "mixtrain":
         return mix
     if arm in ("assist", "assist+mixtrain"):
