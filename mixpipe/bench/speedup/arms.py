@@ -2,6 +2,7 @@
 arm; only the plan source (and, for budget arms, the run's length) differs."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
@@ -10,7 +11,8 @@ from mixpipe.core.policies.budget import whole_epochs
 
 from .loaders import make_loader
 from .progressive import plan_progressive, progressive_resize
-from .settings import (SpeedupSettings, arm_epochs, arm_policy, recalibration_images,
+from .settings import (SpeedupSettings, arm_batch_size, arm_epochs, arm_policy,
+                       recalibration_images,
                        splits_norms)
 
 __all__ = ["train_arm", "build_model"]
@@ -77,7 +79,8 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
         service.set_labels(np.asarray(labels))  # per-class policies read them
     if observe is not None:
         service = observe(service, model)
-    loader = make_loader(s, train, service, seed)
+    batch = arm_batch_size(arm, s, n)
+    loader = make_loader(dataclasses.replace(s, batch_size=batch), train, service, seed)
     recalibrate = _recalibration_batches(s, arm, train, seed)
     local = None
     if s.local:
@@ -98,7 +101,7 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
     if owned is not None:
         owned.stop()
     # the framing it was scored with: the settings record None where it followed the training
-    history.update(policy=arm, seed=seed, policy_settings=settings.to_dict(),
+    history.update(policy=arm, seed=seed, batch_slots=batch, policy_settings=settings.to_dict(),
                    epochs_of_data=length, eval_crop_ratio=s.crop_ratio,
                    local=local.history if local is not None else None)
     if progressive is not None:

@@ -21,7 +21,8 @@ from .settings import SpeedupSettings, budget_epochs, trains_plain_model
 __all__ = ["combine", "main", "SAME_TRAINING", "recorded_settings", "results_settings"]
 
 #: settings that must agree for the plain arms of one run to stand for the other's: the data,
-#: the model and its optimisation, and mixtrain's schedule (it sets budget's length)
+#: the model and its optimisation, and mixtrain's schedule (it sets budget's length);
+#: batch_unit is not among them, as it sizes only the mixing arms' batches
 SAME_TRAINING = ("data", "eval_split", "limit", "eval_limit", "loader", "model", "epochs",
                  "batch_size", "lr", "momentum", "weight_decay", "schedule", "warmup", "augment",
                  "image_size", "stride", "channels_last", "layout", "fraction", "fraction_start",
@@ -34,6 +35,8 @@ def recorded_settings(payload: Dict[str, Any]) -> SpeedupSettings:
     fields = {f.name for f in dataclasses.fields(SpeedupSettings)}
     values = {k: tuple(v) if isinstance(v, list) else v
               for k, v in payload["settings"].items() if k in fields}
+    # runs from before batch_unit existed fed every arm batch_size slots
+    values.setdefault("batch_unit", "slots")
     if isinstance(values.get("channels_last"), bool):  # recorded as a flag before "auto"
         values["channels_last"] = "on" if values["channels_last"] else "off"
     return SpeedupSettings(**values)

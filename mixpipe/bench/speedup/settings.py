@@ -38,7 +38,7 @@ from mixpipe.core.policies.shrink import ShrinkSettings
 __all__ = ["SpeedupSettings", "POLICIES", "MIXING", "QUICK", "arm_names", "arm_policy",
            "arm_epochs", "budget_epochs", "run_epochs", "run_order", "seed_arms",
            "recalibration_images", "splits_norms", "trains_plain_model", "PLAIN_ARMS",
-           "FRONTIER_PREFIX", "eval_framing", "MATCHING_ARMS", "matched_forward_inputs"]
+           "FRONTIER_PREFIX", "eval_framing", "arm_batch_size", "MATCHING_ARMS", "matched_forward_inputs"]
 
 POLICIES = ("none", "budget", "progressive", "random", "mixtrain", "shrink", "shrink+mixtrain",
             "assist", "assist+mixtrain")
@@ -111,7 +111,13 @@ class SpeedupSettings:
                                                 "every seed); a frontier from fewer seeds "
                                                 "costs less of a long run")
     seeds: Tuple[int, ...] = field((0, 1), "seeds (the outer loop; arms run inside each)")
-    batch_size: int = field(128, "composites per batch")
+    batch_size: int = field(128, "samples per batch (see --batch-unit)")
+    batch_unit: str = field("samples", "what --batch-size counts. samples: a mixing arm's "
+                            "batch holds that many samples on average (batch-size / samples "
+                            "per composite, over its run), so every arm takes as many optimiser "
+                            "steps per epoch of data; slots: composites and single images alike "
+                            "(a batch of composites then averages over more samples per step)",
+                            choices=("samples", "slots"))
     lr: float = field(0.1, "base learning rate (SGD)")
     momentum: float = field(0.9, "SGD momentum (Nesterov when > 0)")
     weight_decay: float = field(5e-4, "weight decay of the weights (not of biases and norms)")
@@ -212,6 +218,7 @@ class SpeedupSettings:
         need(set(self.frontier_seeds) <= set(self.seeds), "frontier_seeds",
              "a subset of --seeds")
         need(self.batch_size >= 1, "batch_size", ">= 1")
+        need(self.batch_unit in ("samples", "slots"), "batch_unit", "'samples' or 'slots'")
         need(self.lr > 0, "lr", "> 0")
         need(self.layout in LAYOUTS, "layout", f"one of {LAYOUTS}")
         need(0.0 <= self.fraction <= 1.0, "fraction", "in [0, 1]")
@@ -451,6 +458,24 @@ def arm_policy(arm: str, s: SpeedupSettings, num_samples: Optional[int] = None,
                               anneal_epochs=s.anneal_epochs,
                               mix=mix if arm == "shrink+mixtrain" else None)
     raise ValueError(f"unknown arm {arm!r}; known: {POLICIES} and {FRONTIER_PREFIX}<fraction>")
+
+
+def arm_batch_size(arm: str, s: SpeedupSettings, num_samples: int) -> int:
+    """Slots per loader batch of the arm: ``batch_size`` unless the batch counts samples and the
+    arm composes (mixtrain, random, and the skipping arms that mix), whose batch then holds
+    ``batch_size`` samples on average over the run (one count for the arms that mix, so random
+    and mixtrain take the same steps)."""
+    if s.batch_unit == "slots" or arm not in ("random", "mixtrain", "shrink+mixtrain",
+                                              "assist+mixtrain"):
+        return s.batch_size
+    from mixpipe.core.policies.mixtrain import samples_per_slot
+
+    mix = arm_policy("mixtrain", s)
+    if arm == "random":  # every sample, in mixtrain's forward inputs
+        per_slot = s.epochs / budget_epochs(s, num_samples)
+    else:
+        per_slot = samples_per_slot(mix, s.epochs, num_samples)
+    return max(1, int(round(s.batch_size / per_slot)))
 
 
 def run_epochs(arm: str, s: SpeedupSettings, num_samples: int,

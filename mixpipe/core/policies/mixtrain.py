@@ -69,7 +69,7 @@ from ._common import (LAYOUTS, STREAM_SELECT, Tier, assemble_tiers, check_choice
 from .views import ViewState, mixed_mask, view_quantiles
 
 __all__ = ["MixTrainSettings", "plan_mixtrain", "mixing_fraction", "tier_groups",
-           "epoch_forward_inputs", "sampled_order", "skip_count", "hardest_fresh", "choose_tiers", "walk_tiers",
+           "epoch_forward_inputs", "sampled_order", "samples_per_slot", "skip_count", "hardest_fresh", "choose_tiers", "walk_tiers",
            "plan_kept",
            "lowest_per_class", "weigher", "statistic", "seen_mask"]
 
@@ -308,6 +308,20 @@ def epoch_forward_inputs(settings: MixTrainSettings, epoch: int, base: int) -> i
         return base
     kept = base - skip_count(settings, epoch, base)
     return kept - sum(g * (k - 1) for k, _, g in tier_groups(settings, fraction, kept, kept))
+
+
+def samples_per_slot(settings: MixTrainSettings, epochs: int, num_samples: int) -> float:
+    """Samples a slot carries on average over a run of ``epochs`` (the kept samples over the
+    forward inputs): a loader batch of ``B / samples_per_slot`` slots then holds ``B`` samples
+    on average, so the optimiser takes as many steps per epoch of data as the plain model's
+    with batch ``B``. A batch of ``B`` composites would instead average the gradient over more
+    samples per step and take fewer steps, a larger effective batch at the same learning rate.
+    """
+    kept = inputs = 0
+    for epoch in range(epochs):
+        kept += num_samples - skip_count(settings, epoch, num_samples)
+        inputs += epoch_forward_inputs(settings, epoch, num_samples)
+    return kept / max(inputs, 1)
 
 
 def hardest_fresh(snapshot: LedgerSnapshot, score: np.ndarray, settings: MixTrainSettings,
