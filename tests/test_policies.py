@@ -33,7 +33,7 @@ def classic(**kw) -> MixTrainSettings:
     if "w_min" not in kw:
         k = kw.get("group_size") or {"quads": 4}.get(merged["layout"], 2)
         merged["w_min"] = 0.5 / k
-    return MixTrainSettings(**merged)
+    return MixTrainSettings(selection="lowest", **merged)
 from mixpipe.core.policies.random import RandomSettings
 from mixpipe.core.policies.shrink import ShrinkSettings
 
@@ -511,8 +511,8 @@ def test_bad_settings_are_refused_naming_the_field(factory, field):
 
 def test_settings_are_frozen_and_normalised():
     assert classic().w_min == 0.25 and classic(layout="quads").w_min == 0.125
-    assert MixTrainSettings(layout="halves").w_min == 0.25
-    assert MixTrainSettings().w_min == 0.25  # quads: equal quarters
+    assert MixTrainSettings(selection="lowest", layout="halves").w_min == 0.25
+    assert MixTrainSettings(selection="lowest").w_min == 0.25  # quads: equal quarters
     s = classic(fraction=1, layout="quads", w_min=0)
     assert s.group_size == 4 and isinstance(s.fraction, float) and s.w_min == 0.0
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -547,6 +547,7 @@ def test_the_library_defaults_are_the_benchmarks_chosen_settings():
     d = MixTrainSettings()
     assert (d.layout, d.schedule, d.fraction_start, d.fraction, d.statistic, d.w_min,
             d.warmup_epochs, d.grid_cells) == ("quads", "ramp", 0.45, 0.80, "last", 0.25, 1, None)
+    assert (d.selection, d.ease_power, d.calibrate) == ("sampled", 1.0, True)
     assert d.ramp_epochs == DEFAULT_RAMP_EPOCHS == 18  # the 20-epoch run: 19 mixed epochs
     assert resolve_settings("mixtrain") == d
     # the benchmark's mixtrain arm for a 20-epoch run is the library default plus the run's
@@ -554,8 +555,8 @@ def test_the_library_defaults_are_the_benchmarks_chosen_settings():
     bench = arm_policy("mixtrain", SpeedupSettings(epochs=20))
     assert bench == dataclasses.replace(MixTrainSettings(epochs=20), grid_cells=4)
     # with the run's length given, the ramp spans the mixed epochs
-    assert MixTrainSettings(epochs=10).ramp_epochs == 8
-    assert MixTrainSettings(epochs=10, final_full_epochs=2).ramp_epochs == 6
+    assert MixTrainSettings(selection="lowest", epochs=10).ramp_epochs == 8
+    assert MixTrainSettings(selection="lowest", epochs=10, final_full_epochs=2).ramp_epochs == 6
 
 
 def test_unsnapped_shares_are_the_rules_own_and_loaders_snap_them():
@@ -564,9 +565,9 @@ def test_unsnapped_shares_are_the_rules_own_and_loaders_snap_them():
 
     losses = np.array([1.0, 3.0, 2.0, 2.0])
     snap = snapshot_of(losses)
-    free = make_plan(snap, MixTrainSettings(schedule="constant", fraction=1.0, layout="halves",
+    free = make_plan(snap, MixTrainSettings(selection="lowest", schedule="constant", fraction=1.0, layout="halves",
                                             warmup_epochs=0), 0, 1)
-    grid = make_plan(snap, MixTrainSettings(schedule="constant", fraction=1.0, layout="halves",
+    grid = make_plan(snap, MixTrainSettings(selection="lowest", schedule="constant", fraction=1.0, layout="halves",
                                             warmup_epochs=0, grid_cells=7), 0, 1)
     # same groups, same order; the gridded shares are the free ones snapped to 7 cells
     assert np.array_equal(free.ids, grid.ids)

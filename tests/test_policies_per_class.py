@@ -47,7 +47,7 @@ def test_plan_mixes_every_class_alike_when_labels_are_known() -> None:
     ledger = Ledger(n)
     ledger.update(0, np.arange(n), losses)
     snap = dataclasses.replace(ledger.snapshot(), labels=labels)
-    mix = MixTrainSettings(schedule="constant", fraction=0.5, layout="halves",
+    mix = MixTrainSettings(selection="lowest", schedule="constant", fraction=0.5, layout="halves",
                            grid_cells=4, per_class=True)
     plan = make_plan(snap, mix, seed=1, epoch=1)
     mixed_ids = plan.ids[(plan.counts > 1)].ravel()

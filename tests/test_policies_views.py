@@ -12,6 +12,10 @@ from mixpipe.core.policies.mixtrain import MixTrainSettings
 from mixpipe.core.policies.views import ViewState, mixed_mask, view_quantiles
 
 
+def test_calibration_is_the_default():
+    assert MixTrainSettings().calibrate
+
+
 def test_state_round_trips_and_refuses_foreign_bytes():
     mixed = np.array([1, 0, 0, 1, 1, 0, 0, 0, 1, 1, 0], bool)
     state = ViewState(7, mixed)
@@ -51,7 +55,8 @@ def _losses_after(plan, rng):
 
 def test_calibration_stops_a_deflated_view_from_keeping_samples_mixed():
     n, rng = 800, np.random.default_rng(0)
-    plain = MixTrainSettings(schedule="constant", fraction=0.5, layout="halves")
+    plain = MixTrainSettings(schedule="constant", fraction=0.5, layout="halves", calibrate=False,
+                             selection="lowest")
     calibrated = dataclasses.replace(plain, calibrate=True)
     stays = {}
     for name, settings in (("plain", plain), ("calibrated", calibrated)):
@@ -76,7 +81,7 @@ def test_calibration_stops_a_deflated_view_from_keeping_samples_mixed():
 def test_without_calibration_there_is_no_state_and_plans_are_unchanged():
     ledger = Ledger(50)
     ledger.update(0, np.arange(50), np.linspace(0.1, 2, 50).astype(np.float32))
-    s = MixTrainSettings()
+    s = MixTrainSettings(calibrate=False)
     plan, state = make_plan_with_state(ledger.snapshot(), s, 1, 1, None)
     assert state is None
     assert np.array_equal(plan.ids, make_plan(ledger.snapshot(), s, 1, 1).ids)

@@ -141,9 +141,16 @@ def test_load_state_checks_meaning_not_just_the_checksum(tmp_path, change, match
 
 
 def test_policy_state_for_a_policy_that_keeps_none_is_refused(tmp_path):
-    svc = _trained(str(tmp_path), "mixtrain")
+    svc = _trained(str(tmp_path), "random")
     state = {**svc.state_dict(), "policy_state": b"x" * 40}
     refused_unchanged(svc, str(tmp_path), svc.load_state_dict, state, match="keeps no state")
+
+
+def test_a_mixtrain_view_state_from_another_dataset_is_refused(tmp_path):
+    svc = _trained(str(tmp_path), "mixtrain")
+    assert svc.state_dict()["policy_state"] is not None  # calibrate keeps the last plan's views
+    state = {**svc.state_dict(), "policy_state": b"x" * 40}
+    refused_unchanged(svc, str(tmp_path), svc.load_state_dict, state, match="another dataset")
 
 
 def test_a_state_directory_with_a_garbage_policy_file_refuses_to_start(tmp_path):

@@ -34,7 +34,7 @@ def test_the_left_out_are_the_highest_fresh_losses_ties_in_id_order():
     n = 50
     losses = np.linspace(0.0, 1.0, n)
     losses[[3, 7, 11]] = 5.0  # three tied at the top
-    s = MixTrainSettings(schedule="constant", fraction=0.4, skip_hardest=0.1)
+    s = MixTrainSettings(selection="lowest", schedule="constant", fraction=0.4, skip_hardest=0.1)
     plans = run_epochs(s, [losses, losses])
     assert plans[0].skipped.size == 0  # warm-up: nothing mixed, nothing left out
     want = sorted(range(n), key=lambda i: (-losses[i], i))[:5]
@@ -52,7 +52,7 @@ def test_a_left_out_sample_comes_back_the_next_epoch():
     n = 40
     rng = np.random.default_rng(0)
     epochs = [rng.random(n) for _ in range(6)]
-    s = MixTrainSettings(schedule="constant", fraction=0.5, skip_hardest=0.2)
+    s = MixTrainSettings(selection="lowest", schedule="constant", fraction=0.5, skip_hardest=0.2)
     plans = run_epochs(s, epochs)
     for before, after in zip(plans[1:], plans[2:]):
         assert before.skipped.size == after.skipped.size == 8
@@ -68,14 +68,14 @@ def test_a_left_out_sample_comes_back_the_next_epoch():
 def test_forward_inputs_of_real_epochs_are_the_counted_ones(epochs, skip, share):
     n = 501
     rng = np.random.default_rng(epochs)
-    s = MixTrainSettings(epochs=epochs, skip_hardest=skip, halves_share=share)
+    s = MixTrainSettings(selection="lowest", epochs=epochs, skip_hardest=skip, halves_share=share)
     plans = run_epochs(s, [rng.random(n) for _ in range(epochs)])
     for epoch, plan in enumerate(plans):
         assert plan.num_forward_inputs == epoch_forward_inputs(s, epoch, n), epoch
 
 
 def test_nothing_is_left_out_where_nothing_is_mixed():
-    s = MixTrainSettings(epochs=4, final_full_epochs=1, schedule="constant", fraction=0.5,
+    s = MixTrainSettings(selection="lowest", epochs=4, final_full_epochs=1, schedule="constant", fraction=0.5,
                          skip_hardest=0.2)
     plans = run_epochs(s, [np.linspace(0, 1, 30)] * 4)
     assert [p.skipped.size for p in plans] == [0, 6, 6, 0]
@@ -85,16 +85,16 @@ def test_without_skip_hardest_the_plan_is_unchanged():
     ledger = Ledger(300)
     ledger.update(0, np.arange(300), np.random.default_rng(2).random(300).astype(np.float32))
     snap = ledger.snapshot()
-    base = make_plan(snap, MixTrainSettings(epochs=20), 4, 6)
+    base = make_plan(snap, MixTrainSettings(selection="lowest", epochs=20), 4, 6)
     assert base.skipped.size == 0
     # a never-committed ledger has no fresh losses, so even a share leaves nothing out
-    assert make_plan(snap, MixTrainSettings(epochs=20, skip_hardest=0.1), 4, 6).equals(base)
+    assert make_plan(snap, MixTrainSettings(selection="lowest", epochs=20, skip_hardest=0.1), 4, 6).equals(base)
 
 
 def test_settings_refuse_out_of_range_and_skipping_policies_refuse_it_in_their_mix():
     with pytest.raises(ValueError, match=r"MixTrainSettings\.skip_hardest must lie in"):
-        MixTrainSettings(skip_hardest=0.6)
+        MixTrainSettings(selection="lowest", skip_hardest=0.6)
     with pytest.raises(ValueError, match=r"ShrinkSettings\.mix\.skip_hardest must be 0"):
-        ShrinkSettings(mix=MixTrainSettings(skip_hardest=0.1))
+        ShrinkSettings(mix=MixTrainSettings(selection="lowest", skip_hardest=0.1))
     with pytest.raises(ValueError, match=r"ShrinkSettings\.mix\.skip_hardest must be 0"):
         ShrinkSettings(mix={"skip_hardest": 0.1})

@@ -31,7 +31,7 @@ def snapshot(losses, seen=None, labels=None):
 
 
 def tiered(**kw) -> MixTrainSettings:
-    return MixTrainSettings(**{"schedule": "constant", "fraction": 0.6, "halves_share": 1 / 3,
+    return MixTrainSettings(selection="lowest", **{"schedule": "constant", "fraction": 0.6, "halves_share": 1 / 3,
                                **kw})
 
 
@@ -102,7 +102,7 @@ def test_without_a_halves_share_the_plan_is_the_single_tier_one():
     from mixpipe.core.policies._common import groups_for_fraction
 
     losses = np.random.default_rng(1).random(1001).astype(np.float32)
-    base = MixTrainSettings(epochs=20)
+    base = MixTrainSettings(selection="lowest", epochs=20)
     assert tier_groups(base, 0.7, 1001, 1001) == [(4, Layout.QUADS,
                                                    groups_for_fraction(0.7, 1001, 4, 1001))]
     plan = make_plan(snapshot(losses), base, 7, 5)
@@ -113,7 +113,7 @@ def test_without_a_halves_share_the_plan_is_the_single_tier_one():
 @pytest.mark.parametrize("epochs,share", [(20, 1 / 3), (7, 0.5), (5, 1.0)])
 def test_epoch_forward_inputs_match_the_real_plans(epochs, share):
     n = 997
-    s = MixTrainSettings(epochs=epochs, halves_share=share)
+    s = MixTrainSettings(selection="lowest", epochs=epochs, halves_share=share)
     snap = snapshot(np.random.default_rng(epochs).random(n))
     for e in range(epochs):
         assert epoch_forward_inputs(s, e, n) == make_plan(snap, s, 0, e).num_forward_inputs
@@ -121,9 +121,9 @@ def test_epoch_forward_inputs_match_the_real_plans(epochs, share):
 
 def test_a_halves_share_with_another_layout_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"halves_share needs layout='quads'.*set halves_share=0"):
-        MixTrainSettings(layout="halves", halves_share=0.3)
+        MixTrainSettings(selection="lowest", layout="halves", halves_share=0.3)
     with pytest.raises(ValueError, match=r"MixTrainSettings\.halves_share must lie in"):
-        MixTrainSettings(halves_share=1.5)
+        MixTrainSettings(selection="lowest", halves_share=1.5)
 
 
 def test_shrink_mixes_its_kept_samples_in_tiers():

@@ -48,7 +48,8 @@ Example::
     >>> from mixpipe.core.policies import make_plan
     >>> ledger = Ledger(8)
     >>> ledger.update(0, np.arange(8), np.linspace(0.1, 2.0, 8, dtype=np.float32))
-    >>> settings = MixTrainSettings(schedule="constant", fraction=0.5, layout="halves")
+    >>> settings = MixTrainSettings(schedule="constant", fraction=0.5, layout="halves",
+    ...                             selection="lowest")
     >>> plan = make_plan(ledger.snapshot(), settings, seed=0, epoch=1)
     >>> plan.num_slots, sorted(plan.ids[plan.counts == 2].ravel().tolist())
     (6, [0, 1, 2, 3])
@@ -145,7 +146,8 @@ class MixTrainSettings(PolicySettings):
     name = "mixtrain"
 
     # the defaults are the benchmark's chosen settings (benchmarks/README.md): QUADS composites of
-    # the lowest-last-loss 45 % of the data after one warm-up epoch, rising to 80 % at the end
+    # the lowest-last-loss 45 % of the data after one warm-up epoch, rising to 80 % at the end,
+    # each loss ranked within the view it came from
     warmup_epochs: int = 1
     schedule: str = "ramp"
     fraction: float = 0.80
@@ -163,9 +165,9 @@ class MixTrainSettings(PolicySettings):
     per_class: bool = False
     halves_share: float = 0.0
     skip_hardest: float = 0.0
-    selection: str = "lowest"
+    selection: str = "sampled"
     ease_power: float = 1.0
-    calibrate: bool = False
+    calibrate: bool = True
 
     def __post_init__(self) -> None:
         resolve_group_size(self)
