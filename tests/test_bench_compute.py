@@ -58,8 +58,12 @@ def test_arms_are_priced_at_their_runs_size_and_seeds_gather_across_files():
     # none at 32 px: more forward inputs than mixtrain at 64 px, less compute, more accuracy
     assert mix64["dominated_by"] == ["none (32 px, 10-epoch run)"]
     assert rows[("none", 32)]["dominated_by"] == []
-    assert rows[("budget", 64)]["dominated_by"] == [
-        f"{arm} (32 px, 10-epoch run)" for arm in ("budget", "mixtrain", "none")]
+    assert rows[("budget", 64)]["dominated_by"] == sorted([
+        f"{arm} (32 px, 10-epoch run)" for arm in ("budget", "mixtrain", "none")] + [
+        "mixtrain (64 px, 10-epoch run)"])  # the last: the same compute, more accuracy
+    # at equal compute the more accurate arm dominates, the other way round not
+    assert rows[("mixtrain", 32)]["dominated_by"] == ["budget (32 px, 10-epoch run)"]
+    assert "mixtrain (32 px, 10-epoch run)" not in rows[("budget", 32)]["dominated_by"]
     assert rows[("budget", 32)]["compute_vs_cheapest"] == pytest.approx(1.0)
     assert [r["train_tflops"] for r in result["rows"]] == sorted(
         r["train_tflops"] for r in result["rows"])

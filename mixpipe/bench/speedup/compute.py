@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from .combine import results_settings
 from .trend import compared_settings
 
-__all__ = ["pass_flops", "compute", "plot_compute", "format_compute", "main"]
+__all__ = ["pass_flops", "compute", "dominates", "plot_compute", "format_compute", "main"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,14 +115,26 @@ def compute(payloads: Sequence[Dict[str, Any]], sources: Sequence[str]) -> Dict[
     cheapest = min(row["train_tflops"] for row in rows)
     for row in rows:
         row["compute_vs_cheapest"] = row["train_tflops"] / cheapest
-        # dominated: another arm reaches at least this accuracy (mean) for less compute
-        row["dominated_by"] = sorted(
-            o["name"] for o in rows
-            if o is not row and o["train_tflops"] < row["train_tflops"]
-            and o["final_top1"] >= row["final_top1"])
+        row["dominated_by"] = sorted(o["name"] for o in rows
+                                     if o is not row and dominates(o, row))
     rows.sort(key=lambda r: (r["train_tflops"], r["arm"]))
     return {"benchmark": "speedup-compute", "sources": list(sources),
             "model": first[0].model, "eval_split": first[0].eval_split, "rows": rows}
+
+
+#: arms matched in FLOPs differ by rounding (a partial epoch, a ramp solved to 1 %): within this
+#: share of each other their compute counts as equal
+EQUAL_COMPUTE = 0.01
+
+
+def dominates(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    """Whether arm ``a`` makes ``b`` not worth its compute: more accuracy (mean) for no more
+    compute, or as much for less. At equal compute the more accurate arm wins, so an arm
+    matched in FLOPs to a better one is dominated, and two equal arms dominate neither."""
+    same = abs(a["train_tflops"] - b["train_tflops"]) <= EQUAL_COMPUTE * b["train_tflops"]
+    if same:
+        return a["final_top1"] > b["final_top1"]
+    return a["train_tflops"] < b["train_tflops"] and a["final_top1"] >= b["final_top1"]
 
 
 def _run_flops(run: Dict[str, Any], s: Any, per_pass: int, num_classes: int) -> float:
