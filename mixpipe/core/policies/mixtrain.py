@@ -7,6 +7,14 @@ not reported yet) stay single. Inside a composite the harder constituent gets th
 ``w_a = l_a^g / (l_a^g + l_b^g)``, clipped to ``[w_min, 1 - w_min]`` and snapped to the grid of
 stride cells the network can pool separately.
 
+Which samples are "easy" is decided by rank, not by value, and in two steps that natural images
+forced (docs/design.md, "Natural images"). A constituent shrunk into its region reports a loss
+on another scale than a whole image, so each loss is ranked among the losses of its own view
+(``calibrate``, the policy's state remembering which samples the last plan mixed); and the mixed
+samples are drawn afresh each epoch with weight ``(1 - q) ** ease_power`` by rank ``q``
+(``selection="sampled"``), so the easiest are the likeliest but none is kept in composites by
+rule. ``selection="lowest"`` takes the lowest ranks, the rule of the paper.
+
 Schedules for the mixed fraction ``f`` of the dataset (``schedule``):
 
 * ``constant``: ``f = fraction``.
