@@ -16,8 +16,9 @@ import os
 from mixpipe.bench.speedup import QUICK, SpeedupSettings, run_benchmark
 
 #: The demo's run: the benchmark's quick mode (54k training images, scored on the 6k validation
-#: hold-out, 4 epochs, one seed) with its mixtrain settings: QUADS composites of the lowest-loss
-#: 45%, 62.5%, 80% of the data in the three epochs after the warm-up (a 1.54x forward-pass bound).
+#: hold-out, 4 epochs, one seed) with its mixtrain settings: QUADS composites of 45%, 62.5%, 80%
+#: of the data, drawn easiest-likeliest, in the three epochs after the warm-up (a 1.54x
+#: forward-pass bound).
 DEMO = SpeedupSettings(**QUICK, policies=("none", "budget", "random", "mixtrain"), progress=True)
 
 
