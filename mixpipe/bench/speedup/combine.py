@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from .report import format_table, plot, summarise, targets
 from .settings import SpeedupSettings, budget_epochs, trains_plain_model
 
-__all__ = ["combine", "main", "SAME_TRAINING", "recorded_settings", "results_settings"]
+__all__ = ["combine", "draw", "main", "SAME_TRAINING", "recorded_settings", "results_settings"]
 
 #: settings that must agree for the plain arms of one run to stand for the other's: the data,
 #: the model and its optimisation, and mixtrain's schedule (it sets budget's length);
@@ -131,6 +131,11 @@ def combine(plain: Dict[str, Any], mixing: Dict[str, Any],
     }
 
 
+def draw(result: Dict[str, Any], png: str) -> None:
+    """The speed-up plot of a result built from other results (joined or combined)."""
+    plot(result["runs"], recorded_settings(result), result["summary"], png)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from mixpipe.bench.common import finish_result, read_results
 
@@ -141,10 +146,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="joined JSON (PNG beside it)")
     args = parser.parse_args(argv)
     plain, mixing = read_results(parser, [args.plain, args.mixing])
-
-    def draw(joined: Dict[str, Any], png: str) -> None:
-        plot(joined["runs"], recorded_settings(joined), joined["summary"], png)
-
     return finish_result(parser, args.out,
                          lambda: combine(plain, mixing, sources=[args.plain, args.mixing]),
                          draw, lambda joined: joined["table"])

@@ -14,8 +14,8 @@ import argparse
 import dataclasses
 from typing import Any, Dict, List, Optional, Sequence
 
-from .combine import recorded_settings, results_settings
-from .report import format_table, plot, summarise, targets
+from .combine import draw, results_settings
+from .report import format_table, summarise, targets
 
 __all__ = ["join", "main"]
 
@@ -81,10 +81,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", required=True, help="joined JSON (PNG beside it)")
     args = parser.parse_args(argv)
     payloads = read_results(parser, args.parts)
-
-    def draw(joined: Dict[str, Any], png: str) -> None:
-        plot(joined["runs"], recorded_settings(joined), joined["summary"], png)
-
     return finish_result(parser, args.out, lambda: join(payloads, args.parts), draw,
                          lambda joined: joined["table"])
 
