@@ -96,26 +96,32 @@ _DYING_WRITER = textwrap.dedent("""
         def __len__(self):
             return 8
         def __getitem__(self, i):
-            if i == 5:
+            if i == int(sys.argv[2]):
                 os._exit(7)  # a worker killed mid-write (OOM killer, a decoder crash)
             return np.zeros((8, 8, 3), np.uint8), 0
 
+    import ffcv.writer
+    from multiprocessing import Process
     try:
         write_beton(sys.argv[1], Dying(), 90, workers=2, page_size=1 << 21)
     except DataError as err:
+        assert ffcv.writer.Process is Process, "the writer's Process class was not restored"
         print("DataError:", err)
         sys.exit(3)
 """)
 
 
 @pytest.mark.slow
-def test_a_dead_beton_worker_ends_the_run(tmp_path):
+@pytest.mark.parametrize("dies_at", [0, 5])
+def test_a_dead_beton_worker_ends_the_run(tmp_path, dies_at):
+    """A worker dying on its very first image (before any poll could see it alive) hung the
+    run when the watcher asked ``active_children()``, which reaps the dead unseen."""
     pytest.importorskip("ffcv")
     script = tmp_path / "dying.py"
     script.write_text(_DYING_WRITER)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": repo}  # this checkout's mixpipe, not an installed one
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "x.beton")],
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "x.beton"), str(dies_at)],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 3, proc.stderr[-2000:]
     assert "exit code 7" in proc.stdout and "--workers 1" in proc.stdout

@@ -187,7 +187,9 @@ def write_beton(path: str, dataset: Any, quality: int, max_side: Optional[int] =
               "label": IntField()}
     writer = DatasetWriter(path, fields, page_size=page_size, num_workers=max(1, workers))
     chunksize = max(1, min(1000, len(dataset) // (4 * workers) or 1))
-    with _ChildWatch() as watch:
+    import ffcv.writer as ffcv_writer
+
+    with _ChildWatch(ffcv_writer) as watch:
         try:
             writer.from_indexed_dataset(dataset, chunksize=chunksize)
         except KeyboardInterrupt:
@@ -204,42 +206,56 @@ class _ChildWatch:
 
     The writer's parent polls a shared count of finished samples until it reaches the total;
     a dead worker never adds its share, so the parent would wait forever. This watcher thread
-    polls the children's exit codes and interrupts the main thread on a non-zero one; the
+    polls the workers' exit codes and interrupts the main thread on a non-zero one; the
     surviving workers are terminated on the way out.
+
+    The workers are caught as they start, by swapping the ``Process`` class the writer's module
+    uses for one that registers itself. Asking ``multiprocessing.active_children()`` instead
+    misses a worker that dies between two polls: that call reaps the dead and lists only the
+    living, so a worker failing on its first image was never seen and the run hung.
     """
 
-    def __init__(self, interval: float = 0.2) -> None:
+    def __init__(self, module: Any, interval: float = 0.2) -> None:
         self.interval = interval
         self.died: Optional[Tuple[int, int]] = None
+        self.workers: List[Any] = []
+        self._module = module
+        self._original = module.Process
         self._stop = threading.Event()
-        self._seen: Dict[int, Any] = {}
-        self._before: set = set()
         self._thread = threading.Thread(target=self._run, daemon=True, name="mixpipe-childwatch")
+
+    def _registering(self) -> type:
+        workers = self.workers
+
+        class Registered(self._original):  # type: ignore[misc, valid-type]
+            def start(self) -> None:
+                super().start()
+                workers.append(self)
+
+        return Registered
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            for child in multiprocessing.active_children():
-                self._seen.setdefault(child.pid, child)
-            for pid, child in self._seen.items():
-                if pid not in self._before and child.exitcode not in (None, 0):
-                    self.died = (pid, child.exitcode)
+            for worker in list(self.workers):  # exitcode stays readable once reaped
+                if worker.exitcode not in (None, 0):
+                    self.died = (worker.pid, worker.exitcode)
                     _thread.interrupt_main()
                     return
 
     def __enter__(self) -> "_ChildWatch":
-        self._seen = {c.pid: c for c in multiprocessing.active_children()}
-        self._before = set(self._seen)
+        self._module.Process = self._registering()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        self._module.Process = self._original
         self._stop.set()
         self._thread.join()
         if self.died is not None:
-            for pid, child in self._seen.items():
-                if pid not in self._before and child.is_alive():
-                    child.terminate()
-                    child.join(5)
+            for worker in self.workers:
+                if worker.is_alive():
+                    worker.terminate()
+                    worker.join(5)
 
 
 # The .beton header and allocation-table record as FFCV 1.0.2 lays them out (ffcv/types.py);
