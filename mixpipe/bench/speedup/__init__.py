@@ -68,11 +68,12 @@ def run_benchmark(s: SpeedupSettings, out: Optional[str] = None,
     runs: List[Dict[str, Any]] = []
     started = time.time()
     for seed in s.seeds:
-        inputs: Dict[str, int] = {}
+        inputs: Dict[str, float] = {}  # each arm's compute, in passes of the plain model
         for arm in seed_arms(s, seed):
             matched = inputs.get(s.budget_match) if arm in MATCHING_ARMS else None
             history = train_arm(s, arm, seed, train, eval_batches, num_classes, log, matched)
-            inputs[arm] = history["forward_inputs"] * env.world_size  # counted per rank
+            # counted per rank; a priced arm (LoCal) in passes of the plain model
+            inputs[arm] = history.get("plain_passes", history["forward_inputs"]) * env.world_size
             runs.append(history)
             log(f"  {arm:<9} seed {seed}: {history['train_seconds']:.1f}s, "
                 f"{history['forward_inputs']} inputs, final top-1 "

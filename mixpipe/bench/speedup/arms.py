@@ -11,9 +11,8 @@ from mixpipe.core.policies.budget import whole_epochs
 
 from .loaders import make_loader
 from .progressive import plan_progressive, progressive_resize
-from .settings import (SpeedupSettings, arm_batch_size, arm_epochs, arm_policy,
-                       recalibration_images,
-                       splits_norms)
+from .settings import (SpeedupSettings, arm_batch_size, arm_epochs, arm_local, arm_policy,
+                       recalibration_images, splits_norms)
 
 __all__ = ["train_arm", "build_model"]
 
@@ -44,7 +43,7 @@ def _optimizer(model: Any, s: SpeedupSettings) -> Any:
 
 def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches: Any,
               num_classes: int, log: Callable[..., None] = print,
-              matched_inputs: Optional[int] = None,
+              matched_inputs: Optional[float] = None,
               observe: Optional[Callable[[Any, Any], Any]] = None) -> Dict[str, Any]:
     """One (arm, seed) run; returns its history with the arm's identity. ``matched_inputs``:
     the forward inputs a budget or progressive arm matches, where they were measured. The
@@ -83,10 +82,10 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
     loader = make_loader(dataclasses.replace(s, batch_size=batch), train, service, seed)
     recalibrate = _recalibration_batches(s, arm, train, seed)
     local = None
-    if s.local:
+    if arm_local(arm, s):
         from mixpipe.train.local import from_kind
 
-        local = from_kind(s.local, model, optimizer, epochs)
+        local = from_kind(arm_local(arm, s), model, optimizer, epochs)
     try:
         history = fit(model, loader, optimizer, epochs, schedule,
                       on_epoch=local.on_epoch if local is not None else None,
@@ -104,14 +103,15 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
     history.update(policy=arm, seed=seed, batch_slots=batch, policy_settings=settings.to_dict(),
                    epochs_of_data=length, eval_crop_ratio=s.crop_ratio,
                    local=local.history if local is not None else None)
-    if progressive is not None:
+    if progressive is not None or local is not None:
         _price_epochs(history, s, num_classes)
+    if progressive is not None:
         history["progressive"] = progressive.to_dict()
     return history
 
 
 def _progressive(s: SpeedupSettings, arm: str, num_samples: int, num_classes: int,
-                 matched_inputs: Optional[int]) -> Any:
+                 matched_inputs: Optional[float]) -> Any:
     """The progressive arm's plan (its length and sides), None for every other arm."""
     if arm != "progressive":
         return None
@@ -119,15 +119,18 @@ def _progressive(s: SpeedupSettings, arm: str, num_samples: int, num_classes: in
 
 
 def _price_epochs(history: Dict[str, Any], s: SpeedupSettings, num_classes: int) -> None:
-    """Each epoch's FLOPs at the side it trained at: forward inputs count compute only while
-    every input costs the same."""
-    from .compute import pass_flops
+    """Each epoch's FLOPs at the side it trained at and the LoCal boundary it trained with:
+    forward inputs count compute only while every input costs the same. ``plain_passes`` is
+    the run's compute in passes of the plain model at full size, what a budget arm matches."""
+    from .compute import epoch_pass_flops, pass_flops
 
+    full = pass_flops(s.model, s.image_size, num_classes)
     for record in history["epochs"]:
-        record["pass_flops"] = pass_flops(s.model, record.get("resolution", s.image_size),
-                                          num_classes)
+        record["pass_flops"] = epoch_pass_flops(s.model, s.image_size, num_classes, record)
         record["train_flops"] = record["forward_inputs"] * record["pass_flops"]
+        record["plain_passes"] = record["train_flops"] / full
     history["train_flops"] = sum(r["train_flops"] for r in history["epochs"])
+    history["plain_passes"] = history["train_flops"] / full
 
 
 def _recalibration_batches(s: SpeedupSettings, arm: str, train: Any, seed: int) -> Any:

@@ -7,7 +7,15 @@ each run in floating-point operations: its forward inputs times what one forward
 pass costs the model at the run's input size (counted by torch's FLOP counter on the model
 itself), and draws final top-1 against that. An arm is worth its compute only if no arm of any
 run given reaches its accuracy for less. An arm whose epochs trained at sizes of their own (the
-``progressive`` arm) is priced epoch by epoch: each epoch's inputs times a pass at its size.
+``progressive`` arm) is priced epoch by epoch: each epoch's inputs times a pass at its size. A
+LoCal+SGD arm is priced epoch by epoch too, by what its pass really runs at that epoch's
+boundary: the full forward, the local rule's products in the early blocks and backpropagation
+in the rest only (:func:`local_pass_flops`).
+
+Each arm that is not itself a point of the plain model's curve (none, budget, the frontier
+points) is also set against that curve at its own compute: the plain model's top-1 interpolated
+linearly in FLOPs between the two curve points around it, seed by seed. That is the equal-FLOP
+``budget`` of every arm of a run at once, where a run holds enough curve points.
 
 Region pooling (a masked mean per constituent) is not counted: it is a few multiply-adds per
 feature cell against the convolutions' hundreds.
@@ -23,9 +31,11 @@ import statistics
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .combine import results_settings
+from .settings import traces_frontier
 from .trend import compared_settings
 
-__all__ = ["pass_flops", "compute", "dominates", "plot_compute", "format_compute", "main"]
+__all__ = ["pass_flops", "local_pass_flops", "count_local_pass", "epoch_pass_flops", "compute", "dominates",
+           "against_frontier", "plot_compute", "format_compute", "main"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,6 +60,63 @@ def pass_flops(model: str, image_size: int, num_classes: int) -> int:
     with FlopCounterMode(display=False) as counter:
         net(x).sum().backward()
     return int(counter.get_total_flops())
+
+
+#: the batch a LoCal pass is priced at: the local rule's ⟨y yᵀ⟩ W product is paid once per batch,
+#: so its share of a pass falls with the batch (the benchmark's default batch)
+LOCAL_PRICE_BATCH = 128
+
+
+@functools.lru_cache(maxsize=None)
+def local_pass_flops(model: str, image_size: int, num_classes: int, transition: int,
+                     batch: int = LOCAL_PRICE_BATCH) -> float:
+    """FLOPs of one training pass of one input of the named model under LoCal+SGD with the
+    boundary at block ``transition`` (:func:`count_local_pass` on a batch of ``batch`` square
+    images). At boundary 0 this is :func:`pass_flops`. Building the model leaves torch's random
+    stream as it was."""
+    import torch
+
+    from .arms import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        net = build_model(model, num_classes)
+        first_conv = next((m for m in net.modules() if isinstance(m, torch.nn.Conv2d)), None)
+        channels = 3 if first_conv is None else first_conv.in_channels
+        return count_local_pass(net, torch.randn(batch, channels, image_size, image_size),
+                                transition)
+
+
+def count_local_pass(net: Any, x: Any, transition: int) -> float:
+    """FLOPs per input of one training step of ``net`` on the batch ``x`` under LoCal+SGD with
+    the boundary at block ``transition``, counted by torch's counter on what runs: every
+    block's forward, the local rule's products (Hebbian and decay, :mod:`mixpipe.train.
+    local_rule`) in the blocks before the boundary, for which autograd records nothing, and
+    forward and backward from the boundary on. The rule's ⟨y yᵀ⟩ W product is paid once per
+    batch, so the batch matters a little. ``net`` is left trained by one step and unwrapped."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mixpipe.train.local import LocalSGD
+
+    net.train()
+    local = LocalSGD(net, transition=int(transition))
+    try:
+        net(x)  # the rule caches its window coverage on a first call: not a step's work
+        with FlopCounterMode(display=False) as counter:
+            net(x).sum().backward()
+    finally:
+        local.remove()
+    return counter.get_total_flops() / x.shape[0]
+
+
+def epoch_pass_flops(model: str, image_size: int, num_classes: int,
+                     record: Dict[str, Any]) -> float:
+    """What one input's pass cost in the epoch ``record`` describes: at the side it trained at
+    (``resolution``, progressive resizing) and, under LoCal+SGD, at its boundary
+    (``local_transition``)."""
+    size = int(record.get("resolution", image_size))
+    if record.get("local_transition") is not None:
+        return local_pass_flops(model, size, num_classes, int(record["local_transition"]))
+    return float(pass_flops(model, size, num_classes))
 
 
 def _num_classes(payload: Dict[str, Any], s: Any, source: str) -> int:
@@ -109,6 +176,7 @@ def compute(payloads: Sequence[Dict[str, Any]], sources: Sequence[str]) -> Dict[
             "seeds": seeds, "sources": sorted({group["runs"][seed][3] for seed in seeds}),
             "forward_inputs": inputs, "pass_flops": group["pass_flops"],
             "train_tflops": statistics.fmean(group["runs"][seed][4] for seed in seeds) / 1e12,
+            "train_tflops_per_seed": {seed: group["runs"][seed][4] / 1e12 for seed in seeds},
             "final_top1": statistics.fmean(group["runs"][seed][2] for seed in seeds),
             "final_top1_per_seed": {seed: group["runs"][seed][2] for seed in seeds},
         })
@@ -118,6 +186,7 @@ def compute(payloads: Sequence[Dict[str, Any]], sources: Sequence[str]) -> Dict[
         row["dominated_by"] = sorted(o["name"] for o in rows
                                      if o is not row and dominates(o, row))
     rows.sort(key=lambda r: (r["train_tflops"], r["arm"]))
+    against_frontier(rows)
     return {"benchmark": "speedup-compute", "sources": list(sources),
             "model": first[0].model, "eval_split": first[0].eval_split, "rows": rows}
 
@@ -137,14 +206,54 @@ def dominates(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
     return a["train_tflops"] < b["train_tflops"] and a["final_top1"] >= b["final_top1"]
 
 
+def against_frontier(rows: List[Dict[str, Any]]) -> None:
+    """Set each row that is not a point of the plain model's curve against that curve at its
+    own compute, seed by seed: the curve's top-1 at the row's TFLOPs, linear between the two
+    curve points (of that seed, at that input size) around it, and the row's difference from it.
+    A row outside the curve's span gets None for that seed: the curve is not extrapolated."""
+    for row in rows:
+        if traces_frontier(row["arm"]):
+            continue
+        curve = [r for r in rows if traces_frontier(r["arm"])
+                 and r["image_size"] == row["image_size"]]
+        reference: Dict[Any, Optional[float]] = {}
+        for seed, flops in row["train_tflops_per_seed"].items():
+            points = sorted((r["train_tflops_per_seed"][seed], r["final_top1_per_seed"][seed])
+                            for r in curve if seed in r["train_tflops_per_seed"])
+            reference[seed] = _interpolate(points, flops)
+        deltas = {seed: None if ref is None else row["final_top1_per_seed"][seed] - ref
+                  for seed, ref in reference.items()}
+        kept = [d for d in deltas.values() if d is not None]
+        row["frontier_top1_per_seed"] = reference
+        row["delta_vs_frontier_per_seed"] = deltas
+        row["delta_vs_frontier"] = statistics.fmean(kept) if kept else None
+        row["delta_vs_frontier_std"] = statistics.stdev(kept) if len(kept) > 1 else None
+        row["seeds_at_or_above_frontier"] = sum(d >= 0 for d in kept)
+
+
+def _interpolate(points: Sequence[Tuple[float, float]], x: float) -> Optional[float]:
+    """y at ``x`` on the polyline through ``points`` (sorted by x); None outside their span,
+    where a point within :data:`EQUAL_COMPUTE` of an end counts as on it."""
+    if not points:
+        return None
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= x <= x1 and x1 > x0:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    for px, py in (points[0], points[-1]):
+        if abs(px - x) <= EQUAL_COMPUTE * px:
+            return py
+    return None
+
+
 def _run_flops(run: Dict[str, Any], s: Any, per_pass: int, num_classes: int) -> float:
-    """One rank's training FLOPs: epoch by epoch at the side each trained at where the run
-    records one (progressive resizing), else its forward inputs at the run's size."""
+    """One rank's training FLOPs: epoch by epoch where the run records what changes a pass's
+    cost (the side of progressive resizing, LoCal's boundary), else its forward inputs at the
+    run's size."""
     epochs = run.get("epochs") or []
-    if not any("resolution" in e for e in epochs):
+    if not any("resolution" in e or e.get("local_transition") is not None for e in epochs):
         return float(run["forward_inputs"] * per_pass)
-    return float(sum(e["forward_inputs"] * pass_flops(s.model, e.get("resolution", s.image_size),
-                                                      num_classes) for e in epochs))
+    return float(sum(e["forward_inputs"] * epoch_pass_flops(s.model, s.image_size, num_classes, e)
+                     for e in epochs))
 
 
 def plot_compute(result: Dict[str, Any], path: str) -> None:
@@ -187,14 +296,22 @@ def plot_compute(result: Dict[str, Any], path: str) -> None:
 def format_compute(result: Dict[str, Any]) -> str:
     lines = [f"{result['model']}: final top-1 on {result['eval_split']} against training compute",
              f"{'arm':<12}{'px':>5}{'run':>5}{'epochs':>8}{'seeds':>6}{'inputs':>10}{'TFLOPs':>9}"
-             f"{'x min':>7}{'top-1':>8}  dominated by"]
+             f"{'x min':>7}{'top-1':>8}{'Δ curve':>9}  dominated by"]
     for row in result["rows"]:
         lines.append(f"{row['arm']:<12}{row['image_size']:>5}{row['run_epochs']:>5}"
                      f"{row['epochs']:>8.2f}"
                      f"{len(row['seeds']):>6}{row['forward_inputs']:>10.0f}"
                      f"{row['train_tflops']:>9.2f}{row['compute_vs_cheapest']:>7.2f}"
-                     f"{row['final_top1']:>8.2f}  {', '.join(row['dominated_by']) or '-'}")
+                     f"{row['final_top1']:>8.2f}{_signed(row.get('delta_vs_frontier')):>9}"
+                     f"  {', '.join(row['dominated_by']) or '-'}")
+    lines.append("(Δ curve: top-1 against the plain model's curve (none, budget, frontier points)"
+                 " interpolated at the arm's own compute, mean over its seeds; - where its "
+                 "compute lies outside the curve)")
     return "\n".join(lines)
+
+
+def _signed(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:+.2f}"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -78,7 +78,7 @@ def _plan(s: SpeedupSettings, length: float, num_samples: int,
 
 
 def plan_progressive(s: SpeedupSettings, num_samples: int, num_classes: int,
-                     matched_inputs: Optional[int] = None,
+                     matched_inputs: Optional[float] = None,
                      flops_at: Optional[Callable[[int], float]] = None) -> ProgressivePlan:
     """The arm's run priced to the matched arm's FLOPs. ``matched_inputs``: that arm's measured
     forward inputs (else predicted); ``flops_at(side)``: one pass's FLOPs (default: the model's,

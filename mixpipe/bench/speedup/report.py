@@ -11,9 +11,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from .settings import FRONTIER_PREFIX, PLAIN_ARMS, SpeedupSettings, arm_names, trains_plain_model
+from .settings import (FRONTIER_PREFIX, PLAIN_ARMS, SpeedupSettings, arm_names,
+                       traces_frontier)
 
-__all__ = ["summarise", "targets", "format_table", "plot", "time_to_reach", "PLAIN_ARMS"]
+__all__ = ["summarise", "targets", "format_table", "plot", "time_to_reach", "reach",
+           "PLAIN_ARMS"]
 
 
 
@@ -26,12 +28,30 @@ def _mean_std(values: List[Optional[float]]) -> Tuple[Optional[float], Optional[
 
 def time_to_reach(history: Dict[str, Any], target: float) -> Optional[float]:
     """Training seconds until the first epoch whose top-1 is at least ``target``."""
-    elapsed = 0.0
-    for record in history["epochs"]:
-        elapsed += record["train_seconds"]
+    found = reach(history, target, 1)
+    return None if found is None else found["seconds"]
+
+
+def reach(history: Dict[str, Any], target: float, num_samples: int) -> Optional[Dict[str, float]]:
+    """AutoAssist's measure: what the run spent until the end of the first epoch whose top-1 is
+    at least ``target`` (None if none is): loop ``epochs``, training ``seconds``, and ``compute``
+    in epochs of the plain model (passes of the plain model at full size over ``num_samples``:
+    forward inputs, or a priced epoch's ``plain_passes``), so that skipping or cheapened passes
+    count as the compute they saved."""
+    seconds = passes = 0.0
+    for index, record in enumerate(history["epochs"]):
+        seconds += record["train_seconds"]
+        passes += record.get("plain_passes", record["forward_inputs"])
         if record.get("top1") is not None and record["top1"] >= target - 1e-12:
-            return elapsed
+            return {"epochs": float(index + 1), "seconds": seconds,
+                    "compute": passes / num_samples}
     return None
+
+
+def _passes(history: Dict[str, Any]) -> float:
+    """The run's compute in passes of the plain model at full size: its forward inputs, or what
+    a priced run (LoCal, progressive resizing) spent over one plain pass."""
+    return float(history.get("plain_passes", history["forward_inputs"]))
 
 
 def _against(row: Dict[str, Any], name: str, pairs: List[Tuple[Dict[str, Any], Dict[str, Any]]],
@@ -68,11 +88,13 @@ def summarise(s: SpeedupSettings, runs: List[Dict[str, Any]], num_samples: int) 
             for e in range(length)]
         row["top1_per_epoch"] = [statistics.fmean(r["epochs"][e]["top1"] for r in done)
                                  for e in range(length)]
-        row["speedup_bound"] = num_samples * s.epochs / row["forward_inputs"]
+        # the bound in passes of the plain model: forward inputs, or a priced arm's FLOPs
+        passes = statistics.fmean(_passes(r) for r in done)
+        row["speedup_bound"] = num_samples * s.epochs / passes
         if "none" in s.policies:
             pairs = [(by[("none", r["seed"])], r) for r in done if ("none", r["seed"]) in by]
             speedups = {r["seed"]: b["train_seconds"] / r["train_seconds"] for b, r in pairs}
-            bounds = {r["seed"]: b["forward_inputs"] / r["forward_inputs"] for b, r in pairs}
+            bounds = {r["seed"]: _passes(b) / _passes(r) for b, r in pairs}
             row["speedup"], row["speedup_std"] = _mean_std(list(speedups.values()))
             row["speedup_per_seed"] = speedups
             row["speedup_bound"] = statistics.fmean(bounds.values())
@@ -80,9 +102,18 @@ def summarise(s: SpeedupSettings, runs: List[Dict[str, Any]], num_samples: int) 
             row["bound_efficiency"] = (row["speedup"] / row["speedup_bound"]
                                        if row["speedup_bound"] else None)
             _against(row, "none", pairs)
-            reach = [time_to_reach(r, b["final_top1"]) for b, r in pairs]
-            row["reached_baseline"] = sum(t is not None for t in reach)
-            row["time_to_baseline_top1"], _ = _mean_std(reach)
+            reached = {r["seed"]: (b, reach(r, b["final_top1"], num_samples)) for b, r in pairs}
+            row["reached_baseline"] = sum(v is not None for _, v in reached.values())
+            row["time_to_baseline_top1"], _ = _mean_std(
+                [None if v is None else v["seconds"] for _, v in reached.values()])
+            # as shares of the full-length plain run's own epochs, compute and wall-clock
+            for key, whole in (("epochs", lambda b: len(b["epochs"])),
+                               ("compute", lambda b: b["forward_inputs"] / num_samples),
+                               ("seconds", lambda b: b["train_seconds"])):
+                shares = {seed: None if v is None else v[key] / whole(b)
+                          for seed, (b, v) in reached.items()}
+                row[f"{key}_to_baseline_share"], _ = _mean_std(list(shares.values()))
+                row[f"{key}_to_baseline_share_per_seed"] = shares
         if "budget" in s.policies:
             pairs = [(by[("budget", r["seed"])], r) for r in done if ("budget", r["seed"]) in by]
             _against(row, "budget", pairs)
@@ -131,9 +162,16 @@ def format_table(s: SpeedupSettings, summary: Dict[str, Any]) -> str:
         d = row.get(f"delta_vs_{name}")
         return "-" if d is None else f"{d:+.2f} ±{row[f'delta_vs_{name}_std']:.2f}"
 
+    def reached(row: Dict[str, Any]) -> str:
+        share = row.get("compute_to_baseline_share")
+        if "reached_baseline" not in row:
+            return "-"
+        return (f"{'-' if share is None else f'{share:.2f}x'}"
+                f" ({row['reached_baseline']}/{len(row['final_top1_per_seed'])})")
+
     head = (f"{'arm':<15} {'epochs':>6} {'train s':>14} {'speed-up':>13} {'bound':>6} "
             f"{'of bound':>8} {'inputs':>9} {'final top-1 %':>15} {'Δ vs none':>13} "
-            f"{'Δ vs budget':>13}")
+            f"{'Δ vs budget':>13} {'reach none':>12}")
     lines = [head, "-" * len(head)]
     for arm, row in summary.items():
         sp = row.get("speedup")
@@ -144,7 +182,7 @@ def format_table(s: SpeedupSettings, summary: Dict[str, Any]) -> str:
             f"±{row['train_seconds_std']:<4.1f} {sp_txt:>13} {row['speedup_bound']:>5.2f}x "
             f"{'-' if eff is None else f'{100 * eff:.0f}%':>8} {row['forward_inputs']:>9.0f} "
             f"{pct(row['final_top1'], row['final_top1_std']):>15} {delta(row, 'none'):>13} "
-            f"{delta(row, 'budget'):>13}")
+            f"{delta(row, 'budget'):>13} {reached(row):>12}")
     per_seed = [f"{arm}: " + " ".join(f"{100 * v:.2f}" for v in row["final_top1_per_seed"]
                                      .values()) for arm, row in summary.items()]
     lines.append("final top-1 per seed (" + ", ".join(str(x) for x in s.seeds) + ") | " +
@@ -153,7 +191,9 @@ def format_table(s: SpeedupSettings, summary: Dict[str, Any]) -> str:
                  f"{s.model}, loader {s.loader}, layout {s.layout}, fraction "
                  f"{s.fraction if s.fraction_start is None else f'{s.fraction_start}->{s.fraction}'}"
                  f", loss per {s.loss_per}; speed-up and Δ seed by seed; ± is the spread over "
-                 f"seeds; budget = the plain model on {s.budget_match}'s forward inputs"
+                 f"seeds; reach none = compute, in plain epochs, until top-1 first reached "
+                 f"none's final, as a share of none's (seeds that reached it); budget = the "
+                 f"plain model on {s.budget_match}'s compute"
                  + (f"; progressive = the plain model resized progressively, on "
                     f"{s.budget_match}'s FLOPs" if "progressive" in s.policies else "") + ")")
     return "\n".join(lines)
@@ -177,7 +217,7 @@ def plot(runs: List[Dict[str, Any]], s: SpeedupSettings, summary: Dict[str, Any]
         t = np.mean([np.cumsum([e["train_seconds"] for e in r["epochs"][:length]])
                      for r in done], axis=0)
         acc = np.mean([[100 * e["top1"] for e in r["epochs"][:length]] for r in done], axis=0)
-        plain = trains_plain_model(arm)
+        plain = traces_frontier(arm)
         if plain:
             frontier.append((row["train_seconds"], 100 * row["final_top1"]))
         if not arm.startswith(FRONTIER_PREFIX):

@@ -12,10 +12,14 @@ Arms (``policies``):
 - ``random``: naive mixing, matched to mixtrain's forward inputs over the run.
 - ``mixtrain``: the loss-driven policy; ``shrink``, ``assist``: skipping;
   ``shrink+mixtrain``, ``assist+mixtrain``: skip some easy samples, mix the next ones.
+- ``local-static``, ``local-dynamic``: the plain model on every sample, with LoCal+SGD's local
+  rule in place of backpropagation in the early blocks (:mod:`mixpipe.train.local`): it saves
+  backward work, not forward inputs.
 
-``budget`` and ``progressive`` match the arm ``budget_match`` names: its forward inputs are
-predicted from the schedule for mixtrain and random, and taken from that arm's run in the same
-seed otherwise (the matched arm then runs first).
+``budget`` and ``progressive`` match the compute of the arm ``budget_match`` names, counted in
+full passes of the plain model (forward inputs, or for a LoCal arm its FLOPs over a plain
+pass's): predicted from the schedule for mixtrain and random, and taken from that arm's run in
+the same seed otherwise (the matched arm then runs first).
 
 ``frontier`` adds the plain model at fractions of the run (``none@0.55`` ...), the curve a method
 must lie above to be worth using.
@@ -38,12 +42,16 @@ from mixpipe.core.policies.shrink import ShrinkSettings
 __all__ = ["SpeedupSettings", "POLICIES", "MIXING", "QUICK", "arm_names", "arm_policy",
            "arm_epochs", "budget_epochs", "run_epochs", "run_order", "seed_arms",
            "recalibration_images", "splits_norms", "trains_plain_model", "PLAIN_ARMS",
-           "FRONTIER_PREFIX", "eval_framing", "arm_batch_size", "MATCHING_ARMS", "matched_forward_inputs"]
+           "FRONTIER_PREFIX", "eval_framing", "arm_batch_size", "MATCHING_ARMS",
+           "matched_forward_inputs", "LOCAL_ARMS", "arm_local", "traces_frontier"]
 
 POLICIES = ("none", "budget", "progressive", "random", "mixtrain", "shrink", "shrink+mixtrain",
-            "assist", "assist+mixtrain")
-#: arms whose forward inputs a budget arm can match
-MIXING = ("random", "mixtrain", "shrink", "shrink+mixtrain", "assist", "assist+mixtrain")
+            "assist", "assist+mixtrain", "local-static", "local-dynamic")
+#: arms that train the plain model with LoCal+SGD, by the kind of boundary schedule
+LOCAL_ARMS = {"local-static": "static", "local-dynamic": "dynamic"}
+#: arms whose compute a budget arm can match
+MIXING = ("random", "mixtrain", "shrink", "shrink+mixtrain", "assist", "assist+mixtrain",
+          *LOCAL_ARMS)
 LOADERS = ("torch", "dali", "ffcv")
 LAYOUTS = ("halves", "quads")
 MIX_SCHEDULES = ("constant", "ramp")
@@ -81,8 +89,22 @@ def eval_framing(augment: str, loader: str, explicit: Optional[float] = None) ->
 
 
 def trains_plain_model(arm: str) -> bool:
-    """Whether the arm trains the plain model (none, budget, a frontier point), not a mixing one."""
-    return arm in PLAIN_ARMS or arm.startswith(FRONTIER_PREFIX)
+    """Whether the arm trains the plain model (none, budget, progressive, a LoCal arm, a
+    frontier point) on single images, not a mixing one."""
+    return arm in PLAIN_ARMS or arm in LOCAL_ARMS or arm.startswith(FRONTIER_PREFIX)
+
+
+def traces_frontier(arm: str) -> bool:
+    """Whether the arm is a point of the plain model's accuracy-against-compute curve: full
+    backpropagation on every sample for some share of the run (none, budget, a frontier point),
+    the curve every faster method must lie above at its own compute."""
+    return arm in ("none", "budget") or arm.startswith(FRONTIER_PREFIX)
+
+
+def arm_local(arm: str, s: "SpeedupSettings") -> Optional[str]:
+    """The LoCal+SGD boundary schedule the arm trains with: its own for a LoCal arm, else
+    ``--local`` (which applies it to every arm), else None."""
+    return LOCAL_ARMS.get(arm, s.local)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,9 +189,9 @@ class SpeedupSettings:
                                      "(mixpipe.train.splitnorm); it lifted random mixing by 0.37 "
                                      "points on test but not mixtrain, and costs wall-clock, so "
                                      "off by default (benchmarks/README.md)")
-    budget_match: str = field("mixtrain", "the mixing arm whose compute the budget arm (forward"
-                                          " inputs) and the progressive arm (FLOPs) match",
-                              choices=MIXING)
+    budget_match: str = field("mixtrain", "the arm whose compute the budget arm (forward inputs;"
+                                          " a LoCal arm's FLOPs in plain passes) and the "
+                                          "progressive arm (FLOPs) match", choices=MIXING)
     progressive_min: Optional[int] = field(None, "progressive: the side in px it starts at (a "
                                                  "multiple of --stride, at least two strides); "
                                                  "none: half of --image-size, snapped down to "
@@ -250,6 +272,9 @@ class SpeedupSettings:
              "in (0, 1] or None")
         need(self.threads is None or self.threads >= 0, "threads", ">= 0 or None")
         need(self.local in (None, "static", "dynamic"), "local", "None, 'static' or 'dynamic'")
+        need(self.local is None or not set(self.policies) & set(LOCAL_ARMS), "local",
+             "None when a LoCal arm runs (local-static, local-dynamic: the arms carry their own "
+             "kind; --local applies one kind to every arm)")
         need(self.augment in AUGMENTS, "augment", f"one of {AUGMENTS}")
         need(self.image_size >= 2 * self.stride, "image_size", f">= 2 * stride ({self.stride})")
         need(self.image_size % self.stride == 0, "image_size", f"a multiple of stride "
@@ -393,7 +418,7 @@ def seed_arms(s: SpeedupSettings, seed: int) -> List[str]:
 
 
 def matched_forward_inputs(s: SpeedupSettings, num_samples: int,
-                           measured: Optional[int] = None) -> float:
+                           measured: Optional[float] = None) -> float:
     """The forward inputs of the arm ``budget_match`` names: ``measured`` from its run, or
     predicted from the schedule where they follow from it."""
     if measured is not None:
@@ -405,7 +430,7 @@ def matched_forward_inputs(s: SpeedupSettings, num_samples: int,
 
 
 def arm_epochs(arm: str, s: SpeedupSettings, num_samples: int,
-               matched_inputs: Optional[int] = None,
+               matched_inputs: Optional[float] = None,
                num_classes: Optional[int] = None) -> float:
     """The arm's run length in epochs of data (fractional for budget, progressive and frontier
     arms); ``matched_inputs`` are the matched arm's forward inputs where they were measured.
@@ -425,11 +450,11 @@ def arm_epochs(arm: str, s: SpeedupSettings, num_samples: int,
 
 
 def arm_policy(arm: str, s: SpeedupSettings, num_samples: Optional[int] = None,
-               matched_inputs: Optional[int] = None,
+               matched_inputs: Optional[float] = None,
                num_classes: Optional[int] = None) -> PolicySettings:
     """The selection-policy settings of one arm (budget, progressive and frontier arms need the
     dataset size, to match compute; progressive the class count too)."""
-    if arm == "none":
+    if arm == "none" or arm in LOCAL_ARMS:
         return NoneSettings()
     if arm in MATCHING_ARMS or arm.startswith(FRONTIER_PREFIX):
         if num_samples is None:
@@ -479,6 +504,6 @@ def arm_batch_size(arm: str, s: SpeedupSettings, num_samples: int) -> int:
 
 
 def run_epochs(arm: str, s: SpeedupSettings, num_samples: int,
-               matched_inputs: Optional[int] = None, num_classes: Optional[int] = None) -> int:
+               matched_inputs: Optional[float] = None, num_classes: Optional[int] = None) -> int:
     """Whole epochs the arm's loop runs (a partial last epoch counts as one)."""
     return whole_epochs(arm_epochs(arm, s, num_samples, matched_inputs, num_classes))
