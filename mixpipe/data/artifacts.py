@@ -33,6 +33,9 @@ __all__ = ["Artifact", "OutputDir", "fingerprint", "read_manifest", "manifest_pa
 FORMAT = 1
 MARKER = ".mixpipe-prepare"
 _TMP = ".tmp-"
+#: why an artifact that was never written cannot be read; ``OutputDir.ensure`` leaves it out of
+#: its "write" line, where before any work it reads like a failure
+_NOT_WRITTEN = "not written yet"
 #: Files smaller than this are hashed on every check; larger ones only with ``verify``.
 _ALWAYS_HASH = 1 << 20
 
@@ -128,7 +131,7 @@ def check_artifact(root: str, name: str, relpath: Optional[str] = None,
     manifest = read_manifest(root, name)
     if manifest is None:
         if relpath is not None and not os.path.lexists(os.path.join(root, relpath)):
-            return "not written yet"
+            return _NOT_WRITTEN
         return "no manifest (the run writing it was interrupted?)"
     if manifest.get("format") != FORMAT or manifest.get("artifact") != name:
         return "the manifest is of another format or artifact"
@@ -212,7 +215,9 @@ class OutputDir:
             self.log(f"skip  {art.relpath}: complete")
             self.skipped.append(art.name)
             return False
-        self.log(f"write {art.relpath}: {reason}")
+        # a first write needs no reason; a rebuild of something that was there says why
+        self.log(f"write {art.relpath}" if reason == _NOT_WRITTEN
+                 else f"write {art.relpath}: {reason}")
         # The manifest goes first: from here until the new one is written the artifact is
         # known incomplete, whatever else survives an interruption.
         _remove(manifest_path(self.root, art.name))
