@@ -41,6 +41,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from mixpipe.bench.flags import add_benchmark_arguments, field, settings_from_cli
+from mixpipe.progress import progress_bar
 
 __all__ = ["LoadSettings", "run_load", "add_arguments", "run", "format_table", "main"]
 
@@ -232,11 +233,7 @@ def run_load(s: LoadSettings, log=print) -> Dict[str, Any]:
             p.start()
         outs = []
         probe_out: Dict[str, Any] = {"reports": [], "acked": 0, "error": "probe: no result"}
-        try:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=s.clients, desc="clients done", leave=False)
-        except ImportError:  # pragma: no cover
-            bar = None
+        bar = progress_bar(total=s.clients, desc="clients done", leave=False)
         hard = deadline + 2 * s.timeout + 60
         while len(outs) < s.clients and time.monotonic() < hard:
             try:
@@ -245,13 +242,11 @@ def run_load(s: LoadSettings, log=print) -> Dict[str, Any]:
                     probe_out = got
                     continue
                 outs.append(got)
-                if bar is not None:
-                    bar.update(1)
+                bar.update(1)
             except Exception:  # queue.Empty: check the processes are alive
                 if not any(p.is_alive() for p in procs) and results.empty():
                     break
-        if bar is not None:
-            bar.close()
+        bar.close()
         stop_probe.set()
         if probe_out.get("error") == "probe: no result":
             try:

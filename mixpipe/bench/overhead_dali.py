@@ -26,6 +26,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..progress import progress_bar
 from .common import (SOURCE_COLUMNS, machine_info, overhead_table, parse_fractions, stat,
                      write_and_print)
 
@@ -70,7 +71,6 @@ def generate_tree(out: str, num_images: int, sides=(256, 500), classes: int = 10
     compress like photos rather than like flat colour.
     """
     from PIL import Image
-    from tqdm import tqdm
 
     from ..data.synthetic import photo_like
 
@@ -79,7 +79,7 @@ def generate_tree(out: str, num_images: int, sides=(256, 500), classes: int = 10
         return out
     rng = np.random.default_rng(seed)
     lines = []
-    for i in tqdm(range(num_images), desc="generating JPEGs", disable=not progress):
+    for i in progress_bar(range(num_images), desc="generating JPEGs", show=progress):
         label = i % classes
         short = int(rng.integers(sides[0], sides[1] + 1))
         long = int(short * rng.uniform(1.0, 1.5))
@@ -175,8 +175,6 @@ def _plans_for(fraction: float, num_samples: int, layout: str, cells: int, seed:
 
 def _bench_dataset(name: str, data: str, settings, args, batch_size: int, batches: int,
                    repeats: int, fractions: List[float], progress: bool) -> Dict:
-    from tqdm import tqdm
-
     from ..dali.pipeline import open_images
 
     num_samples = len(open_images(data, "train"))
@@ -184,7 +182,7 @@ def _bench_dataset(name: str, data: str, settings, args, batch_size: int, batche
     arms = ["plain"] + [f"mix {int(round(f * 100))}%" for f in fractions]
     runs: Dict[str, List[Dict[str, float]]] = {a: [] for a in arms}
     warmup = 3
-    steps = tqdm(total=repeats * len(arms), desc=f"{name}", disable=not progress)
+    steps = progress_bar(total=repeats * len(arms), desc=f"{name}", show=progress)
     for rep in range(repeats):
         order = arms[rep % len(arms):] + arms[:rep % len(arms)]  # rotate: no arm always first
         for arm in order:

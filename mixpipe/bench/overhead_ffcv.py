@@ -32,6 +32,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..progress import progress_bar
 from .common import (SOURCE_COLUMNS, machine_info, overhead_table, parse_fractions, stat,
                      write_and_print)
 
@@ -148,7 +149,6 @@ def _epoch(loader, mixed: bool) -> Dict[str, float]:
 def _bench_dataset(name: str, beton: str, size, scale, stride: int, args, batch_size: int,
                    repeats: int, fractions: List[float], progress: bool) -> Dict:
     from ffcv.reader import Reader
-    from tqdm import tqdm
 
     num_samples = int(Reader(beton).num_samples)
     modes = ["reference", "fast"] if args.resize == "both" else [args.resize]
@@ -159,7 +159,7 @@ def _bench_dataset(name: str, beton: str, size, scale, stride: int, args, batch_
             mix_arms[label] = (f, mode)
     arms = ["ffcv plain", "ffcv mixup"] + list(mix_arms)
     loaders = {}
-    for arm in tqdm(arms, desc=f"{name}: build + compile", disable=not progress):
+    for arm in progress_bar(arms, desc=f"{name}: build + compile", show=progress):
         if arm.startswith("ffcv"):
             loaders[arm] = _plain_loader(beton, size, scale, batch_size, args.threads,
                                          arm == "ffcv mixup")
@@ -169,7 +169,7 @@ def _bench_dataset(name: str, beton: str, size, scale, stride: int, args, batch_
                                        args.layout, num_samples, mode)
         _epoch(loaders[arm], arm.startswith("mix"))  # warm-up: numba compiles here
     runs: Dict[str, List[Dict[str, float]]] = {a: [] for a in arms}
-    steps = tqdm(total=repeats * len(arms), desc=name, disable=not progress)
+    steps = progress_bar(total=repeats * len(arms), desc=name, show=progress)
     for rep in range(repeats):
         order = arms[rep % len(arms):] + arms[:rep % len(arms)]  # rotate: no arm always first
         for arm in order:

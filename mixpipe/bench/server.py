@@ -38,6 +38,7 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from ..progress import progress_bar
 from .common import machine_info, write_json
 
 __all__ = ["add_arguments", "run"]
@@ -310,8 +311,6 @@ def _fmt_rate(v: Any) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     quick = args.quick
     sizes = [int(s) for s in (args.sizes or ("50000,200000" if quick else
                                              "50000,1280000,10000000")).split(",")]
@@ -333,8 +332,8 @@ def run(args: argparse.Namespace) -> int:
         sizes = []
     rows = []
     scale: Dict[str, Any] = {}
-    steps = tqdm(total=len(sizes) * (2 if args.no_network else 3), desc="bench server",
-                 unit="step")
+    steps = progress_bar(total=len(sizes) * (2 if args.no_network else 3),
+                         desc="bench server", unit="step")
     try:
         if matrix_n:
             scale["matrix"] = {"num_samples": matrix_n,

@@ -19,8 +19,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from ..progress import progress_bar
 from .errors import DataError
 
 __all__ = ["write_jpegs", "write_file_list", "read_file_list", "write_arrays", "check_arrays",
@@ -42,7 +42,7 @@ def parallel_map(fn: Callable[[Any], List[Any]], chunks: Sequence[Any], workers:
     """
     sizes = sizes if sizes is not None else [len(c) for c in chunks]
     results: List[Any] = []
-    with tqdm(total=total, desc=desc, unit="img", leave=False) as bar:
+    with progress_bar(total=total, desc=desc, unit="img", leave=False) as bar:
         if workers <= 1 or total < _POOL_MIN_ITEMS:
             for chunk, size in zip(chunks, sizes):
                 results.append(fn(chunk))
