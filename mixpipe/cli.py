@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -26,8 +28,62 @@ COMMANDS = {
 }
 
 
+#: :role:`target` (Sphinx cross-references), ``literal`` and **strong**: the markup the
+#: docstrings that help texts are taken from are written in
+_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`(~?)([^`]+)`")
+_LITERAL = re.compile(r"``([^`]+)``")
+_STRONG = re.compile(r"(?<![\w*])\*\*(?=\S)([^*\n]+?)(?<=\S)\*\*(?![\w*])")  # not 2**40
+_LITERAL_BLOCK = re.compile(r"::$", re.MULTILINE)
+
+
+def package_version() -> str:
+    """The installed distribution's version, which is what a bug report needs; a source tree
+    used without installing has no metadata, so then the package's own ``__version__``."""
+    try:
+        return importlib.metadata.version("mixpipe")
+    except importlib.metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+def plain_text(text: str) -> str:
+    """``text`` without reStructuredText markup, for a terminal.
+
+    Help texts are often a module's docstring, written for Sphinx; ``--help`` would show its
+    backticks and roles verbatim. A role becomes its target (shortened to the last name where
+    a tilde asks Sphinx to), a literal or strong text its words, a closing double colon one.
+    """
+    def role(match: "re.Match[str]") -> str:
+        short, target = match.group(1), match.group(2)
+        return target.rsplit(".", 1)[-1] if short else target
+
+    text = _ROLE.sub(role, text)
+    text = _LITERAL.sub(r"\1", text)
+    text = _STRONG.sub(r"\1", text)
+    return _LITERAL_BLOCK.sub(":", text)
+
+
+def _plain_help(parser: argparse.ArgumentParser) -> None:
+    """Strip markup from every text ``--help`` shows, in ``parser`` and its subcommands: done
+    here, once, so no docstring has to be written twice (for Sphinx and for the terminal)."""
+    for attr in ("description", "epilog"):
+        if getattr(parser, attr):
+            setattr(parser, attr, plain_text(getattr(parser, attr)))
+    for action in parser._actions:
+        if isinstance(action.help, str):
+            action.help = plain_text(action.help)
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:  # the one-line help of each subcommand
+                if isinstance(choice.help, str):
+                    choice.help = plain_text(choice.help)
+            for sub in action.choices.values():
+                _plain_help(sub)
+
+
 def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mixpipe", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     groups: dict = {}
     root = parser.add_subparsers(dest="command", metavar="COMMAND")
     root.required = True
@@ -45,6 +101,7 @@ def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
         # Only the chosen command's module is imported to declare its arguments.
         if all(tok in argv for tok in path):
             importlib.import_module(module).add_arguments(sub)
+    _plain_help(parser)
     return parser
 
 
