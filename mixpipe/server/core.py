@@ -59,6 +59,7 @@ reports for later epochs are accepted as usual.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import numbers
 import threading
 import time
@@ -78,6 +79,8 @@ __all__ = ["SelectionCore", "PlanNotReady", "prepare_report", "check_epoch", "ch
 
 _STATE_FORMAT = 1
 
+log = logging.getLogger(__name__)
+
 #: most ranks one job may have: far above any real job, small enough to keep per-epoch rank
 #: bookkeeping bounded
 MAX_WORLD_SIZE = 1 << 16
@@ -93,9 +96,13 @@ class PlanNotReady(Exception):
 
     def __init__(self, epoch: int, world_size: int, missing: List[int]) -> None:
         self.epoch, self.world_size, self.missing = epoch, world_size, missing
-        shown = missing[:20] + (["..."] if len(missing) > 20 else [])
-        super().__init__(f"plan for epoch {epoch} waits for rank(s) {shown} of {world_size} to "
-                         f"finish epoch {epoch - 1}")
+        super().__init__(f"plan for epoch {epoch} waits for rank(s) {_shown(missing)} of "
+                         f"{world_size} to finish epoch {epoch - 1}")
+
+
+def _shown(ranks: List[int]) -> List[Any]:
+    """At most 20 ranks, so that a message about a large job stays one readable line."""
+    return ranks[:20] + (["..."] if len(ranks) > 20 else [])
 
 
 def check_int(value: Any, what: str, lo: int, hi: int) -> int:
@@ -175,13 +182,17 @@ class SelectionCore:
             pending memory stays bounded whatever a client sends.
         max_losses_per_sample: one epoch holds at most this many pending losses per sample, plus
             16M (a retrying trainer sends some twice; far more means something is wrong).
-        wait: default seconds ``plan`` waits for the other ranks to finish the previous epoch.
+        wait: default seconds ``plan`` waits for the other ranks to finish the previous epoch
+            (30 minutes: a slow rank's epoch, a restart, a long evaluation all fit).
+        log_after: default seconds before a waiting ``plan`` first logs a warning naming the
+            ranks it waits for; the delay then doubles, so a long wait is a few lines.
     """
 
     def __init__(self, num_samples: int, settings: PolicySettings, seed: int = 0,
                  state_dir: Optional[str] = None, ema_decay: float = 0.7, fsync: bool = False,
                  plan_cache_size: int = 3, max_epochs_ahead: int = 32,
-                 max_losses_per_sample: int = 8, wait: float = 1800.0) -> None:
+                 max_losses_per_sample: int = 8, wait: float = 1800.0,
+                 log_after: float = 10.0) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) \
                 or not 1 <= num_samples < 2**40:
             raise ValueError(f"num_samples must be an integer in [1, 2**40), got "
@@ -200,6 +211,9 @@ class SelectionCore:
         if not wait >= 0:
             raise ValueError(f"wait must be >= 0 seconds, got {wait}")
         self.wait = float(wait)
+        if not log_after > 0:
+            raise ValueError(f"log_after must be > 0 seconds, got {log_after}")
+        self.log_after = float(log_after)
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # a commit, a plan or a rank arrived
         self._fold_lock = threading.Lock()  # one fold / plan computation / state load at a time
@@ -392,19 +406,32 @@ class SelectionCore:
             self._labels = labels
 
     def plan(self, epoch: int, rank: int = 0, world_size: int = 1,
-             wait: Optional[float] = None) -> MixPlan:
+             wait: Optional[float] = None, log_after: Optional[float] = None) -> MixPlan:
         """This rank's shard of the epoch's global plan (computed once, then cached).
 
-        ``wait``: seconds to wait for the other ranks (default the service's ``wait``); 0 raises
-        :class:`PlanNotReady` at once instead.
+        With ``world_size > 1`` this is also the barrier: the plan of epoch ``e`` is derived
+        from every rank's losses of ``e - 1``, so it waits until each rank has asked for it (or
+        called ``end_epoch``). A rank that never comes would hang the others without a word, so
+        the wait is bounded and loud:
+
+        ``wait``: seconds to wait for the other ranks, by default the service's ``wait``
+        (**1800 s**, 30 minutes); then ``TimeoutError`` naming the missing ranks. 0 raises
+        :class:`PlanNotReady` at once instead (what the network server uses; its clients poll).
+
+        ``log_after``: seconds before the first warning (logger ``mixpipe.server.core``) naming
+        the epoch and the ranks still missing, by default the service's ``log_after`` (10 s);
+        after it the delay doubles (10, 20, 40, ... s).
         """
         epoch = check_epoch(epoch)
         rank, world_size = self._check_world(rank, world_size)
         wait = self.wait if wait is None else float(wait)
+        log_after = self.log_after if log_after is None else float(log_after)
+        if not log_after > 0:
+            raise ValueError(f"log_after must be > 0 seconds, got {log_after}")
         with self._lock:
             self._counters["plan_requests"] += 1
             if world_size > 1 and epoch >= 1:
-                self._wait_for_ranks(epoch, rank, world_size, wait)
+                self._wait_for_ranks(epoch, rank, world_size, wait, log_after)
         plan = self._global_plan(epoch)
         if world_size == 1:
             # a lookup: a new MixPlan over the cached arrays, which are read-only, so neither
@@ -413,14 +440,18 @@ class SelectionCore:
                            plan.num_samples, plan.epoch, plan.seed)
         return plan.shard(rank, world_size)  # fancy indexing: a copy
 
-    def _wait_for_ranks(self, epoch: int, rank: int, world_size: int, wait: float) -> None:
+    def _wait_for_ranks(self, epoch: int, rank: int, world_size: int, wait: float,
+                        log_after: float) -> None:
         """Hold a rank's request for ``epoch`` until every rank finished ``epoch - 1`` (under
-        the lock; the condition releases it while waiting)."""
+        the lock; the condition releases it while waiting), warning at ``log_after`` seconds
+        and then at doubling delays, so that a job stuck on a missing rank says which."""
         previous = epoch - 1
         if previous <= self._ledger.committed_epoch or epoch in self._plans:
             return
         self._check_ahead(previous)
-        deadline = time.monotonic() + wait
+        start = time.monotonic()
+        deadline = start + wait
+        next_log = start + log_after
         while not self._arrive(previous, rank, world_size):
             if previous <= self._ledger.committed_epoch or epoch in self._plans:
                 return
@@ -428,12 +459,20 @@ class SelectionCore:
             if wait <= 0:
                 self._counters["plans_not_ready"] += 1
                 raise PlanNotReady(epoch, world_size, missing)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"plan for epoch {epoch}: rank(s) {missing[:20]} of "
-                                   f"{world_size} did not finish epoch {previous} within "
-                                   f"{wait:g} s; a rank died or is stuck (or raise wait=)")
-            self._changed.wait(remaining)
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError(
+                    f"plan for epoch {epoch}: rank(s) {_shown(missing)} of {world_size} did not "
+                    f"finish epoch {previous} within {wait:g} s; start the other ranks (each "
+                    f"asks for this plan or calls end_epoch({previous}, rank, {world_size})), "
+                    f"pass world_size=1 if this process trains alone, or raise wait= if a rank "
+                    f"is only slow")
+            if now >= next_log:
+                log.warning("plan for epoch %d (rank %d of %d): waited %.1f s for rank(s) %s "
+                            "to finish epoch %d; giving up after %g s", epoch, rank,
+                            world_size, now - start, _shown(missing), previous, wait)
+                next_log = start + 2 * (next_log - start)
+            self._changed.wait(min(deadline, next_log) - now)
 
     def _global_plan(self, epoch: int) -> MixPlan:
         """The cached global plan, computing it if needed (one computation at a time; a second

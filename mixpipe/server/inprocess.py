@@ -44,15 +44,22 @@ class InProcessService(SelectionCore):
         seed: fixes the policy's random choices together with the epoch.
         state_dir: directory for the ledger file and the write-ahead log (crash safety); None
             keeps everything in memory.
-        ema_decay, fsync, plan_cache_size, max_epochs_ahead, max_losses_per_sample, wait: see
+        wait: default seconds ``plan(epoch, rank, world_size)`` with ``world_size > 1`` waits
+            for the other ranks to finish the previous epoch before ``TimeoutError``: 1800 s.
+        log_after: default seconds before such a wait first logs a warning naming the missing
+            ranks (10 s; then at doubling delays), so a job stuck on a rank that never started
+            says so instead of hanging silently.
+        ema_decay, fsync, plan_cache_size, max_epochs_ahead, max_losses_per_sample: see
             :class:`~mixpipe.server.core.SelectionCore`.
     """
 
     def __init__(self, num_samples: int, policy: PolicyLike = None, seed: int = 0,
                  state_dir: Optional[str] = None, *, ema_decay: float = 0.7,
                  fsync: bool = False, plan_cache_size: int = 3, max_epochs_ahead: int = 32,
-                 max_losses_per_sample: int = 8, wait: float = 1800.0) -> None:
+                 max_losses_per_sample: int = 8, wait: float = 1800.0,
+                 log_after: float = 10.0) -> None:
         super().__init__(num_samples, resolve_settings(policy), seed=seed, state_dir=state_dir,
                          ema_decay=ema_decay, fsync=fsync, plan_cache_size=plan_cache_size,
                          max_epochs_ahead=max_epochs_ahead,
-                         max_losses_per_sample=max_losses_per_sample, wait=wait)
+                         max_losses_per_sample=max_losses_per_sample, wait=wait,
+                         log_after=log_after)
