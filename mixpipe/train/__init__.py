@@ -13,6 +13,7 @@ from .adapt import RegionPooledModel, adapt, model_family
 from .evaluate import EvalBatches, Normalize, evaluate
 from .loop import fit
 from .loss import MixedLoss, batch_loss, mixed_loss
+from .metrics import TensorBoardMetrics, epoch_metrics
 from .norms import recalibrate_norms
 from .splitnorm import merge_norms, split_norms
 from .models import SmallResNet, SmallResNetSettings, SmallViT, SmallViTSettings, build_model
@@ -23,4 +24,5 @@ from .schedule import BudgetSchedule, Schedule
 __all__ = ["recalibrate_norms", "split_norms", "merge_norms", "adapt", "RegionPooledModel", "model_family", "mixed_loss", "batch_loss", "MixedLoss",
            "LossReporter", "ReportError", "fit", "Schedule", "BudgetSchedule", "evaluate", "EvalBatches",
            "Normalize", "RegionMasks", "region_pool", "token_region_pool", "SmallResNet",
-           "SmallResNetSettings", "SmallViT", "SmallViTSettings", "build_model"]
+           "SmallResNetSettings", "SmallViT", "SmallViTSettings", "build_model", "epoch_metrics",
+           "TensorBoardMetrics"]

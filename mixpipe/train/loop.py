@@ -21,6 +21,7 @@ from .adapt import adapt
 from .distributed import wrap_model, world
 from .evaluate import Normalize
 from .loss import NORMALISATIONS
+from .metrics import EpochLosses, epoch_metrics
 from .reporter import LossReporter
 from .schedule import Schedule
 from .steps import (EpochStart, EpochTally, begin_epoch, close_epoch, epoch_record,
@@ -39,7 +40,8 @@ def fit(model: nn.Module, loader: PlanLoader, optimizer: torch.optim.Optimizer, 
         on_epoch: Optional[Callable[[Dict[str, Any]], None]] = None,
         desc: str = "train", loss_per: str = "slot",
         recalibrate: Optional[Iterable] = None,
-        resolution: Optional[Callable[[int], int]] = None) -> Dict[str, Any]:
+        resolution: Optional[Callable[[int], int]] = None,
+        on_metrics: Optional[Callable[[Dict[str, float]], None]] = None) -> Dict[str, Any]:
     """Train ``model`` for ``epochs`` epochs of ``loader`` (a :class:`~mixpipe.core.loader
     .PlanLoader`, left open); return the history.
 
@@ -62,6 +64,18 @@ def fit(model: nn.Module, loader: PlanLoader, optimizer: torch.optim.Optimizer, 
     .ProgressiveResize`; plans of single images only); the record keeps it as ``resolution``.
     Composites and single images share the model's batch norms unless the model was split
     first (:func:`mixpipe.train.split_norms`, before the optimizer is built).
+
+    ``on_metrics(metrics)`` gets, after each epoch (and after ``on_epoch``), a flat dict of
+    numbers for the user's own logger (:func:`mixpipe.train.metrics.epoch_metrics`; e.g.
+    :class:`mixpipe.train.TensorBoardMetrics`): ``epoch``; the plan's split of its ``samples``
+    into ``mixed`` (inside composites), ``single`` and ``skipped``, with ``mixed_share``,
+    ``single_share`` and ``skipped_share`` of ``samples``; the plan's ``forward_inputs``
+    (recalibration images not counted) and ``speedup_bound`` (samples / forward inputs); the loop's ``plan_seconds`` (fetching the
+    plan), ``data_wait_seconds``, ``report_seconds`` (flushing the losses and committing),
+    ``compute_seconds``, ``train_seconds``; ``train_loss``, ``lr`` (at the epoch's end),
+    ``top1`` with an ``eval_loader``; and the quantiles ``loss_mixed_q10``, ``_q50``, ``_q90``
+    and ``loss_single_q10`` ... of the plain losses the epoch's steps reported (NaN where the
+    epoch had none of the kind). Without it, no losses are kept.
 
     The history holds per-epoch records (:func:`mixpipe.train.steps.epoch_record`, with ``top1``
     and ``eval_seconds`` when there is an ``eval_loader``) and the totals.
@@ -86,8 +100,9 @@ def fit(model: nn.Module, loader: PlanLoader, optimizer: torch.optim.Optimizer, 
             run.net.train()
             begun = begin_epoch(loader, epoch)
             size = resolution(epoch) if resolution is not None else None
+            kept = EpochLosses() if on_metrics is not None else None
             tally = _train_epoch(run, loader, epoch, begun, f"{desc} {epoch + 1}/{epochs}", show,
-                                 size)
+                                 size, kept)
             record = epoch_record(epoch, begun, tally, close_epoch(run.reporter, epoch, commit),
                                   run.lr(epoch + 1))
             if size is not None:
@@ -100,6 +115,8 @@ def fit(model: nn.Module, loader: PlanLoader, optimizer: torch.optim.Optimizer, 
                 _print_epoch(record, desc, epochs)
             if on_epoch is not None:
                 on_epoch(record)
+            if on_metrics is not None:
+                on_metrics(epoch_metrics(record, begun.plan, *kept.arrays()))
         failed = False
     finally:
         if run.reporter is not None:
@@ -150,9 +167,11 @@ class _Run:
 
 
 def _train_epoch(run: _Run, loader: PlanLoader, epoch: int, begun: EpochStart, label: str,
-                 show: bool, size: Optional[int] = None) -> EpochTally:
+                 show: bool, size: Optional[int] = None,
+                 kept: Optional[EpochLosses] = None) -> EpochTally:
     """The epoch's steps, timed: waiting for a batch is data wait, the rest is compute (the
-    resizing of a progressive epoch, at ``size`` px, included)."""
+    resizing of a progressive epoch, at ``size`` px, included). ``kept`` collects the steps'
+    losses for the epoch's metrics."""
     tally = EpochTally()
     with tqdm(total=begun.steps, desc=label, leave=False, disable=not show) as bar:
         tick = time.perf_counter()
@@ -165,6 +184,8 @@ def _train_epoch(run: _Run, loader: PlanLoader, epoch: int, begun: EpochStart, l
             out = train_step(run.net, run.optimizer, batch, run.prepare, run.device,
                              run.loss_per, size)
             report_losses(run.reporter, epoch, batch, out)
+            if kept is not None:
+                kept.add(batch, out)
             tick, waited = time.perf_counter(), got - tick
             tally.add(out, waited, tick - got)
             bar.update(1)
