@@ -3,6 +3,7 @@ arm; only the plan source (and, for budget arms, the run's length) differs."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
@@ -53,9 +54,10 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
     import torch
 
     from mixpipe.train import BudgetSchedule, Normalize, Schedule, fit
-    from mixpipe.train.distributed import barrier, job_service
+    from mixpipe.train.distributed import barrier, job_service, main_process
 
     n = len(train)
+    board = _board(s, arm, seed) if main_process() else None  # first: a missing one fails fast
     # before the seed: pricing passes builds models, which must not draw from the seeded stream
     progressive = _progressive(s, arm, n, num_classes, matched_inputs)
     torch.manual_seed(seed)
@@ -93,8 +95,11 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
                       device=s.device, prepare=Normalize(channels_last=s.uses_channels_last()),
                       progress=s.progress, desc=f"{arm} seed {seed}", loss_per=s.loss_per,
                       recalibrate=recalibrate,
-                      resolution=progressive_resize(s, length) if progressive else None)
+                      resolution=progressive_resize(s, length) if progressive else None,
+                      on_metrics=board)
     finally:
+        if board is not None:
+            board.close()
         loader.close()  # every protocol loader has it; DALI's workers must not outlive the arm
     barrier()  # every rank is done with this arm's server before rank 0 stops it
     if owned is not None:
@@ -108,6 +113,18 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
     if progressive is not None:
         history["progressive"] = progressive.to_dict()
     return history
+
+
+def _board(s: SpeedupSettings, arm: str, seed: int) -> Any:
+    """``--tensorboard``'s writer for this arm and seed, None without the flag."""
+    if not s.tensorboard:
+        return None
+    from mixpipe.train import TensorBoardMetrics
+
+    try:
+        return TensorBoardMetrics(os.path.join(s.tensorboard, f"{arm}-seed{seed}"))
+    except ModuleNotFoundError as err:
+        raise SystemExit(f"mixpipe: error: --tensorboard: {err}") from None
 
 
 def _progressive(s: SpeedupSettings, arm: str, num_samples: int, num_classes: int,

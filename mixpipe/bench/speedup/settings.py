@@ -223,6 +223,10 @@ class SpeedupSettings:
                                         "policy and seed); default: an embedded server")
     local: Optional[str] = field(None, "LoCal+SGD for the early blocks: static or dynamic",
                                  choices=("static", "dynamic"))
+    tensorboard: Optional[str] = field(None, "write every epoch's mixing metrics (shares, "
+                                             "speed-up bound, loop timings, loss quantiles) as "
+                                             "TensorBoard scalars under DIR/ARM-seedSEED "
+                                             "(pip install 'mixpipe[tensorboard]')")
 
     def __post_init__(self) -> None:
         def need(cond: bool, name: str, allowed: str) -> None:
