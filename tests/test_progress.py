@@ -34,3 +34,32 @@ def test_progress_bar_helper_keeps_explicit_choice():
             bar.update(2)
     assert "\r" in shown.getvalue() and "bar" in shown.getvalue()
     assert off.getvalue() == "" and piped.getvalue() == ""
+
+
+
+def test_fits_bar_stays_out_of_a_log(capsys):
+    """fit's own bar (the one every benchmark arm draws) follows the same rule: into a captured,
+    non-terminal stderr it draws nothing, though progress is on."""
+    import numpy as np
+    import torch
+
+    from mixpipe.core.policies.none import NoneSettings
+    from mixpipe.server import InProcessService
+    from mixpipe.torch import MixedLoader
+    from mixpipe.train import fit
+    from mixpipe.train.models import SmallResNet, SmallResNetSettings
+
+    class Data:
+        images = np.random.default_rng(0).integers(0, 255, (16, 16, 16, 3), dtype=np.uint8)
+
+        def __len__(self) -> int:
+            return 16
+
+        def __getitem__(self, i: int):
+            return self.images[i], i % 2
+
+    service = InProcessService(16, policy=NoneSettings(), seed=0)
+    loader = MixedLoader(Data(), service, batch_size=8, size=(16, 16), stride=8, seed=0)
+    model = SmallResNet(SmallResNetSettings(num_classes=2, width=4))
+    fit(model, loader, torch.optim.SGD(model.parameters(), lr=0.01), 1, progress=True)
+    assert "\r" not in capsys.readouterr().err

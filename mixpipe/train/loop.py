@@ -13,9 +13,9 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from mixpipe.core.loader import PlanLoader
+from mixpipe.progress import progress_bar
 
 from .adapt import adapt
 from .distributed import wrap_model, world
@@ -173,7 +173,7 @@ def _train_epoch(run: _Run, loader: PlanLoader, epoch: int, begun: EpochStart, l
     resizing of a progressive epoch, at ``size`` px, included). ``kept`` collects the steps'
     losses for the epoch's metrics."""
     tally = EpochTally()
-    with tqdm(total=begun.steps, desc=label, leave=False, disable=not show) as bar:
+    with progress_bar(total=begun.steps, desc=label, leave=False, show=show) as bar:
         tick = time.perf_counter()
         for step, batch in enumerate(loader):
             if step >= begun.steps:  # another rank has fewer: all must take the same steps

@@ -20,7 +20,7 @@ from .report import format_table, summarise, targets
 __all__ = ["join", "main"]
 
 #: settings allowed to differ between the parts: which seeds ran, and how it was shown
-PER_PART = ("seeds", "frontier_seeds", "progress")
+PER_PART = ("seeds", "frontier_seeds", "progress", "tensorboard")
 
 
 def join(payloads: Sequence[Dict[str, Any]], sources: Sequence[str]) -> Dict[str, Any]:
