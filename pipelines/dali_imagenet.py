@@ -34,7 +34,7 @@ SETTINGS = PipelineSettings(size=(224, 224), stride=32, scale=(0.08, 1.0), ratio
 #: 224 px on varied-size JPEGs (CPU-only DALI, quick runs) the mixing pipeline took 1.06x / 0.93x /
 #: 0.89x the CPU-seconds per source image of the plain DALI pipeline at 0 / 50 / 90 % mixed this
 #: way, and 1.27x / 1.13x / 0.91x with 2 worker processes
-#: (benchmarks/results/overhead_dali_224varied_quick*.json). Pass py_num_workers=N to train_loader
+#: (benchmarks/results/overhead/overhead_dali_224varied_quick*.json). Pass py_num_workers=N to train_loader
 #: for worker processes.
 PRESET = Preset(SETTINGS, py_num_workers=0)
 train_loader = PRESET.train_loader

@@ -27,7 +27,7 @@ from mixpipe.ffcv.presets import FFCVSettings, cli_main, train_loader, val_loade
 #: resize="fast" (FFCV's OpenCV resize of each crop) is the default here: at 224 px on varied-size
 #: JPEGs the exact "reference" resize (equal to the core composer, which the tests keep using)
 #: cost 1.41-1.98x the host CPU per source image of FFCV's plain pipeline, "fast" 0.74-0.85x
-#: (benchmarks/results/overhead_ffcv*.json).
+#: (benchmarks/results/overhead/overhead_ffcv*.json).
 SETTINGS = FFCVSettings(size=(224, 224), stride=32, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                         flip_prob=0.5, mean=(123.675, 116.28, 103.53),
                         std=(58.395, 57.12, 57.375), val_ratio=224 / 256, resize="fast")
