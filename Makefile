@@ -22,10 +22,13 @@ bench: setup
 	$(PY) -m mixpipe bench server --quick
 	$(PY) -m mixpipe bench speedup --quick
 
-# The GPU paths (DALI device="mixed", GPU composition, CUDA training) on a generated 224 px tree,
-# a few minutes; writes benchmarks/results/gpu_check.json. Without CUDA: one "no GPU" line, exit 0.
-gpu-check: setup
-	$(PY) scripts/gpu_check.py
+# The first GPU run (scripts/gpu_check.py): the torch path on CUDA on a generated 224 px tree in
+# about two minutes; DALI and FFCV parts are skipped when they do not import. No setup step: the
+# GPU machine is bare (no network), so it runs on whatever python has torch there. Writes
+# benchmarks/results/gpu-check/gpu_check.{json,log}. Without CUDA: one "no GPU" line, exit 0.
+GPU_PY ?= $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	PYTHONPATH=. $(GPU_PY) scripts/gpu_check.py --out benchmarks/results/gpu-check
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
