@@ -192,6 +192,9 @@ class MixImageDecoder(_PlanAware, SimpleRGBImageDecoder):
         k = kernels.compiled(enabled)
         paste, blend, round_into = k["paste_window"], k["blend_window"], k["round_into"]
         paste_u8, blend_u8 = k["paste_u8"], k["blend_u8"]
+        # scratch arrays come from these, never from np.zeros/np.empty in the loop below: with
+        # num_workers > 1 it is a prange loop and numba would hoist them (kernels.accumulator)
+        new_acc, new_patch = k["accumulator"], k["u8_patch"]
         resize_crop_c = _kept(Compiler.compile(resize_crop))
         fast = self.resize == "fast"
         ids_view = table_view(tables.ids, enabled)
@@ -216,9 +219,8 @@ class MixImageDecoder(_PlanAware, SimpleRGBImageDecoder):
                 row = batch_indices[dst_ix]
                 lay = layout[row]
                 dest = destination[dst_ix]
-                acc = np.zeros((1, 1, 3), np.float32)
-                if lay == blend_code:
-                    acc = np.zeros((out_h, out_w, 3), np.float32)
+                acc_h, acc_w = (out_h, out_w) if lay == blend_code else (1, 1)
+                acc = new_acc(acc_h, acc_w)
                 for c in range(counts[row]):
                     field = metadata[ids[row, c]]
                     image_data = mem_read(field["data_ptr"], storage_state)
@@ -249,7 +251,7 @@ class MixImageDecoder(_PlanAware, SimpleRGBImageDecoder):
                     r_h = np.int64(regions[row, c, 2])
                     r_w = np.int64(regions[row, c, 3])
                     if fast:
-                        patch = np.empty((r_h, r_w, 3), np.uint8)
+                        patch = new_patch(r_h, r_w)
                         resize_crop_c(image, top, top + crop_h, left, left + crop_w, patch)
                         if lay == blend_code:
                             blend_u8(patch, flip, weights[row, c], acc)

@@ -9,7 +9,9 @@ They reproduce :mod:`mixpipe.core.compose` inside FFCV's compiled pipeline, wher
 * :func:`blend_window` adds ``weight * resized window`` to a float32 accumulator and
   :func:`round_into` rounds the accumulator into the composite (BLEND);
 * :func:`paste_u8` / :func:`blend_u8` do the same for a patch already resized by FFCV's own
-  OpenCV resize (the decoders' ``resize="fast"`` mode).
+  OpenCV resize (the decoders' ``resize="fast"`` mode);
+* :func:`accumulator` / :func:`u8_patch` allocate the decoder's per-slot scratch arrays, which
+  must not be allocated in the decoder's own (possibly ``prange``) loop.
 
 A pass whose input and output sizes agree is the identity in the reference (weights exactly 1 and
 0), so it is skipped here: a constituent already at its region's size is copied untouched.
@@ -33,7 +35,8 @@ import numpy as np
 
 from ..core.filter import filter_taps
 
-__all__ = ["paste_window", "blend_window", "round_into", "paste_u8", "blend_u8", "compiled"]
+__all__ = ["paste_window", "blend_window", "round_into", "paste_u8", "blend_u8", "accumulator",
+           "u8_patch", "compiled"]
 
 _HALF = np.float32(0.5)
 _ZERO = np.float32(0.0)
@@ -167,6 +170,27 @@ def blend_u8(patch, flip, weight, acc):
                 acc[y, x, c] += np.float32(w * np.float64(patch[y, src_x, c]))
 
 
+def accumulator(height, width):
+    """A zeroed float32 [height, width, 3] accumulator for one BLEND composite.
+
+    The decoder allocates its per-slot scratch arrays through this function and :func:`u8_patch`
+    instead of calling ``np.zeros``/``np.empty`` in its own loop. With several FFCV workers that
+    loop is a numba ``prange`` (``parallel=True``), and numba's allocation hoisting moves an
+    ``np.empty`` of loop-invariant shape out of the loop. The decoder's accumulator was assigned
+    on two paths (a 1x1 placeholder, then the full size for BLEND slots); once both were hoisted
+    (numba 0.68) every slot got the 1x1 placeholder, so a BLEND composite had only its top-left
+    pixel written and kept the rest of its buffer from an earlier batch. One worker compiles the
+    loop serially, without hoisting, which is why only ``num_workers`` > 1 was wrong. A call to a
+    compiled function is never hoisted, so each slot gets its own array of its own size.
+    """
+    return np.zeros((height, width, 3), np.float32)
+
+
+def u8_patch(height, width):
+    """An uninitialised uint8 [height, width, 3] patch (allocated here; see :func:`accumulator`)."""
+    return np.empty((height, width, 3), np.uint8)
+
+
 def round_into(acc, dest):
     """Round a float32 accumulator half up into the uint8 composite."""
     out_h, out_w, channels = acc.shape
@@ -185,7 +209,8 @@ _taps = _jit(filter_taps)  # the core's definition, compiled, not a copy of it
 _resample = _jit(_resample)
 _round_u8 = _jit(_round_u8)
 
-_PUBLIC = {f.__name__: f for f in (paste_window, blend_window, round_into, paste_u8, blend_u8)}
+_PUBLIC = {f.__name__: f for f in (paste_window, blend_window, round_into, paste_u8, blend_u8,
+                                   accumulator, u8_patch)}
 _COMPILED: dict = {}
 
 
