@@ -130,3 +130,41 @@ def test_several_workers_give_the_one_worker_composites(tmp_path):
                 layouts = want[f"{resize}-layout-{epoch}"][bad].tolist()
                 pytest.fail(f"num_workers={workers}: {name} differs from num_workers=1 in rows "
                             f"{bad.tolist()} (layouts {layouts})")
+
+
+_FIT = textwrap.dedent("""
+    import sys
+    import torch
+    from ffcv.transforms import ToTensor, ToTorchImage
+    from mixpipe.core.policies.mixtrain import MixTrainSettings
+    from mixpipe.ffcv import MixLabelDecoder, MixLoader, RandomResizedCropMixDecoder
+    from mixpipe.server import InProcessService
+    from mixpipe.train import adapt, build_model, fit
+
+    torch.manual_seed(0)
+    service = InProcessService({n}, MixTrainSettings(epochs=2))
+    decode = RandomResizedCropMixDecoder((32, 32), (0.35, 1.0), stride=8, flip_prob=0.5)
+    # 13 slots a batch: odd batches, as a plan's last batch often is
+    loader = MixLoader(sys.argv[1], 13, service, num_workers=2,
+                       pipelines={{"image": [decode, ToTensor(), ToTorchImage()],
+                                  "label": [MixLabelDecoder(), ToTensor()]}})
+    net = adapt(build_model("resnet-tiny", 10), stride=8)
+    fit(net, loader, torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9), 2, progress=False)
+    print("threads", torch.get_num_threads())
+""").format(n=N)
+
+
+@pytest.mark.slow
+def test_fit_with_two_workers_and_channels_last_images_does_not_crash(tmp_path):
+    """The README/example path with ``num_workers=2``: FFCV's ToTorchImage() hands NHWC memory,
+    FFCV sets torch to 2 threads, and torch 2.13's CPU backward crashed on odd batches
+    (``free(): invalid next size``) until Normalize made its input NCHW."""
+    pytest.importorskip("ffcv")
+    (tmp_path / "write.py").write_text(_WRITE)
+    (tmp_path / "fit.py").write_text(_FIT)
+    beton = str(tmp_path / "t.beton")
+    proc = _python(["write.py", beton], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _python(["fit.py", beton], tmp_path)
+    assert proc.returncode == 0, f"exit {proc.returncode}:\n{proc.stderr[-3000:]}"
+    assert proc.stdout.strip().endswith("threads 2"), proc.stdout[-500:]

@@ -125,3 +125,17 @@ def test_the_reporting_service_is_the_loaders_source_only_when_it_takes_reports(
     service = InProcessService(N, policy="none", seed=0)
     assert reporting_service(loader(service)) is service
     assert reporting_service(loader(FixedPlans(halves_plan()))) is None
+
+
+def test_normalize_gives_nchw_memory_for_a_loaders_nhwc_view():
+    """FFCV's ToTorchImage() and MixLoader hand [B, C, H, W] views of NHWC memory; off
+    channels_last, Normalize must not pass that layout on (torch 2.13's CPU conv backward
+    crashes on it with 2+ threads and an odd batch)."""
+    nhwc = torch.randint(0, 256, (5, 16, 16, 3), dtype=torch.uint8)
+    view = nhwc.permute(0, 3, 1, 2)
+    assert view.is_contiguous(memory_format=torch.channels_last) and not view.is_contiguous()
+    out = Normalize()(view)
+    assert out.is_contiguous()
+    assert torch.equal(out, Normalize()(view.contiguous()))
+    last = Normalize(channels_last=True)(view.contiguous())
+    assert last.is_contiguous(memory_format=torch.channels_last) and torch.equal(last, out)

@@ -80,6 +80,14 @@ class Normalize:
     (1.3-1.6x for the small ResNets here); the values are the same. It is off by default:
     torch 2.13's CPU backward crashes the process in channels_last from 48 px up. Pass
     ``channels_last=channels_last_runs(device, image_size)`` to take it where it runs.
+
+    Off, the result is contiguous NCHW whatever the input's memory: loaders hand over NHWC
+    memory as a permuted view (FFCV's ``ToTorchImage()`` default, a MixLoader without it), and
+    torch 2.13's CPU backward of a 1x1 stride-2 convolution on such input also crashes the
+    process at 16 and 32 px (``free(): invalid next size``, exit 134/139) once torch runs two or
+    more threads and the batch is odd (a plan's last batch). An FFCV loader with
+    ``num_workers=n`` sets torch's thread count to n, which is how ``num_workers=2`` crashed in
+    ``loss.backward()`` and ``num_workers=1`` did not.
     """
 
     mean: Tuple[float, ...] = (0.5, 0.5, 0.5)
@@ -98,6 +106,8 @@ class Normalize:
             raise ValueError(f"images must be [B, {len(self.mean)}, H, W], got "
                              f"{tuple(images.shape)}")
         x = images.to(device) if device is not None else images
+        if not self.channels_last:
+            x = x.contiguous()  # NCHW memory, not a loader's NHWC view (see above)
         x = x.float() if images.dtype != torch.uint8 else x.float().div_(255.0)
         mean = torch.tensor(self.mean, device=x.device).view(1, -1, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, -1, 1, 1)
