@@ -54,8 +54,8 @@ def needs(block: str) -> str:
 def prepared(tmp_path_factory) -> str:
     """Three classes of 30 images, 32-48 px, prepared with arrays (torch), the file list (DALI)
     and a .beton (FFCV, where it can be written). The 81 training images left after the hold-out
-    outnumber the snippets' 74-slot batches: FFCV's MixLoader with two or more workers crashes
-    (heap corruption) on a batch larger than the whole .beton, a case no real data set meets."""
+    outnumber the snippets' 74-slot batches, so an epoch ends in a short (odd) batch, the case
+    that once crashed torch's CPU backward on the FFCV loader's channels-last images."""
     base = tmp_path_factory.mktemp("readme")
     tree = make_tree(str(base / "src"), TreeSpec(classes=3, train_per_class=30, val_per_class=4,
                                                  sides=(32, 48), seed=2))
