@@ -2,7 +2,6 @@
 in FLOPs, and set against the plain model's curve at equal compute."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -15,6 +14,7 @@ from mixpipe.bench.speedup.settings import (LOCAL_ARMS, SpeedupSettings, arm_epo
                                             arm_policy, run_order, trains_plain_model,
                                             traces_frontier)
 from mixpipe.core.policies.none import NoneSettings
+from test_progressive import Images  # square 32 px images, two classes
 
 
 def test_a_local_pass_of_a_linear_net_costs_what_a_hand_count_says():
@@ -62,19 +62,6 @@ def test_local_arms_train_the_plain_model_and_refuse_the_global_flag():
     assert arm_local("mixtrain", SpeedupSettings(local="dynamic")) == "dynamic"
     with pytest.raises(ValueError, match="local=.*LoCal arm"):
         SpeedupSettings(policies=("none", "local-static"), local="static")
-
-
-class Images:
-    def __init__(self, n: int) -> None:
-        rng = np.random.default_rng(0)
-        self.images = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
-        self.labels = np.arange(n) % 2
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int):
-        return self.images[i], int(self.labels[i])
 
 
 def test_a_local_arm_is_priced_epoch_by_epoch_and_a_budget_matches_its_flops():

@@ -18,6 +18,7 @@ from mixpipe.train import Schedule, fit
 from mixpipe.train.loss import MixedLoss
 from mixpipe.train.metrics import EpochLosses, epoch_metrics, loss_quantiles, plan_counts
 from mixpipe.train.models import SmallResNet, SmallResNetSettings
+from test_train_fit import StripeDataset  # learnable in a few steps
 
 QUANTILE_KEYS = [f"loss_{kind}_q{q}" for kind in ("mixed", "single") for q in ("10", "50", "90")]
 KEYS = {"epoch", "samples", "forward_inputs", "mixed", "single", "skipped", "mixed_share",
@@ -88,24 +89,6 @@ def test_epoch_losses_keep_real_constituents_with_their_slot_kind():
 
 
 # ---------------------------------------------------------------------------------- a real run
-class StripeDataset:
-    """Class c: a bright vertical stripe at column band c, plus noise."""
-
-    def __init__(self, n, classes=4, seed=0):
-        rng = np.random.default_rng(seed)
-        self.labels = rng.integers(0, classes, size=n)
-        self.images = rng.integers(0, 60, size=(n, 32, 32, 3), dtype=np.uint8)
-        band = 32 // classes
-        for i, c in enumerate(self.labels):
-            self.images[i, :, c * band:(c + 1) * band] += 150
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], int(self.labels[i])
-
-
 class Recording:
     """Wraps a service and keeps every plan it hands out and every loss reported to it."""
 
