@@ -7,7 +7,7 @@
 Both share :class:`SelectionCore`, so they behave identically; see its module for the semantics
 of report, commit, end_epoch and plan.
 
-Threat model (README, "Security / threat model"): the in-process service trusts its caller. The
+Threat model (docs/design.md, "Threat model"): the in-process service trusts its caller. The
 network server trusts a client only as far as its keys: with CURVE keys (:mod:`.keys`) only
 authorised clients get past the handshake (refusals are logged); without keys it binds loopback
 only. An authorised client may report, commit, plan and read the whole state, but may replace

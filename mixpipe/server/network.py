@@ -7,7 +7,7 @@ ready. So a report is never queued behind a 20M-sample commit or plan: the core 
 those off its state lock (see :mod:`.core`), and here they run off the serving thread.
 (``mixpipe bench load`` measures report latency while a commit and a plan are in progress.)
 
-**Who may talk to it** (the threat model is in the README, "Security / threat model"):
+**Who may talk to it** (the threat model is in docs/design.md, "Threat model"):
 
 * With keys (:mod:`.keys`; ``mixpipe serve --keys DIR`` or the environment) the socket is a
   CURVE server: every connection is encrypted and only clients whose public key is authorised
