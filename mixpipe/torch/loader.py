@@ -24,6 +24,7 @@ from ..core.compose import compose_slot, compose_slots, slot_regions
 from ..core.plan import Layout, MixPlan
 from ..core.source import PlanSource, fetch_plan, warn_fallback
 from ..data.datasets import ArrayDataset
+from .threads import WorkerInit
 
 __all__ = ["SlotRef", "PlanSource", "PlanSampler", "MixedDataset", "collate_mixed",
            "MixedLoader", "ConstituentTransform", "BuiltBatch"]
@@ -331,6 +332,10 @@ class MixedLoader:
 
     Meets :class:`mixpipe.core.loader.PlanLoader`. ``len()`` is the batch count of the current
     epoch's plan (it changes with the plan).
+
+    Each worker runs with one BLAS thread (:mod:`mixpipe.torch.threads`: the composer's resize is
+    numpy matrix products, and a pool of one BLAS thread per core in every worker multiplied the
+    loader's CPU time), then calls ``worker_init_fn`` if one is given.
     """
 
     def __init__(self, dataset: Dataset, source: PlanSource, batch_size: int,
@@ -338,7 +343,8 @@ class MixedLoader:
                  world_size: int = 1, seed: int = 0,
                  constituent_transform: Optional[ConstituentTransform] = None,
                  shuffle: bool = True, drop_last: bool = False, max_constituents: int = 4,
-                 pin_memory: bool = False, persistent_workers: bool = False) -> None:
+                 pin_memory: bool = False, persistent_workers: bool = False,
+                 worker_init_fn: Optional[Callable[[int], None]] = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
@@ -349,7 +355,8 @@ class MixedLoader:
         self.loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
                                  num_workers=num_workers, collate_fn=collate_mixed,
                                  drop_last=drop_last, pin_memory=pin_memory,
-                                 persistent_workers=persistent_workers and num_workers > 0)
+                                 persistent_workers=persistent_workers and num_workers > 0,
+                                 worker_init_fn=WorkerInit(worker_init_fn))
 
     @property
     def source(self) -> PlanSource:
