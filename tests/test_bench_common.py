@@ -26,3 +26,25 @@ def test_parse_fractions_accepts_a_list_and_names_bad_input():
     for bad in ("0,1.5", "a,b", ""):
         with pytest.raises(SystemExit, match="--fractions"):
             parse_fractions(bad)
+
+
+def test_interleaved_runs_rotate_and_ratios_come_from_medians():
+    from mixpipe.bench.common import add_ratios, interleaved_runs, summarize_arms
+
+    order = []
+
+    def measure(arm, rep):
+        order.append(arm)
+        cpu = {"a": 1.0, "b": 3.0}[arm] * (rep + 1)
+        return {"wall_s": 1.0, "cpu_s": cpu, "source_images": 2, "composites": 1}
+
+    runs = interleaved_runs(["a", "b"], 3, measure, "t", progress=False)
+    assert order == ["a", "b", "b", "a", "a", "b"]
+    assert all(len(r["load_average"]) == 3 for rs in runs.values() for r in rs)
+    summary = summarize_arms(runs)
+    assert summary["b"]["cpu_s_per_source_image"] == 3.0  # median of 1.5, 3, 4.5
+    add_ratios(summary, "a", "a")
+    add_ratios(summary, "missing", "m")
+    assert summary["b"]["cpu_per_image_vs_a"] == 3.0 and summary["a"]["throughput_vs_a"] == 1.0
+    assert "cpu_per_image_vs_m" not in summary["a"]
+    assert summary["a"]["load_average_1min_median"] >= 0

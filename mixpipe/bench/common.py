@@ -5,12 +5,16 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
-__all__ = ["machine_info", "write_json", "git_hash", "write_and_print"]
+from ..progress import progress_bar
+
+__all__ = ["machine_info", "write_json", "git_hash", "write_and_print", "interleaved_runs",
+           "summarize_arms", "add_ratios"]
 
 
 def git_hash() -> str:
@@ -149,3 +153,59 @@ def parse_fractions(text: str) -> List[float]:
     if not fractions or any(not 0 <= f <= 1 for f in fractions):
         raise SystemExit(f"--fractions must lie in [0, 1], got {text!r}")
     return fractions
+
+
+#: One timed run of an arm: wall and CPU seconds, source images and composites delivered.
+Run = Dict[str, Any]
+
+
+def interleaved_runs(arms: Sequence[str], repeats: int, measure: Callable[[str, int], Run],
+                     desc: str, progress: bool) -> Dict[str, List[Run]]:
+    """``measure(arm, repeat)`` for every arm in every repeat, the order rotated each repeat.
+
+    The loaders share a machine with whatever else runs on it, so no arm is always first (or
+    always right after the same neighbour), and each run carries the load average at its end:
+    a ratio measured while another job took a core can be told from one measured quietly.
+    """
+    runs: Dict[str, List[Run]] = {a: [] for a in arms}
+    arms = list(arms)
+    steps = progress_bar(total=repeats * len(arms), desc=desc, show=progress)
+    for rep in range(repeats):
+        for arm in arms[rep % len(arms):] + arms[:rep % len(arms)]:
+            run = dict(measure(arm, rep))
+            run["load_average"] = list(os.getloadavg())
+            runs[arm].append(run)
+            steps.update(1)
+    steps.close()
+    return runs
+
+
+def summarize_arms(runs: Dict[str, List[Run]]) -> Dict[str, Dict[str, Any]]:
+    """Per arm, medians over its runs: rates, CPU seconds per source image, sources per
+    composite, and the 1-minute load average the runs ended at (where they recorded it)."""
+    summary: Dict[str, Dict[str, Any]] = {}
+    for arm, rs in runs.items():
+        summary[arm] = {
+            "source_images_per_s": statistics.median(r["source_images"] / r["wall_s"] for r in rs),
+            "composites_per_s": statistics.median(r["composites"] / r["wall_s"] for r in rs),
+            "cpu_s_per_source_image": statistics.median(r["cpu_s"] / r["source_images"]
+                                                        for r in rs),
+            "source_images_per_composite": statistics.median(r["source_images"] / r["composites"]
+                                                             for r in rs),
+            "runs": rs,
+        }
+        loads = [r["load_average"][0] for r in rs if "load_average" in r]
+        if loads:
+            summary[arm]["load_average_1min_median"] = statistics.median(loads)
+    return summary
+
+
+def add_ratios(summary: Dict[str, Dict[str, Any]], base_arm: str, key: str) -> None:
+    """``throughput_vs_<key>`` and ``cpu_per_image_vs_<key>`` of every arm against
+    ``base_arm``'s medians; nothing when that arm was not measured."""
+    base = summary.get(base_arm)
+    if base is None:
+        return
+    for s in summary.values():
+        s[f"throughput_vs_{key}"] = s["source_images_per_s"] / base["source_images_per_s"]
+        s[f"cpu_per_image_vs_{key}"] = s["cpu_s_per_source_image"] / base["cpu_s_per_source_image"]

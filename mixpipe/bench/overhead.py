@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 
-LOADERS = ("dali", "ffcv")
+LOADERS = ("dali", "ffcv", "torch")
 
 
 def _loader_from_argv() -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from typing import Dict, List, Optional
@@ -27,8 +26,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..progress import progress_bar
-from .common import (SOURCE_COLUMNS, machine_info, overhead_table, parse_fractions, stat,
-                     write_and_print)
+from .common import (SOURCE_COLUMNS, add_ratios, interleaved_runs, machine_info,
+                     overhead_table, parse_fractions, stat, summarize_arms, write_and_print)
 
 __all__ = ["add_arguments", "run", "generate_tree"]
 
@@ -180,43 +179,18 @@ def _bench_dataset(name: str, data: str, settings, args, batch_size: int, batche
     num_samples = len(open_images(data, "train"))
     cells = settings.size[1] // settings.stride
     arms = ["plain"] + [f"mix {int(round(f * 100))}%" for f in fractions]
-    runs: Dict[str, List[Dict[str, float]]] = {a: [] for a in arms}
     warmup = 3
-    steps = progress_bar(total=repeats * len(arms), desc=f"{name}", show=progress)
-    for rep in range(repeats):
-        order = arms[rep % len(arms):] + arms[:rep % len(arms)]  # rotate: no arm always first
-        for arm in order:
-            if arm == "plain":
-                r = _measure_plain(data, settings, batch_size, batches, warmup, args)
-            else:
-                f = fractions[arms.index(arm) - 1]
-                r = _measure_mixed(data, settings, _plans_for(f, num_samples, args.layout, cells,
-                                                              rep),
-                                   batch_size, batches, warmup, args)
-            runs[arm].append(r)
-            steps.update(1)
-    steps.close()
-    summary = {}
-    for arm, rs in runs.items():
-        summary[arm] = {
-            "source_images_per_s": statistics.median(r["source_images"] / r["wall_s"] for r in rs),
-            "composites_per_s": statistics.median(r["composites"] / r["wall_s"] for r in rs),
-            "cpu_s_per_source_image": statistics.median(r["cpu_s"] / r["source_images"]
-                                                        for r in rs),
-            "source_images_per_composite": statistics.median(r["source_images"] / r["composites"]
-                                                             for r in rs),
-            "runs": rs,
-        }
-    base = summary.get("mix 0%")
-    for arm, s in summary.items():
-        if base:
-            s["throughput_vs_mix0"] = s["source_images_per_s"] / base["source_images_per_s"]
-            s["cpu_per_image_vs_mix0"] = s["cpu_s_per_source_image"] / \
-                base["cpu_s_per_source_image"]
-        s["throughput_vs_plain"] = s["source_images_per_s"] / \
-            summary["plain"]["source_images_per_s"]
-        s["cpu_per_image_vs_plain"] = s["cpu_s_per_source_image"] / \
-            summary["plain"]["cpu_s_per_source_image"]
+
+    def measure(arm: str, rep: int) -> Dict[str, float]:
+        if arm == "plain":
+            return _measure_plain(data, settings, batch_size, batches, warmup, args)
+        f = fractions[arms.index(arm) - 1]
+        return _measure_mixed(data, settings, _plans_for(f, num_samples, args.layout, cells, rep),
+                              batch_size, batches, warmup, args)
+
+    summary = summarize_arms(interleaved_runs(arms, repeats, measure, name, progress))
+    add_ratios(summary, "mix 0%", "mix0")
+    add_ratios(summary, "plain", "plain")
     return {"data": data, "num_samples": num_samples, "settings": {
         "size": settings.size, "stride": settings.stride, "scale": settings.scale},
         "arms": summary}

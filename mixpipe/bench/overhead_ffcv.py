@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
 import time
 from typing import Dict, List, Optional
@@ -33,8 +32,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..progress import progress_bar
-from .common import (SOURCE_COLUMNS, machine_info, overhead_table, parse_fractions, stat,
-                     write_and_print)
+from .common import (SOURCE_COLUMNS, add_ratios, interleaved_runs, machine_info,
+                     overhead_table, parse_fractions, stat, summarize_arms, write_and_print)
 
 __all__ = ["add_arguments", "run"]
 
@@ -168,34 +167,13 @@ def _bench_dataset(name: str, beton: str, size, scale, stride: int, args, batch_
             loaders[arm] = _mix_loader(beton, size, scale, stride, batch_size, args.threads, f,
                                        args.layout, num_samples, mode)
         _epoch(loaders[arm], arm.startswith("mix"))  # warm-up: numba compiles here
-    runs: Dict[str, List[Dict[str, float]]] = {a: [] for a in arms}
-    steps = progress_bar(total=repeats * len(arms), desc=name, show=progress)
-    for rep in range(repeats):
-        order = arms[rep % len(arms):] + arms[:rep % len(arms)]  # rotate: no arm always first
-        for arm in order:
-            runs[arm].append(_epoch(loaders[arm], arm.startswith("mix")))
-            steps.update(1)
-    steps.close()
-    summary: Dict[str, Dict] = {}
-    for arm, rs in runs.items():
-        summary[arm] = {
-            "source_images_per_s": statistics.median(r["source_images"] / r["wall_s"] for r in rs),
-            "composites_per_s": statistics.median(r["composites"] / r["wall_s"] for r in rs),
-            "cpu_s_per_source_image": statistics.median(r["cpu_s"] / r["source_images"]
-                                                        for r in rs),
-            "source_images_per_composite": statistics.median(r["source_images"] / r["composites"]
-                                                             for r in rs),
-            "runs": rs,
-        }
+    runs = interleaved_runs(arms, repeats,
+                            lambda arm, rep: _epoch(loaders[arm], arm.startswith("mix")), name,
+                            progress)
+    summary = summarize_arms(runs)
     for base_name, key in (("ffcv plain", "plain"), ("ffcv mixup", "mixup"), ("mix 0%", "mix0"),
                            ("mix 0% fast", "mix0_fast")):
-        base = summary.get(base_name)
-        if base is None:
-            continue
-        for s in summary.values():
-            s[f"throughput_vs_{key}"] = s["source_images_per_s"] / base["source_images_per_s"]
-            s[f"cpu_per_image_vs_{key}"] = (s["cpu_s_per_source_image"]
-                                            / base["cpu_s_per_source_image"])
+        add_ratios(summary, base_name, key)
     return {"beton": beton, "num_samples": num_samples,
             "settings": {"size": list(size), "stride": stride, "scale": list(scale)},
             "arms": summary}
