@@ -21,6 +21,7 @@ def test_torch_arm_writes_three_mixes_with_positive_ratios(tmp_path, monkeypatch
     assert main(argv) == 0
     result = json.loads(out.read_text())
     assert result["benchmark"] == "overhead_torch"
+    assert result["command"].startswith("mixpipe bench overhead --loader torch")
     assert set(result["datasets"]) == {"generated_224px", "fashion_mnist_32px"}
     for name, data in result["datasets"].items():
         arms = data["arms"]

@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shlex
+import sys
 import tempfile
 import time
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -249,6 +251,7 @@ def run(args: argparse.Namespace) -> int:
                              "(run `mixpipe data prepare` first)")
     payload = {
         "benchmark": "overhead_torch",
+        "command": shlex.join(["mixpipe"] + sys.argv[1:]),
         "machine_info": machine_info(),
         "settings": {"quick": quick, "batch_size": batch_size, "repeats": repeats,
                      "fractions": fractions, "layout": args.layout, "workers": args.workers,
