@@ -33,7 +33,6 @@ import dataclasses
 import math
 import multiprocessing
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -443,67 +442,10 @@ def check_pooling_loss(ctx: Context) -> Check:
 
 
 # ----------------------------------------------------------------------------------- host cost
-class PlainImages:
-    """What a user's torch loader does without mixpipe (torchvision's ImageFolder with
-    RandomResizedCrop and RandomHorizontalFlip on pillow images): decode, one pillow crop and
-    resize, mirror. The crop is drawn by the mixing loader's own rule, so only the machinery
-    differs; torchvision itself is not needed."""
-
-    def __init__(self, base: Any, size: int, scale: Tuple[float, float],
-                 ratio: Tuple[float, float], seed: int) -> None:
-        self.base, self.size, self.scale, self.ratio, self.seed = base, size, scale, ratio, seed
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i: int) -> Tuple[Any, int]:
-        import numpy as np
-        import torch
-        from PIL import Image
-
-        from mixpipe.core.augment import random_resized_crop_box
-
-        rng = np.random.default_rng([self.seed, i])
-        with Image.open(self.base.path(i)) as image:
-            image = image.convert("RGB")
-            top, left, h, w = random_resized_crop_box(image.height, image.width, self.scale,
-                                                      self.ratio, rng)
-            image = image.resize((self.size, self.size), Image.BILINEAR,
-                                 box=(left, top, left + w, top + h))
-        array = np.asarray(image)
-        if rng.random() < 0.5:
-            array = array[:, ::-1]
-        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), \
-            int(self.base.labels[i])
-
-
-def _cpu_now() -> float:
-    """This process's CPU time plus that of its reaped children: a loader's workers are reaped
-    when a non-persistent iterator ends, so their whole share lands in RUSAGE_CHILDREN."""
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return time.process_time() + children.ru_utime + children.ru_stime
-
-
-def _host_run(batches: Callable[[], Iterator[Any]], mixed: bool) -> Dict[str, float]:
-    cpu0, t0 = _cpu_now(), time.perf_counter()
-    sources = composites = 0
-    iterator = batches()
-    for batch in iterator:
-        if mixed:
-            real = batch.loss_scale > 0
-            sources += int(real.sum())
-            composites += int(real.any(dim=1).sum())
-        else:
-            sources += len(batch[1])
-            composites += len(batch[1])
-    del iterator
-    return {"wall_s": time.perf_counter() - t0, "cpu_s": _cpu_now() - cpu0,
-            "source_images": sources, "composites": composites}
-
-
 def check_host_cost(ctx: Context) -> Check:
     from torch.utils.data import DataLoader
 
+    from mixpipe.bench.overhead_torch import PlainImages, measure_epoch
     from mixpipe.core.augment import RandomResizedCropFlip
     from mixpipe.core.source import UnmixedPlans
     from mixpipe.data import FileListDataset
@@ -522,7 +464,7 @@ def check_host_cost(ctx: Context) -> Check:
     def run(arm: str, rep: int) -> Dict[str, float]:
         if arm == "plain":
             plain = PlainImages(subset, s.image, crop.scale, crop.ratio, rep)
-            return _host_run(lambda: iter(DataLoader(plain, s.host_batch, shuffle=True,
+            return measure_epoch(lambda: iter(DataLoader(plain, s.host_batch, shuffle=True,
                                                      num_workers=ctx.workers)), mixed=False)
         f = fractions[arms.index(arm) - 1]
         source = UnmixedPlans(len(subset)) if f == 0 else InProcessService(
@@ -531,7 +473,7 @@ def check_host_cost(ctx: Context) -> Check:
         loader = MixedLoader(subset, source, s.host_batch, (s.image, s.image), s.stride,
                              num_workers=ctx.workers, seed=rep, constituent_transform=crop)
         loader.set_epoch(0)
-        return _host_run(lambda: iter(loader), mixed=True)
+        return measure_epoch(lambda: iter(loader), mixed=True)
 
     for rep in range(s.host_repeats):
         for arm in arms[rep % len(arms):] + arms[:rep % len(arms)]:  # no arm always first

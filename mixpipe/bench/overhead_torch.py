@@ -37,7 +37,7 @@ import numpy as np
 from .common import (SOURCE_COLUMNS, add_ratios, interleaved_runs, machine_info,
                      overhead_table, parse_fractions, stat, summarize_arms, write_and_print)
 
-__all__ = ["add_arguments", "run", "Files", "PlainImages"]
+__all__ = ["add_arguments", "run", "Files", "PlainImages", "measure_epoch"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,8 +125,10 @@ def _cpu_now() -> float:
     return time.process_time() + children.ru_utime + children.ru_stime
 
 
-def _epoch(batches: Callable[[], Iterable[Any]], mixed: bool) -> Dict[str, float]:
-    """One whole epoch, workers started and joined inside the timed span."""
+def measure_epoch(batches: Callable[[], Iterable[Any]], mixed: bool) -> Dict[str, float]:
+    """One whole epoch, workers started and joined inside the timed span: wall and CPU seconds
+    (workers included), source images and composites. ``mixed``: the batches are mixpipe's
+    (count constituents by their loss scales), else plain ``(images, labels)`` pairs."""
     sources = composites = 0
     cpu0, t0 = _cpu_now(), time.perf_counter()
     iterator = iter(batches())
@@ -160,7 +162,7 @@ def _bench_dataset(name: str, files: Files, size: int, stride: int,
     def measure(arm: str, rep: int) -> Dict[str, float]:
         if arm == "plain":
             plain = PlainImages(files, size, crop.scale, crop.ratio, rep)
-            return _epoch(lambda: DataLoader(plain, batch_size, shuffle=True,
+            return measure_epoch(lambda: DataLoader(plain, batch_size, shuffle=True,
                                              num_workers=args.workers), mixed=False)
         f = fractions[arms.index(arm) - 1]
         source = UnmixedPlans(len(files)) if f <= 0 else InProcessService(
@@ -169,7 +171,7 @@ def _bench_dataset(name: str, files: Files, size: int, stride: int,
         loader = MixedLoader(files, source, batch_size, (size, size), stride,
                              num_workers=args.workers, seed=rep, constituent_transform=crop)
         loader.set_epoch(0)
-        return _epoch(lambda: loader, mixed=True)
+        return measure_epoch(lambda: loader, mixed=True)
 
     runs = interleaved_runs(arms, repeats, measure, name, progress)
     summary = summarize_arms(runs)
