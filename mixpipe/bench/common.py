@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 from ..progress import progress_bar
 
 __all__ = ["machine_info", "write_json", "git_hash", "write_and_print", "interleaved_runs",
-           "summarize_arms", "add_ratios"]
+           "summarize_arms", "add_ratios", "add_overhead_arguments"]
 
 
 def git_hash() -> str:
@@ -209,3 +209,20 @@ def add_ratios(summary: Dict[str, Dict[str, Any]], base_arm: str, key: str) -> N
     for s in summary.values():
         s[f"throughput_vs_{key}"] = s["source_images_per_s"] / base["source_images_per_s"]
         s[f"cpu_per_image_vs_{key}"] = s["cpu_s_per_source_image"] / base["cpu_s_per_source_image"]
+
+
+def add_overhead_arguments(parser: Any, loader: str) -> None:
+    """The flags every loader's ``bench overhead`` arm takes, in one place so that the three
+    arms read alike; each loader's module adds its own (workers, threads, resize modes) after."""
+    parser.add_argument("--quick", action="store_true", help="small run (a few minutes)")
+    parser.add_argument("--out", default=f"results/bench_overhead_{loader}.json")
+    parser.add_argument("--fractions", default="0,0.5,0.9",
+                        help="mixed fractions to measure (0 = the no-mixing plan)")
+    parser.add_argument("--layout", default="halves", choices=("halves", "blend", "quads"))
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--fashion", default="data/fashion-mnist",
+                        help="prepared Fashion-MNIST directory (skipped with a note if absent)")
+    parser.add_argument("--num-generated", type=int, default=None,
+                        help="images in the generated 224 px set")
+    parser.add_argument("--no-progress", action="store_true")

@@ -26,8 +26,9 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..progress import progress_bar
-from .common import (SOURCE_COLUMNS, add_ratios, interleaved_runs, machine_info,
-                     overhead_table, parse_fractions, stat, summarize_arms, write_and_print)
+from .common import (SOURCE_COLUMNS, add_overhead_arguments, add_ratios, interleaved_runs,
+                     machine_info, overhead_table, parse_fractions, stat, summarize_arms,
+                     write_and_print)
 
 __all__ = ["add_arguments", "run", "generate_tree"]
 
@@ -35,28 +36,17 @@ _CLK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="small run (~2-3 minutes)")
-    parser.add_argument("--out", default="results/bench_overhead_dali.json")
-    parser.add_argument("--fractions", default="0,0.5,0.9",
-                        help="mixed fractions to measure (0 = the no-mixing plan)")
-    parser.add_argument("--layout", default="halves", choices=("halves", "blend", "quads"))
-    parser.add_argument("--batch-size", type=int, default=None)
+    add_overhead_arguments(parser, "dali")
     parser.add_argument("--batches", type=int, default=None, help="timed batches per arm")
-    parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--workers", type=int, default=0,
                         help="DALI source worker processes (default 0: the source runs in the "
                              "pipeline's process, as in pipelines/dali_imagenet.py)")
     parser.add_argument("--threads", type=int, default=2, help="DALI CPU threads")
-    parser.add_argument("--fashion", default="data/fashion-mnist",
-                        help="prepared Fashion-MNIST directory (skipped with a note if absent)")
     parser.add_argument("--generated", default=None,
                         help="where to write the generated tree of varied-size JPEGs (shorter "
                              "side 256-500 px; default: a temp dir)")
-    parser.add_argument("--num-generated", type=int, default=None,
-                        help="images in the generated tree")
     parser.add_argument("--device-id", type=int, default=None,
                         help="GPU for device='mixed' decode (default: CPU-only DALI)")
-    parser.add_argument("--no-progress", action="store_true")
 
 
 # ----------------------------------------------------------------------------- data

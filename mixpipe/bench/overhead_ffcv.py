@@ -32,30 +32,20 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from ..progress import progress_bar
-from .common import (SOURCE_COLUMNS, add_ratios, interleaved_runs, machine_info,
-                     overhead_table, parse_fractions, stat, summarize_arms, write_and_print)
+from .common import (SOURCE_COLUMNS, add_overhead_arguments, add_ratios, interleaved_runs,
+                     machine_info, overhead_table, parse_fractions, stat, summarize_arms,
+                     write_and_print)
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help="small run (a few minutes)")
-    parser.add_argument("--out", default="results/bench_overhead_ffcv.json")
-    parser.add_argument("--fractions", default="0,0.5,0.9",
-                        help="mixed fractions to measure (0 = the no-mixing plan)")
-    parser.add_argument("--layout", default="halves", choices=("halves", "blend", "quads"))
+    add_overhead_arguments(parser, "ffcv")
     parser.add_argument("--resize", default="both", choices=("both", "reference", "fast"),
                         help="mixpipe decoder resize mode(s) to measure")
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2, help="FFCV worker threads")
-    parser.add_argument("--fashion", default="data/fashion-mnist",
-                        help="prepared Fashion-MNIST directory (skipped with a note if absent)")
-    parser.add_argument("--num-generated", type=int, default=None,
-                        help="images in the generated 224 px set")
     parser.add_argument("--num-fashion", type=int, default=None,
                         help="Fashion-MNIST training images used")
-    parser.add_argument("--no-progress", action="store_true")
 
 
 # ----------------------------------------------------------------------------- data
