@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 from ..progress import progress_bar
 
 __all__ = ["machine_info", "write_json", "git_hash", "write_and_print", "interleaved_runs",
-           "summarize_arms", "add_ratios", "add_overhead_arguments"]
+           "summarize_arms", "add_ratios", "add_overhead_arguments", "plain_ratio_target"]
 
 
 def git_hash() -> str:
@@ -226,3 +226,13 @@ def add_overhead_arguments(parser: Any, loader: str) -> None:
     parser.add_argument("--num-generated", type=int, default=None,
                         help="images in the generated 224 px set")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def plain_ratio_target(arms: Dict[str, Any], mixing: Sequence[str],
+                       target: float) -> Dict[str, Any]:
+    """An overhead target: each mixing arm's CPU per source image over the plain pipeline's
+    (``cpu_per_image_vs_plain``, from :func:`add_ratios`) at most ``target``, arm by arm."""
+    ratios = {a: round(arms[a]["cpu_per_image_vs_plain"], 4) for a in mixing}
+    return {"ratios": ratios, "target": target,
+            "met_per_arm": {a: r <= target for a, r in ratios.items()},
+            "met": all(r <= target for r in ratios.values())}
