@@ -176,6 +176,7 @@ def write_beton(path: str, dataset: Any, quality: int, max_side: Optional[int] =
     largest encoded image; FFCV reads whole pages, so small images want small pages.
     """
     try:
+        from ffcv import writer as ffcv_writer
         from ffcv.fields import IntField, RGBImageField
         from ffcv.writer import DatasetWriter
     except ImportError as err:
@@ -187,8 +188,6 @@ def write_beton(path: str, dataset: Any, quality: int, max_side: Optional[int] =
               "label": IntField()}
     writer = DatasetWriter(path, fields, page_size=page_size, num_workers=max(1, workers))
     chunksize = max(1, min(1000, len(dataset) // (4 * workers) or 1))
-    import ffcv.writer as ffcv_writer
-
     with _ChildWatch(ffcv_writer) as watch:
         try:
             writer.from_indexed_dataset(dataset, chunksize=chunksize)

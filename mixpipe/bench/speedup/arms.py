@@ -83,11 +83,11 @@ def train_arm(s: SpeedupSettings, arm: str, seed: int, train: Any, eval_batches:
     batch = arm_batch_size(arm, s, n)
     loader = make_loader(dataclasses.replace(s, batch_size=batch), train, service, seed)
     recalibrate = _recalibration_batches(s, arm, train, seed)
-    local = None
-    if arm_local(arm, s):
+    local, kind = None, arm_local(arm, s)
+    if kind:
         from mixpipe.train.local import from_kind
 
-        local = from_kind(arm_local(arm, s), model, optimizer, epochs)
+        local = from_kind(kind, model, optimizer, epochs)
     try:
         history = fit(model, loader, optimizer, epochs, schedule,
                       on_epoch=local.on_epoch if local is not None else None,

@@ -34,8 +34,8 @@ from .combine import results_settings
 from .settings import traces_frontier
 from .trend import compared_settings
 
-__all__ = ["pass_flops", "local_pass_flops", "count_local_pass", "epoch_pass_flops", "compute", "dominates",
-           "against_frontier", "plot_compute", "format_compute", "main"]
+__all__ = ["pass_flops", "local_pass_flops", "count_local_pass", "epoch_pass_flops", "compute",
+           "dominates", "against_frontier", "plot_compute", "format_compute", "main"]
 
 
 @functools.lru_cache(maxsize=None)
