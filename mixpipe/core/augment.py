@@ -122,10 +122,43 @@ class RandomResizedCropFlip:
                  rng: np.random.Generator) -> np.ndarray:
         top, left, ch, cw, flip = self.window(image.shape[0], image.shape[1], region, rng)
         crop = image[top:top + ch, left:left + cw]
+        if _pillow_can_resize(crop):
+            return _pillow_resize(crop, region, flip)
         if flip:
             crop = crop[:, ::-1]
         out = resize(crop, *region)
         return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+
+
+def _pillow_can_resize(image: np.ndarray) -> bool:
+    """uint8 grey (HW, HW1) or RGB (HW3): the modes pillow's "L" and "RGB" resample natively."""
+    return image.dtype == np.uint8 and (image.ndim == 2 or
+                                        (image.ndim == 3 and image.shape[2] in (1, 3)))
+
+
+def _pillow_resize(crop: np.ndarray, region: Tuple[int, int], flip: bool) -> np.ndarray:
+    """``crop`` resized to ``region`` (rh, rw) by one pillow call, mirrored after when ``flip``;
+    the crop's dtype and channel axis (none, 1 or 3) kept, a fresh writable array.
+
+    Why pillow: its one native bilinear resample is the same antialiased triangle filter,
+    widened by the downscale factor, as :func:`~mixpipe.core.compose.resize`, and ~5x cheaper
+    than those two float32 tensordots (0.6 ms against 3-4 ms per 375x500 image to 224x224). It
+    rounds its intermediate (horizontal) pass to uint8, so results differ from the float
+    reference by at most 1 grey level (mean 0.16-0.18 on noise; tested). Why crop with numpy
+    first rather than hand pillow the whole image and a ``box``: with a box its filter also reads
+    the pixels just outside the box, up to ~20 grey levels off the reference along the crop's
+    edges. Why mirror after the resize: the filter is symmetric, so this equals resizing the
+    mirrored crop bit for bit (tested), and pillow's transpose keeps the result contiguous,
+    which pastes ~4x faster than a mirrored numpy view.
+    """
+    from PIL import Image
+
+    rh, rw = region
+    plane = crop[:, :, 0] if crop.ndim == 3 and crop.shape[2] == 1 else crop
+    resized = Image.fromarray(np.ascontiguousarray(plane)).resize((rw, rh), Image.BILINEAR)
+    if flip:
+        resized = resized.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.array(resized).reshape((rh, rw) + crop.shape[2:])
 
 
 def size_pair(size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:
