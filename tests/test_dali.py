@@ -13,12 +13,13 @@ pytest.importorskip("nvidia.dali")
 from PIL import Image  # noqa: E402
 from nvidia.dali import pipeline_def  # noqa: E402
 
+from mixpipe import dali as mxd  # noqa: E402
 from mixpipe.core.compose import compose_slot  # noqa: E402
 from mixpipe.core.layouts import regions  # noqa: E402
 from mixpipe.core.plan import Layout, MixPlan  # noqa: E402
 from mixpipe.dali import (FileList, FixedPlans, FixedView, InMemoryImages,  # noqa: E402
                           MixIterator, PlanBoard, PlanNotPublished, SlotSource, RandomView, close_pipeline,
-                          epoch_walk, image_size, mix, plan_inputs, unpack_meta)
+                          epoch_walk, image_size, mix, plan_inputs)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -60,7 +61,8 @@ def run_raw(source: SlotSource, walk: MixPlan, batch_size: int, parallel: bool =
                   device_id=None, py_num_workers=2, py_start_method="fork")
     def pipe_fn():
         inputs = plan_inputs(source, parallel=parallel)
-        return mix(inputs), inputs.ids, inputs.layout, inputs.weights, inputs.targets
+        return (mix(inputs), inputs.ids, inputs.layout, inputs.weights, inputs.targets,
+                inputs.loss_scale)
 
     pipe = pipe_fn()
     try:
@@ -121,8 +123,8 @@ def test_composite_matches_reference_compose_for_every_layout(flip):
     walk = epoch_walk(plan, batch_size=len(ALL_LAYOUTS), shuffle=False)
     rows = run_raw(source, walk, len(ALL_LAYOUTS))
     assert len(rows) == len(ALL_LAYOUTS)
-    for (ids, weights, layout), (image, out_ids, out_layout, out_w, targets) in zip(ALL_LAYOUTS,
-                                                                                  rows):
+    for (ids, weights, layout), row in zip(ALL_LAYOUTS, rows):
+        image, out_ids, out_layout, out_w, targets = row[:5]
         n = len(ids)
         assert out_ids[:n].tolist() == ids and (out_ids[n:] == -1).all()
         assert int(out_layout) == layout
@@ -166,24 +168,59 @@ def test_geometry_comes_from_core_regions_and_random_view_stays_inside_the_image
                         (64, 96), stride=16, view=RandomView())
     plan = MixPlan.from_slots([(ids, w, lay) for ids, w, lay in ALL_LAYOUTS], len(SIZES))
     for row in range(plan.num_slots):
-        blob, meta = source.slot_arrays(plan, row)
-        m = unpack_meta(meta)
+        m = source.slot(plan, row)
         ids, weights, _, layout = plan.slot(row)
         assert m["count"] == len(ids) and m["layout"] == layout
         for i, reg in enumerate(regions(layout, weights.tolist(), 64, 96, 16)):
-            top, left, ch, cw, rh, rw, flip = m["geometry"][i]
+            (top, left), (ch, cw) = m[f"anchor{i}"], m[f"shape{i}"]
             h, w = SIZES[ids[i]]
-            assert (rh, rw) == (reg.height, reg.width)
+            assert tuple(m[f"region{i}"]) == (reg.height, reg.width)
             assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch > 0
-            assert flip in (0, 1)
-            start, length = m["byte_offset"][i], m["byte_length"][i]
-            assert blob[start:start + length].tobytes() == encoded[ids[i]]
-        assert blob.size == sum(len(encoded[i]) for i in ids)
+            assert m[f"flip{i}"] in (0, 1)
+            assert m[f"encoded{i}"].tobytes() == encoded[ids[i]]
         # absent constituents ship no bytes (so are never decoded) and no id, weight or target
-        assert (m["byte_length"][len(ids):] == 0).all() and (m["ids"][len(ids):] == -1).all()
-        assert (m["weights"][len(ids):] == 0).all() and (m["targets"][len(ids):] == -1).all()
+        for i in range(len(ids), source.max_constituents):
+            assert m[f"encoded{i}"].size == 0
+        assert (m["ids"][len(ids):] == -1).all() and (m["weights"][len(ids):] == 0).all()
+        assert (m["targets"][len(ids):] == -1).all()
     # the same slot, epoch and seed give the same views (reproducible augmentation)
-    np.testing.assert_array_equal(source.slot_arrays(plan, 4)[1], source.slot_arrays(plan, 4)[1])
+    assert str(source.slot(plan, 4)) == str(source.slot(plan, 4))
+
+
+def test_views_are_the_slot_seeded_draws_whatever_the_batching():
+    """Each constituent's window is the view drawn from default_rng([seed, epoch, *ids]) in
+    slot order (the torch loader's rule), whichever batch the slot arrives in; the outputs
+    carry the dtypes the graph consumes without casts."""
+    encoded = [jpeg(smooth_image(h, w, i)) for i, (h, w) in enumerate(SIZES)]
+    view = RandomView()
+    source = SlotSource(InMemoryImages(encoded, [i % 3 for i in range(len(SIZES))]),
+                        PlanBoard.temporary(), (48, 64), stride=8, view=view, seed=7)
+    plan = MixPlan.from_slots([(ids, w, lay) for ids, w, lay in ALL_LAYOUTS], len(SIZES),
+                              epoch=5)
+    names = mxd.output_names(source.max_constituents)
+    whole = dict(zip(names, source.batch(plan, 0, plan.num_slots)))
+    for start, stop in [(0, 2), (2, 5), (5, 6)]:
+        part = dict(zip(names, source.batch(plan, start, stop)))
+        for name in names:
+            if name.startswith("encoded"):
+                assert [a.tobytes() for a in part[name]] == \
+                    [a.tobytes() for a in whole[name][start:stop]]
+            else:
+                np.testing.assert_array_equal(part[name], whole[name][start:stop])
+    dtypes = {"targets": np.int64, "weights": np.float32, "ids": np.int64,
+              "loss_scale": np.float32, "layout": np.uint8, "count": np.int32,
+              "anchor0": np.int32, "shape0": np.int32, "region0": np.float32, "flip0": np.int32}
+    assert {name: whole[name].dtype for name in dtypes} == {k: np.dtype(v)
+                                                            for k, v in dtypes.items()}
+    for row in range(plan.num_slots):
+        ids, weights, _, layout = plan.slot(row)
+        rng = np.random.default_rng([7, 5, *ids.tolist()])
+        for i, reg in enumerate(regions(layout, weights.tolist(), 48, 64, 8)):
+            h, w = SIZES[ids[i]]
+            want = view(h, w, (reg.height, reg.width), rng)
+            got = (*whole[f"anchor{i}"][row], *whole[f"shape{i}"][row], whole[f"flip{i}"][row])
+            assert tuple(int(x) for x in got) == (want[0], want[1], want[2], want[3],
+                                                  int(want[4]))
 
 
 def test_image_size_reads_jpeg_headers_like_pillow():

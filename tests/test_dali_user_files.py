@@ -124,4 +124,4 @@ def test_a_file_that_is_not_an_image_is_named(tmp_path):
         os.path.join(bad.root, bad.corrupt[0]))
     plan = MixPlan.singles(len(source.images))
     with pytest.raises(ValueError, match=f"{bad.corrupt[0]}: not a readable image.*--on-bad"):
-        source.slot_arrays(plan, index)
+        source.slot(plan, index)

@@ -14,7 +14,7 @@ It runs as written on a CPU-only DALI; on a GPU pass ``device_id=0`` and ``devic
 
     @pipeline_def(enable_conditionals=True, py_num_workers=2, py_start_method="spawn")
     def train(source, device):
-        inputs = mxd.plan_inputs(source)                 # parallel external source
+        inputs = mxd.plan_inputs(source)                 # parallel batch source
         images = mxd.mix(inputs, device=device)          # decode, view, compose
         # Normalise WITHOUT mirror=: every constituent is already mirrored inside its own
         # region, and mirroring the composite would swap its regions against the labels
@@ -50,13 +50,15 @@ from .evaluate import ValBatches  # noqa: E402
 from .files import (EncodedImages, FileList, InMemoryImages, ListedFiles, open_files,  # noqa: E402
                     read_file_list)
 from .iterator import OUTPUT_NAMES, MixIterator, close_pipeline  # noqa: E402
-from .ops import (MixInputs, compose, constituent_bytes, constituent_geometry, decode_view, mix,  # noqa: E402
-                  plan_inputs)
+from .ops import (Constituent, MixInputs, compose, constituent_bytes, constituent_geometry,  # noqa: E402
+                  decode_view, mix, plan_inputs)
 from .plans import PlanBoard, PlanNotPublished, epoch_walk  # noqa: E402
-from .source import META_FIELDS, FixedView, RandomView, SlotSource, image_size, unpack_meta  # noqa: E402
+from .source import (CONSTITUENT_FIELDS, SLOT_FIELDS, FixedView, RandomView, SlotBatches,  # noqa: E402
+                     SlotSource, image_size, output_names)
 
 __all__ = ["EncodedImages", "FileList", "InMemoryImages", "ListedFiles", "read_file_list",
            "OUTPUT_NAMES", "FixedPlans", "MixIterator", "close_pipeline", "MixInputs", "compose",
            "decode_view", "mix", "plan_inputs", "PlanBoard", "PlanNotPublished", "epoch_walk",
            "FixedView", "SlotSource", "RandomView", "image_size", "constituent_bytes",
-           "constituent_geometry", "META_FIELDS", "unpack_meta", "open_files", "ValBatches"]
+           "constituent_geometry", "Constituent", "SLOT_FIELDS", "CONSTITUENT_FIELDS", "SlotBatches",
+           "output_names", "open_files", "ValBatches"]

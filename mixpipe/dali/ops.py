@@ -8,12 +8,12 @@ normalisation::
     images = fn.crop_mirror_normalize(images, ...)   # your usual tail, WITHOUT mirror=
 
 Where things run: the source (file reads, plan rows, crop windows) is host work in DALI's worker
-processes. With ``device="mixed"`` the decoder hands GPU images to ``resize``/``flip``/``cat`` and
-the blend arithmetic, so every mixing operator runs on the GPU; the only host-side additions are
-the per-sample predicates of the conditionals (a comparison on a scalar), unpacking the small
-``meta`` rows (subscripts and casts on a few numbers per sample; they are CPU argument inputs
-of the GPU operators either way) and cutting each file out of the slot's byte blob, which a
-mixed decoder reads on the host anyway. On a CPU-only pipeline (``device="cpu"``) the same
+processes, a whole batch per call, delivered as ready-typed outputs (one per field and per
+constituent stream), so the graph needs no per-sample unpacking or casting. With
+``device="mixed"`` the decoder hands GPU images to ``resize``/``flip``/``cat`` and the blend
+arithmetic, so every mixing operator runs on the GPU; the only host-side additions are the
+per-sample predicates of the conditionals (a comparison on a scalar). The view geometry is a CPU
+argument input of the GPU operators either way. On a CPU-only pipeline (``device="cpu"``) the same
 graph runs on the CPU.
 
 Never mirror the composite: each constituent is already mirrored inside its own region (the
@@ -23,8 +23,8 @@ order, so the labels no longer match the pixels. :class:`mixpipe.dali.MixIterato
 a pipeline (:func:`refuse_whole_batch_mirror`).
 
 Per-sample conditionals route each slot: a SINGLE slot decodes one image, a pair two, a quad four.
-A constituent's bytes are cut out inside the branches that use it, so absent ones are never
-touched.
+A constituent stream is decoded only inside the branches that use it, so absent ones (empty
+byte arrays) are never touched.
 """
 from __future__ import annotations
 
@@ -34,25 +34,33 @@ from nvidia.dali import fn, types
 import nvidia.dali.math as dmath
 
 from ..core.plan import Layout
-from .source import GEOMETRY_FIELDS, META, SlotSource
+from .source import CONSTITUENT_FIELDS, SLOT_FIELDS, SlotBatches, SlotSource
 
-__all__ = ["MixInputs", "plan_inputs", "constituent_bytes", "constituent_geometry",
+__all__ = ["MixInputs", "Constituent", "plan_inputs", "constituent_bytes", "constituent_geometry",
            "decode_view", "mix", "compose", "whole_batch_mirrors", "refuse_whole_batch_mirror"]
 
 #: Names of the DataNodes mix() returned: the composites a later mirror must not touch.
 _MIX_OUTPUTS: Set[str] = set()
 
 
+class Constituent(NamedTuple):
+    """One constituent stream's source outputs (CPU nodes): the encoded file (uint8, empty when
+    the slot has no such constituent), the crop window's int32[2] ``anchor`` (top, left) and
+    int32[2] ``shape`` (height, width), the float32[2] ``region`` (height, width) it is resized
+    to, and the int32 mirror ``flip``."""
+
+    encoded: object
+    anchor: object
+    shape: object
+    region: object
+    flip: object
+
+
 class MixInputs(NamedTuple):
-    """The source's two outputs and the per-slot tensors unpacked from ``meta`` (CPU nodes).
+    """The source's outputs as graph nodes: per slot ``targets``/``ids`` int64[K],
+    ``weights``/``loss_scale`` float32[K], ``layout`` uint8 and ``count`` int32, and one
+    :class:`Constituent` per stream."""
 
-    ``targets``/``ids`` int64[K], ``weights``/``loss_scale`` float32[K], ``layout`` uint8 and
-    ``count`` int32 per slot. Per-constituent pieces (bytes, view geometry, weight) are cut out
-    lazily by :func:`constituent_bytes` and friends, inside the branches that need them.
-    """
-
-    blob: object
-    meta: object
     max_constituents: int
     targets: object
     weights: object
@@ -60,39 +68,45 @@ class MixInputs(NamedTuple):
     loss_scale: object
     layout: object
     count: object
+    constituents: tuple
 
 
 def plan_inputs(source: SlotSource, parallel: bool = True, prefetch_queue_depth: int = 2,
                 name: Optional[str] = None) -> MixInputs:
-    """``fn.external_source`` over ``source`` in per-sample mode, unpacked as :class:`MixInputs`.
+    """``fn.external_source`` over ``source`` in batch mode, as :class:`MixInputs`.
 
-    With ``parallel=True`` the callback runs in the pipeline's ``py_num_workers`` processes
-    (pass ``py_start_method="spawn"`` to the pipeline when CUDA is initialised in the parent).
+    Call inside a pipeline definition: the source hands out batches of the pipeline's
+    ``batch_size``. With ``parallel=True`` whole batches are built in the pipeline's
+    ``py_num_workers`` processes (pass ``py_start_method="spawn"`` to the pipeline when CUDA is
+    initialised in the parent).
     """
+    from nvidia.dali.pipeline import Pipeline
+
+    pipeline = Pipeline.current()
+    if pipeline is None:
+        raise RuntimeError("plan_inputs() builds graph nodes: call it inside a @pipeline_def "
+                           "function (or a `with pipeline:` block)")
     extra = {"prefetch_queue_depth": prefetch_queue_depth} if parallel else {}
-    blob, meta = fn.external_source(source=source, num_outputs=source.num_outputs, batch=False,
-                                    parallel=parallel, name=name, **extra)
-    column = lambda field, dtype: fn.cast(meta[:, META[field]], dtype=dtype)  # noqa: E731
-    return MixInputs(blob, meta, source.max_constituents,
-                     column("target", types.INT64), column("weight", types.FLOAT),
-                     column("id", types.INT64), column("loss_scale", types.FLOAT),
-                     fn.cast(meta[0, META["layout"]], dtype=types.UINT8),
-                     fn.cast(meta[0, META["count"]], dtype=types.INT32))
+    outputs = fn.external_source(source=SlotBatches(source, pipeline.max_batch_size),
+                                 num_outputs=source.num_outputs, batch=True, batch_info=True,
+                                 parallel=parallel, name=name, **extra)
+    slot = dict(zip(SLOT_FIELDS, outputs))
+    per = len(CONSTITUENT_FIELDS)
+    streams = tuple(Constituent(*outputs[len(SLOT_FIELDS) + per * i:
+                                         len(SLOT_FIELDS) + per * (i + 1)])
+                    for i in range(source.max_constituents))
+    return MixInputs(source.max_constituents, slot["targets"], slot["weights"], slot["ids"],
+                     slot["loss_scale"], slot["layout"], slot["count"], streams)
 
 
 def constituent_bytes(inputs: MixInputs, index: int):
-    """Constituent ``index``'s encoded file, cut out of the slot's blob (no copy in Python)."""
-    start = fn.cast(inputs.meta[index, META["byte_offset"]:META["byte_offset"] + 1],
-                    dtype=types.INT32)
-    length = fn.cast(inputs.meta[index, META["byte_length"]:META["byte_length"] + 1],
-                     dtype=types.INT32)
-    return fn.slice(inputs.blob, start, length, axes=[0], normalized_anchor=False,
-                    normalized_shape=False)
+    """Constituent ``index``'s encoded file (uint8; empty when the slot has fewer)."""
+    return inputs.constituents[index].encoded
 
 
-def constituent_geometry(inputs: MixInputs, index: int):
-    """int32[7] view geometry of constituent ``index`` (see ``GEOMETRY_FIELDS``)."""
-    return fn.cast(inputs.meta[index, 0:len(GEOMETRY_FIELDS)], dtype=types.INT32)
+def constituent_geometry(inputs: MixInputs, index: int) -> Constituent:
+    """Constituent ``index``'s stream: bytes and view geometry (see :class:`Constituent`)."""
+    return inputs.constituents[index]
 
 
 def decode_view(inputs: MixInputs, index: int, device: str = "cpu"):
@@ -102,17 +116,17 @@ def decode_view(inputs: MixInputs, index: int, device: str = "cpu"):
     bilinear like the reference composer's. EXIF orientation is ignored because the crop window
     was computed on the stored pixel grid.
     """
-    row = constituent_geometry(inputs, index)
-    image = fn.decoders.image_slice(constituent_bytes(inputs, index), row[0:2], row[2:4],
+    stream = inputs.constituents[index]
+    image = fn.decoders.image_slice(stream.encoded, stream.anchor, stream.shape,
                                     axis_names="HW", device=device, output_type=types.RGB,
                                     adjust_orientation=False)
-    image = fn.resize(image, size=fn.cast(row[4:6], dtype=types.FLOAT), antialias=True,
+    image = fn.resize(image, size=stream.region, antialias=True,
                       interp_type=types.INTERP_LINEAR)
-    return fn.flip(image, horizontal=row[6])
+    return fn.flip(image, horizontal=stream.flip)
 
 
 def _weight(inputs: MixInputs, index: int, image):
-    w = fn.cast(inputs.meta[index, META["weight"]], dtype=types.FLOAT)
+    w = inputs.weights[index]
     return w.gpu() if image.device == "gpu" else w
 
 

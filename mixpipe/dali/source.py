@@ -1,42 +1,48 @@
-"""The plan-driven source: a per-sample callback for ``fn.external_source``.
+"""The plan-driven source: whole batches for ``fn.external_source(batch=True)``.
 
-One call = one slot of the epoch's walk. The callback does all the *decisions* in Python (which
-files, each constituent's region from :func:`mixpipe.core.layouts.regions`, its crop window and
-flip from :meth:`mixpipe.core.augment.RandomResizedCropFlip.window`), and ships them as small
-per-sample tensors; the DALI graph (:mod:`mixpipe.dali.ops`) only executes them. So the geometry
-is the core's, bit for bit, and nothing is re-derived in DALI.
+One call = one batch of slots of the epoch's walk. The callback makes all the *decisions* in
+Python (which files, each constituent's region from :func:`mixpipe.core.layouts.regions`, its crop
+window and flip from :meth:`mixpipe.core.augment.RandomResizedCropFlip.window`) and ships them as
+ready-typed arrays, one output per field and per constituent stream, so the DALI graph
+(:mod:`mixpipe.dali.ops`) only executes them: no unpacking, casting or byte slicing per sample in
+the graph. The geometry is the core's, bit for bit, and nothing is re-derived in DALI.
+
+Why whole batches: a per-sample callback paid DALI's per-call and per-output conversion for every
+sample, and the graph then needed a dozen small subscript and cast operators per sample to unpack
+one packed row; at 32 px that doubled the host CPU of the plain DALI pipeline
+(``benchmarks/README.md``, "Where the host time goes").
 
 The callback is picklable and keeps no state a worker needs to share: it reads the walk of
-``SampleInfo.epoch_idx`` from a :class:`~mixpipe.dali.plans.PlanBoard` and caches it.
+``BatchInfo.epoch_idx`` from a :class:`~mixpipe.dali.plans.PlanBoard` and caches it.
 """
 from __future__ import annotations
 
 import dataclasses
 import io
 import struct
-from typing import Callable, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from ..core.augment import RandomResizedCropFlip
-from ..core.layouts import regions
+from ..core.compose import slot_regions
 from ..core.plan import Layout, MixPlan
+from ..core.seeding import slot_rng
 from .files import EncodedImages, describe, open_files
 from .plans import PlanBoard
 
-__all__ = ["SlotSource", "RandomView", "FixedView", "GEOMETRY_FIELDS", "META_FIELDS", "META",
-           "image_size", "unpack_meta"]
+__all__ = ["SlotSource", "SlotBatches", "RandomView", "FixedView", "SLOT_FIELDS",
+           "CONSTITUENT_FIELDS", "output_names", "image_size"]
 
-#: Columns of the per-constituent view geometry (the first columns of ``meta``).
-GEOMETRY_FIELDS = ("crop_top", "crop_left", "crop_height", "crop_width", "region_height",
-                   "region_width", "flip")
-
-#: Columns of the per-slot ``meta`` output, float64[K, len(META_FIELDS)]: one row per
-#: constituent stream. float64 holds every field exactly (ids below 2**53, float32 weights).
-#: ``layout`` and ``count`` are per slot and repeated on every row.
-META_FIELDS = GEOMETRY_FIELDS + ("target", "id", "weight", "loss_scale", "byte_offset",
-                                 "byte_length", "layout", "count")
-META = {name: i for i, name in enumerate(META_FIELDS)}
+#: Per-slot outputs, in output order: int64[K] targets, float32[K] weights, int64[K] ids,
+#: float32[K] loss_scale (rows beyond the slot's count: -1, 0, -1, 0), uint8 layout, int32 count.
+SLOT_FIELDS = ("targets", "weights", "ids", "loss_scale", "layout", "count")
+#: Per-constituent outputs, repeated for each of the K streams after the slot fields: the
+#: encoded file (uint8, empty when the slot has no such constituent), the crop window's
+#: int32[2] anchor (top, left) and int32[2] shape (height, width) on the stored pixel grid, the
+#: float32[2] region (height, width) it is resized to, and the int32 mirror flag.
+CONSTITUENT_FIELDS = ("encoded", "anchor", "shape", "region", "flip")
+_EMPTY = np.zeros(0, np.uint8)
 
 #: ``view(height, width, (region_h, region_w), rng) -> (top, left, crop_h, crop_w, flip)``
 ViewFn = Callable[[int, int, Tuple[int, int], np.random.Generator],
@@ -107,58 +113,55 @@ def image_size(encoded: np.ndarray) -> Tuple[int, int]:
 
 
 class _WalkRows:
-    """A walk's per-slot arrays padded to K once, so a sample only indexes rows.
+    """A walk's per-slot values laid out once per epoch, so a batch only indexes them.
 
-    (``MixPlan.slot()`` would recount the whole plan per call, O(M) per sample.)
+    (``MixPlan.slot()`` would recount the whole plan per call, O(M) per sample.) The typed
+    [M, K] arrays are what the slot outputs slice; the Python lists feed the per-constituent
+    loop without a numpy scalar per access.
     """
 
     def __init__(self, walk: MixPlan, k: int, images: EncodedImages) -> None:
         self.walk = walk
         m, kp = walk.ids.shape
         width = max(k, kp)
-        self.ids = np.full((m, width), -1, np.int64)
-        self.ids[:, :kp] = walk.ids
-        self.weights = np.zeros((m, width), np.float32)
-        self.weights[:, :kp] = walk.weights
-        self.scale = np.zeros((m, width), np.float32)
-        self.scale[:, :kp] = walk.loss_scale
-        self.counts = (self.ids >= 0).sum(axis=1)
+        ids = np.full((m, width), -1, np.int64)
+        ids[:, :kp] = walk.ids
+        weights = np.zeros((m, width), np.float32)
+        weights[:, :kp] = walk.weights
+        scale = np.zeros((m, width), np.float32)
+        scale[:, :kp] = walk.loss_scale
+        counts = (ids >= 0).sum(axis=1)
         labels = getattr(images, "labels", None)
         if labels is not None:
             labels = np.asarray(labels, np.int64)
-            self.targets = np.where(self.ids >= 0, labels[np.maximum(self.ids, 0)], -1)
+            targets = np.where(ids >= 0, labels[np.maximum(ids, 0)], -1)
         else:
-            self.targets = np.vectorize(lambda i: images.label(int(i)) if i >= 0 else -1,
-                                        otypes=[np.int64])(self.ids)
+            targets = np.vectorize(lambda i: images.label(int(i)) if i >= 0 else -1,
+                                   otypes=[np.int64])(ids)
         # only the first k columns travel (check_plan refused plans with more constituents)
-        self.ids, self.weights = self.ids[:, :k], self.weights[:, :k]
-        self.scale, self.targets = self.scale[:, :k], self.targets[:, :k]
+        self.arrays = {"targets": targets[:, :k], "weights": weights[:, :k], "ids": ids[:, :k],
+                       "loss_scale": scale[:, :k], "layout": walk.layout.astype(np.uint8),
+                       "count": counts.astype(np.int32)}
+        self.id_lists = [row[:n] for row, n in zip(ids.tolist(), counts.tolist())]
+        self.weight_tuples = [tuple(row[:n]) for row, n in zip(weights.tolist(),
+                                                               counts.tolist())]
+        self.layouts = walk.layout.tolist()
 
 
-def unpack_meta(meta: np.ndarray) -> dict:
-    """The ``meta`` output as named arrays with their MixedBatch dtypes (tests, debugging)."""
-    meta = np.asarray(meta)
-    col = lambda name: meta[..., META[name]]  # noqa: E731
-    return {"geometry": meta[..., :len(GEOMETRY_FIELDS)].astype(np.int32),
-            "targets": col("target").astype(np.int64), "ids": col("id").astype(np.int64),
-            "weights": col("weight").astype(np.float32),
-            "loss_scale": col("loss_scale").astype(np.float32),
-            "byte_offset": col("byte_offset").astype(np.int64),
-            "byte_length": col("byte_length").astype(np.int64),
-            "layout": col("layout")[..., 0].astype(np.uint8),
-            "count": col("count")[..., 0].astype(np.int32)}
+def output_names(max_constituents: int) -> List[str]:
+    """Names of the source's outputs in order: :data:`SLOT_FIELDS`, then
+    :data:`CONSTITUENT_FIELDS` for each stream as ``"<field><index>"``."""
+    return list(SLOT_FIELDS) + [f"{field}{i}" for i in range(max_constituents)
+                                for field in CONSTITUENT_FIELDS]
+
+
+Batch = Tuple[Union[np.ndarray, List[np.ndarray]], ...]
 
 
 class SlotSource:
-    """``fn.external_source`` callback (``batch=False``, ``parallel=True`` capable).
-
-    Per slot it returns two arrays: ``blob``, the slot's constituents' encoded files back to
-    back (uint8), and ``meta`` float64[K, len(META_FIELDS)], one row per constituent stream
-    (see :data:`META_FIELDS`; rows beyond the slot's count have id -1, weight 0 and length 0).
-    :func:`mixpipe.dali.ops.plan_inputs` unpacks them in the graph. Two outputs, not one per
-    field: each external-source output costs about 20 us of CPU per sample (measured here:
-    11 outputs 242 us, 1 output 22 us), more than the Python that fills it.
-    After the walk's last slot it raises ``StopIteration``.
+    """The epoch walk's slots as whole batches of typed arrays (see :data:`SLOT_FIELDS` and
+    :data:`CONSTITUENT_FIELDS`); :func:`mixpipe.dali.ops.plan_inputs` feeds them to
+    ``fn.external_source`` through :class:`SlotBatches`.
 
     Args:
         images: encoded images and labels by dataset index.
@@ -167,7 +170,8 @@ class SlotSource:
         stride: the network's total stride; spatial splits are snapped to it.
         max_constituents: K, the number of constituent streams the pipeline is built with.
         view: crop window and flip per constituent (:class:`RandomView` or :class:`FixedView`).
-        seed: seeds each slot's views together with the plan's epoch and the slot's ids.
+        seed: seeds each slot's views together with the plan's epoch and the slot's ids
+            (:func:`mixpipe.core.seeding.slot_rng`, as in the torch loader).
     """
 
     def __init__(self, images: EncodedImages, board: PlanBoard, size: Tuple[int, int],
@@ -187,7 +191,13 @@ class SlotSource:
         self.max_constituents = int(max_constituents)
         self.view = view if view is not None else RandomView()
         self.seed = int(seed)
-        self._cache: dict = {}
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        self._walk_cache: dict = {}
+        self._rows_cache: Optional[_WalkRows] = None
+        self._sizes: Dict[int, Tuple[int, int]] = {}  # image headers are read once per process
+        self._shapes_cache: dict = {}
 
     @classmethod
     def from_files(cls, board: PlanBoard, size: Tuple[int, int], *,
@@ -199,13 +209,20 @@ class SlotSource:
         Other keywords as for the constructor (``stride``, ``view``, ``seed``, ...)."""
         return cls(open_files(file_root, file_list), board, size, **kwargs)
 
-    # Worker copies start with an empty cache: the cached walk belongs to one process.
+    # Worker copies start with empty caches: a cached walk belongs to one process.
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_cache"] = {}
+        for key in ("_walk_cache", "_rows_cache", "_sizes", "_shapes_cache"):
+            state.pop(key, None)
         return state
 
-    num_outputs = 2  #: blob, meta
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset_caches()
+
+    @property
+    def num_outputs(self) -> int:
+        return len(SLOT_FIELDS) + len(CONSTITUENT_FIELDS) * self.max_constituents
 
     def check_plan(self, plan: MixPlan) -> None:
         """Refuse a plan this source cannot deliver, naming the fix."""
@@ -228,67 +245,107 @@ class SlotSource:
                                      f"least two stride cells per split side; size {self.size} "
                                      f"at stride {self.stride} is too small")
 
-    def _walk(self, round_index: int) -> MixPlan:
-        walk = self._cache.get(round_index)
+    def walk(self, round_index: int) -> MixPlan:
+        """The walk published for DALI's epoch ``round_index`` (read once, then cached)."""
+        walk = self._walk_cache.get(round_index)
         if walk is None:
             walk = self.board.read(round_index)
             self.check_plan(walk)
-            self._cache = {round_index: walk}  # rounds only move forward
+            self._walk_cache = {round_index: walk}  # rounds only move forward
         return walk
 
-    def _rows(self, walk: MixPlan) -> "_WalkRows":
-        rows = self.__dict__.get("_rows_cache")
-        if rows is None or rows.walk is not walk:
-            rows = _WalkRows(walk, self.max_constituents, self.images)
-            self.__dict__["_rows_cache"] = rows
-        return rows
+    def _rows(self, walk: MixPlan) -> _WalkRows:
+        if self._rows_cache is None or self._rows_cache.walk is not walk:
+            self._rows_cache = _WalkRows(walk, self.max_constituents, self.images)
+        return self._rows_cache
 
-    def slot_arrays(self, walk: MixPlan, row: int) -> tuple:
-        """The callback's outputs for one row of a walk (also handy to inspect a slot)."""
-        k = self.max_constituents
-        rows = self._rows(walk)
-        n = int(rows.counts[row])
-        ids = rows.ids[row, :n].tolist()
-        layout = Layout(int(walk.layout[row]))
-        height, width = self.size
-        if layout in (Layout.SINGLE, Layout.BLEND):
-            shapes = [(height, width)] * n
-        else:
-            shapes = [(r.height, r.width) for r in regions(
-                layout, rows.weights[row, :n].tolist(), height, width, self.stride)]
-        meta = np.zeros((k, len(META_FIELDS)), np.float64)
-        meta[:, META["region_height"]] = height
-        meta[:, META["region_width"]] = width
-        meta[:, META["target"]] = rows.targets[row]
-        meta[:, META["id"]] = rows.ids[row]
-        meta[:, META["weight"]] = rows.weights[row]
-        meta[:, META["loss_scale"]] = rows.scale[row]
-        meta[:, META["layout"]] = int(layout)
-        meta[:, META["count"]] = n
-        encoded = []
-        offset = 0
-        rng = np.random.default_rng([self.seed, walk.epoch, *ids])
-        for i, (sample, shape) in enumerate(zip(ids, shapes)):
-            data = self.images.encoded(sample)
+    def _region_shapes(self, layout: int, weights: tuple) -> Sequence[Tuple[int, int]]:
+        key = (layout, weights)
+        shapes = self._shapes_cache.get(key)
+        if shapes is None:
+            if layout in (Layout.SINGLE, Layout.BLEND):
+                shapes = [self.size] * len(weights)
+            else:
+                shapes = [(r.height, r.width) for r in slot_regions(
+                    Layout(layout), weights, self.size[0], self.size[1], self.stride)]
+            self._shapes_cache[key] = shapes
+        return shapes
+
+    def _image_size(self, sample: int, data: np.ndarray) -> Tuple[int, int]:
+        size = self._sizes.get(sample)
+        if size is None:
             try:
-                img_h, img_w = image_size(data)
+                size = image_size(data)
             except Exception as err:  # noqa: BLE001 - pillow raises many kinds; name the file
                 raise ValueError(f"{describe(self.images, sample)}: not a readable image "
                                  f"({type(err).__name__}: {err}); remove or replace it (`mixpipe"
                                  " data prepare tree --on-bad skip` lists and skips such files)"
                                  ) from None
-            top, left, ch, cw, flip = self.view(img_h, img_w, shape, rng)
-            meta[i, :len(GEOMETRY_FIELDS)] = (top, left, ch, cw, shape[0], shape[1], int(flip))
-            meta[i, META["byte_offset"]] = offset
-            meta[i, META["byte_length"]] = data.size
-            offset += data.size
-            encoded.append(data)
-        blob = encoded[0] if n == 1 else np.concatenate(encoded)
-        return blob, meta
+            self._sizes[sample] = size
+        return size
 
-    def __call__(self, sample_info) -> tuple:
-        walk = self._walk(int(sample_info.epoch_idx))
-        row = int(sample_info.idx_in_epoch)
-        if row >= walk.num_slots:
+    def batch(self, walk: MixPlan, start: int, stop: int) -> Batch:
+        """The outputs for slots ``start:stop`` of ``walk``, in :func:`output_names` order.
+
+        Slot fields are [B, ...] arrays; ``encoded<i>`` is a list of B byte arrays (empty where
+        the slot has fewer than i + 1 constituents, so absent streams are never decoded).
+        """
+        if not 0 <= start < stop <= walk.num_slots:
+            raise IndexError(f"slots {start}:{stop} outside the walk's {walk.num_slots}")
+        rows = self._rows(walk)
+        k, b = self.max_constituents, stop - start
+        encoded: List[List[np.ndarray]] = [[_EMPTY] * b for _ in range(k)]
+        placed, windows = [], []  # (stream, position) and (top, left, h, w, rh, rw, flip)
+        epoch = walk.epoch
+        for j in range(b):
+            row = start + j
+            ids = rows.id_lists[row]
+            shapes = self._region_shapes(rows.layouts[row], rows.weight_tuples[row])
+            rng = slot_rng([self.seed, epoch, *ids])
+            for i, sample in enumerate(ids):
+                data = self.images.encoded(sample)
+                img_h, img_w = self._image_size(sample, data)
+                top, left, ch, cw, flip = self.view(img_h, img_w, shapes[i], rng)
+                encoded[i][j] = data
+                placed.append((i, j))
+                windows.append((top, left, ch, cw, shapes[i][0], shapes[i][1], int(flip)))
+        geometry = np.zeros((k, b, 7), np.int32)
+        where = np.array(placed, np.int64).reshape(-1, 2)
+        geometry[where[:, 0], where[:, 1]] = np.array(windows, np.int32).reshape(-1, 7)
+        slot = [rows.arrays[name][start:stop] for name in SLOT_FIELDS]
+        streams = []
+        for i in range(k):
+            g = geometry[i]
+            streams += [encoded[i], np.ascontiguousarray(g[:, 0:2]),
+                        np.ascontiguousarray(g[:, 2:4]), g[:, 4:6].astype(np.float32),
+                        np.ascontiguousarray(g[:, 6])]
+        return tuple(slot + streams)
+
+    def slot(self, walk: MixPlan, row: int) -> Dict[str, object]:
+        """One slot's outputs by name (:func:`output_names`), without the batch axis: handy to
+        inspect what the pipeline will be fed."""
+        values = self.batch(walk, row, row + 1)
+        return {name: value[0] for name, value in zip(output_names(self.max_constituents),
+                                                      values)}
+
+
+class SlotBatches:
+    """The ``fn.external_source`` callback (``batch=True, batch_info=True``): batch
+    ``iteration`` of DALI's epoch ``epoch_idx`` is slots ``iteration * batch_size`` onwards of
+    that epoch's walk. After the walk's last slot it raises ``StopIteration``.
+
+    Picklable, so ``parallel=True`` runs it in the pipeline's worker processes, one batch each.
+    """
+
+    def __init__(self, source: SlotSource, batch_size: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.source = source
+        self.batch_size = int(batch_size)
+
+    def __call__(self, batch_info) -> Batch:
+        walk = self.source.walk(int(batch_info.epoch_idx))
+        start = int(batch_info.iteration) * self.batch_size
+        if start >= walk.num_slots:
             raise StopIteration
-        return self.slot_arrays(walk, row)
+        return self.source.batch(walk, start, min(start + self.batch_size, walk.num_slots))
