@@ -13,8 +13,8 @@ Per loader three arms, built the way ``mixpipe bench overhead --loader L --quick
 * torch: ``MixedLoader`` and the plain ``DataLoader`` with ``num_workers=0``, so the per-sample
   work happens in this process where cProfile sees it (the benchmark uses 2 workers); this
   process is capped at one BLAS thread, as the loader's workers are.
-* DALI (CPU-only): only the Python side is visible. The external_source callback (per sample,
-  ``batch=False``, in-process as with ``--workers 0``) runs in Python on this thread before each
+* DALI (CPU-only): only the Python side is visible. The external_source callback (one call per
+  batch, in-process as with ``--workers 0``) runs in Python on this thread before each
   iteration is scheduled; the C++ operators run in DALI's threads and show as the time this
   thread waits inside ``pipeline.run`` / ``Outputs``. Reported: the epoch's wall time split into
   Python callbacks, the native run call, and the rest, plus process CPU against this thread's.
@@ -314,12 +314,12 @@ def report(name: str, row: Dict[str, float], raw: Dict[str, float], stats: pstat
     for k, v in sorted(b.items(), key=lambda kv: -kv[1]):
         out.write(f"  {k:58s} {v:8.3f} {100 * v / total:6.1f}% {v * per:8.3f}\n")
     if loader == "dali":
-        from mixpipe.dali.source import SlotSource
+        from mixpipe.dali.source import SlotBatches
 
-        cb = cumulative_of(stats, SlotSource.__call__.__code__)
+        cb = cumulative_of(stats, SlotBatches.__call__.__code__)
         native = b.get(DALI_NATIVE, 0.0)
         out.write(f"DALI split of the profiled epoch's wall {row['wall_s']:.3f} s: Python "
-                  f"external_source callbacks (SlotSource.__call__, cumulative) {cb:.3f} s "
+                  f"external_source callbacks (SlotBatches.__call__, cumulative) {cb:.3f} s "
                   f"({100 * cb / row['wall_s']:.1f} %); "
                   f"native C++ calls' own time (waiting on DALI's threads) {native:.3f} s "
                   f"({100 * native / row['wall_s']:.1f} %). Process CPU {row['cpu_s']:.3f} s vs "

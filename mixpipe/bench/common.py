@@ -225,6 +225,9 @@ def add_overhead_arguments(parser: Any, loader: str) -> None:
                         help="prepared Fashion-MNIST directory (skipped with a note if absent)")
     parser.add_argument("--num-generated", type=int, default=None,
                         help="images in the generated 224 px set")
+    parser.add_argument("--shapes", default="varied", choices=("varied", "uniform"),
+                        help="generated 224 px set: varied sizes (shorter side 256-500 px, "
+                             "ImageNet-like) or uniform (all 256x256)")
     parser.add_argument("--no-progress", action="store_true")
 
 

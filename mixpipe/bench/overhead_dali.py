@@ -51,20 +51,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- data
 def generate_tree(out: str, num_images: int, sides=(256, 500), classes: int = 10,
-                  seed: int = 0, progress: bool = True) -> str:
+                  seed: int = 0, progress: bool = True, shapes: str = "varied") -> str:
     """Write ``out/train/<class>/<i>.jpg`` + ``out/train_files.txt`` (the prepared layout).
 
     Like ImageNet's training images, every picture has its own size: the shorter side is drawn
-    from ``sides`` (256-500 px) and the longer one is up to 1.5x that. The pictures are smooth
-    colour fields with texture and noise (:func:`mixpipe.data.synthetic.photo_like`), so they
-    compress like photos rather than like flat colour.
+    from ``sides`` (256-500 px) and the longer one is up to 1.5x that. ``shapes="uniform"``
+    makes every picture ``sides[0]`` square instead (a set resized ahead of time), because a
+    loader's per-image costs differ between the two. The pictures are smooth colour fields with
+    texture and noise (:func:`mixpipe.data.synthetic.photo_like`), so they compress like photos
+    rather than like flat colour.
     """
+    if shapes not in ("varied", "uniform"):
+        raise ValueError(f"shapes must be 'varied' or 'uniform', got {shapes!r}")
     from PIL import Image
 
     from ..data.synthetic import photo_like
 
     list_path = os.path.join(out, "train_files.txt")
-    if os.path.isfile(list_path) and sum(1 for _ in open(list_path)) == num_images:
+    marker = os.path.join(out, "shapes.txt")
+    made = open(marker).read().strip() if os.path.isfile(marker) else "varied"
+    if (os.path.isfile(list_path) and sum(1 for _ in open(list_path)) == num_images
+            and made == shapes):
         return out
     rng = np.random.default_rng(seed)
     lines = []
@@ -73,12 +80,16 @@ def generate_tree(out: str, num_images: int, sides=(256, 500), classes: int = 10
         short = int(rng.integers(sides[0], sides[1] + 1))
         long = int(short * rng.uniform(1.0, 1.5))
         h, w = (short, long) if rng.random() < 0.5 else (long, short)
+        if shapes == "uniform":
+            h = w = sides[0]
         rel = f"train/c{label:02d}/{i:06d}.jpg"
         os.makedirs(os.path.dirname(os.path.join(out, rel)), exist_ok=True)
         Image.fromarray(photo_like(h, w, rng)).save(os.path.join(out, rel), quality=90)
         lines.append(f"{rel} {label}\n")
     with open(list_path, "w") as f:
         f.writelines(lines)
+    with open(marker, "w") as f:
+        f.write(shapes + "\n")
     return out
 
 
@@ -110,6 +121,11 @@ def _measure_mixed(data: str, settings, plans, batch_size: int, batches: int, wa
 
     loader = make_train_loader(data, settings, batch_size, plans, args.device_id, args.threads,
                                args.workers, "fork" if args.device_id is None else "spawn")
+    # steady state: the image sizes a training run reads once (its first epoch) are read
+    # before the pipeline starts, and their cost is reported on its own
+    cpu_start = time.process_time()
+    loader.slots.read_sizes()
+    sizes_cpu = time.process_time() - cpu_start
     with loader:
         def endless():
             while True:
@@ -127,7 +143,8 @@ def _measure_mixed(data: str, settings, plans, batch_size: int, batches: int, wa
             sources += int(real.sum())
             slots += int(real.any(dim=1).sum())
         wall, cpu = time.perf_counter() - t0, _cpu_seconds(pids) - cpu0
-    return {"wall_s": wall, "cpu_s": cpu, "source_images": sources, "composites": slots}
+    return {"wall_s": wall, "cpu_s": cpu, "source_images": sources, "composites": slots,
+            "read_sizes_cpu_s_per_image": sizes_cpu / max(len(loader.slots.images), 1)}
 
 
 def _measure_plain(data: str, settings, batch_size: int, batches: int, warmup: int,
@@ -243,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="mixpipe-bench-dali-")
         gen_dir = tmp.name
     try:
-        generate_tree(gen_dir, num_generated, progress=progress)
+        generate_tree(gen_dir, num_generated, progress=progress, shapes=args.shapes)
         imagenet = PipelineSettings(size=(224, 224), stride=32, scale=(0.08, 1.0))
         datasets["generated_224px"] = _bench_dataset(
             "generated 224px JPEGs", gen_dir, imagenet, args, batch_size, batches, repeats,
@@ -267,6 +284,7 @@ def run(args: argparse.Namespace) -> int:
                      "repeats": repeats, "fractions": fractions, "layout": args.layout,
                      "workers": args.workers, "threads": args.threads,
                      "device_id": args.device_id, "num_generated": num_generated,
+                     "shapes": args.shapes,
                      "fashion_batch_size": batch_size * 4},
         "placement": ("mixed pipeline with device_id set: decoders.image_slice runs 'mixed' "
                       "(GPU output); resize, flip, cat and the blend arithmetic take GPU inputs "
@@ -274,7 +292,10 @@ def run(args: argparse.Namespace) -> int:
                       "the per-sample predicates and geometry slicing (CPU argument inputs)."),
         "datasets": {k: v for k, v in datasets.items()},
         "targets": {k: _targets(v) for k, v in datasets.items()},
-        "notes": notes,
+        "notes": notes + [
+            "mixing arms: SlotSource.read_sizes() reads every image header before the pipeline "
+            "starts (what a run's first epoch does otherwise); its CPU per image is each run's "
+            "read_sizes_cpu_s_per_image, outside the timed batches"],
         "load_average_before_after": [load_before, os.getloadavg()],
     }
     write_and_print(args.out, payload, datasets, notes, _table)

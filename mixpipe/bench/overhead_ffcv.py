@@ -49,12 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # ----------------------------------------------------------------------------- data
-def _generated_beton(workdir: str, num_images: int, progress: bool) -> str:
+def _generated_beton(workdir: str, num_images: int, progress: bool,
+                     shapes: str = "varied") -> str:
     from ..ffcv.presets import write_beton_from_tree
     from .overhead_dali import generate_tree
 
     tree = os.path.join(workdir, "tree")
-    generate_tree(tree, num_images, progress=progress)
+    generate_tree(tree, num_images, progress=progress, shapes=shapes)
     return write_beton_from_tree(tree, "train", os.path.join(workdir, "gen224.beton"),
                                  max_side=None)
 
@@ -229,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     load_before = os.getloadavg()
     datasets: Dict[str, Dict] = {}
     with tempfile.TemporaryDirectory(prefix="mixpipe-bench-ffcv-") as work:
-        gen = _generated_beton(work, num_generated, progress)
+        gen = _generated_beton(work, num_generated, progress, args.shapes)
         datasets["generated_224px"] = _bench_dataset(
             "generated 224px JPEGs", gen, (224, 224), (0.08, 1.0), 32, args, batch_size,
             repeats, fractions, progress)
@@ -247,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
         "settings": {"quick": quick, "batch_size": batch_size, "repeats": repeats,
                      "fractions": fractions, "layout": args.layout, "threads": args.threads,
                      "resize": args.resize,
-                     "num_generated": num_generated, "num_fashion": num_fashion,
+                     "num_generated": num_generated, "shapes": args.shapes, "num_fashion": num_fashion,
                      "fashion_batch_size": batch_size * 4, "timed_unit": "whole epochs"},
         "datasets": datasets,
         "targets": {k: _targets(v) for k, v in datasets.items()},

@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
     datasets: Dict[str, Dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="mixpipe-bench-torch-") as work:
         if 224 in sizes:
-            generate_tree(work, num_generated, progress=progress)
+            generate_tree(work, num_generated, progress=progress, shapes=args.shapes)
             datasets["generated_224px"] = _bench_dataset(
                 "generated 224px JPEGs", Files(work), 224, 32, (0.08, 1.0), args, batch_size,
                 repeats, fractions, progress)
@@ -244,7 +244,8 @@ def run(args: argparse.Namespace) -> int:
         "machine_info": machine_info(),
         "settings": {"quick": quick, "batch_size": batch_size, "repeats": repeats,
                      "fractions": fractions, "layout": args.layout, "workers": args.workers,
-                     "sizes": sizes, "num_generated": num_generated, "num_fashion": num_fashion,
+                     "sizes": sizes, "num_generated": num_generated, "shapes": args.shapes,
+                     "num_fashion": num_fashion,
                      "fashion_batch_size": batch_size * 4, "timed_unit": "whole epochs"},
         "plain_loader": "torch DataLoader: pillow decode + random resized crop (one pillow "
                         "resize) + flip",

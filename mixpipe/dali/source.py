@@ -38,10 +38,12 @@ __all__ = ["SlotSource", "SlotBatches", "RandomView", "FixedView", "SLOT_FIELDS"
 #: float32[K] loss_scale (rows beyond the slot's count: -1, 0, -1, 0), uint8 layout, int32 count.
 SLOT_FIELDS = ("targets", "weights", "ids", "loss_scale", "layout", "count")
 #: Per-constituent outputs, repeated for each of the K streams after the slot fields: the
-#: encoded file (uint8, empty when the slot has no such constituent), the crop window's
+#: ``file`` (uint8: its path, utf-8, when the images are files on disk, read in the graph by
+#: DALI's C++ file reader; otherwise the encoded bytes; empty when the slot has no such
+#: constituent), the crop window's
 #: int32[2] anchor (top, left) and int32[2] shape (height, width) on the stored pixel grid, the
 #: float32[2] region (height, width) it is resized to, and the int32 mirror flag.
-CONSTITUENT_FIELDS = ("encoded", "anchor", "shape", "region", "flip")
+CONSTITUENT_FIELDS = ("file", "anchor", "shape", "region", "flip")
 _EMPTY = np.zeros(0, np.uint8)
 
 #: ``view(height, width, (region_h, region_w), rng) -> (top, left, crop_h, crop_w, flip)``
@@ -112,6 +114,22 @@ def image_size(encoded: np.ndarray) -> Tuple[int, int]:
     return int(height), int(width)
 
 
+_HEADER_BYTES = 16384
+
+
+def file_image_size(path: str) -> Tuple[int, int]:
+    """(height, width) of an image file from its first bytes (the whole file only when the
+    header is longer, e.g. large EXIF or ICC segments before a JPEG's frame header)."""
+    with open(path, "rb") as handle:
+        head = handle.read(_HEADER_BYTES)
+        try:
+            return image_size(np.frombuffer(head, np.uint8))
+        except Exception:  # noqa: BLE001 - a header cut short fails in many ways: read it all
+            if len(head) < _HEADER_BYTES:
+                raise
+            return image_size(np.frombuffer(head + handle.read(), np.uint8))
+
+
 class _WalkRows:
     """A walk's per-slot values laid out once per epoch, so a batch only indexes them.
 
@@ -146,6 +164,18 @@ class _WalkRows:
         self.weight_tuples = [tuple(row[:n]) for row, n in zip(weights.tolist(),
                                                                counts.tolist())]
         self.layouts = walk.layout.tolist()
+
+
+def _has_paths(images: EncodedImages) -> bool:
+    """Whether ``images`` are files with paths (a subset view may forward ``path`` to a base
+    that has none, so ask for one)."""
+    path = getattr(images, "path", None)
+    if not callable(path) or len(images) == 0:
+        return False
+    try:
+        return isinstance(path(0), str)
+    except (AttributeError, NotImplementedError, IndexError, TypeError):
+        return False
 
 
 def output_names(max_constituents: int) -> List[str]:
@@ -191,6 +221,10 @@ class SlotSource:
         self.max_constituents = int(max_constituents)
         self.view = view if view is not None else RandomView()
         self.seed = int(seed)
+        #: True when the images are files: the ``file<i>`` outputs are paths and DALI's C++
+        #: reader (``fn.io.file.read``) loads the bytes, so Python reads only each image's
+        #: header, once per process
+        self.reads_paths = _has_paths(images)
         self._reset_caches()
 
     def _reset_caches(self) -> None:
@@ -198,6 +232,7 @@ class SlotSource:
         self._rows_cache: Optional[_WalkRows] = None
         self._sizes: Dict[int, Tuple[int, int]] = {}  # image headers are read once per process
         self._shapes_cache: dict = {}
+        self._paths: Dict[int, np.ndarray] = {}
 
     @classmethod
     def from_files(cls, board: PlanBoard, size: Tuple[int, int], *,
@@ -209,16 +244,31 @@ class SlotSource:
         Other keywords as for the constructor (``stride``, ``view``, ``seed``, ...)."""
         return cls(open_files(file_root, file_list), board, size, **kwargs)
 
-    # Worker copies start with empty caches: a cached walk belongs to one process.
+    # Worker copies start with empty caches (a cached walk belongs to one process), except the
+    # image sizes, which hold for every process and were costly to read.
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        for key in ("_walk_cache", "_rows_cache", "_sizes", "_shapes_cache"):
+        for key in ("_walk_cache", "_rows_cache", "_shapes_cache", "_paths"):
             state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
+        sizes = state.pop("_sizes", {})
         self.__dict__.update(state)
         self._reset_caches()
+        self._sizes = sizes
+
+    def read_sizes(self) -> None:
+        """Read every image's header now rather than during the first epoch.
+
+        The crop windows need each image's size; without this, each process reads a header the
+        first time it meets the image, which costs the first epoch about a header read per
+        image (tens of microseconds on a local disk). Call it before the pipeline is built and
+        its worker processes receive the sizes with the source.
+        """
+        for sample in range(len(self.images)):
+            if sample not in self._sizes:
+                self._file(sample)
 
     @property
     def num_outputs(self) -> int:
@@ -271,30 +321,46 @@ class SlotSource:
             self._shapes_cache[key] = shapes
         return shapes
 
-    def _image_size(self, sample: int, data: np.ndarray) -> Tuple[int, int]:
+    def _file(self, sample: int) -> Tuple[np.ndarray, Tuple[int, int]]:
+        """What the ``file`` output carries for ``sample`` (its path or its bytes) and the
+        image's (height, width)."""
         size = self._sizes.get(sample)
-        if size is None:
-            try:
-                size = image_size(data)
-            except Exception as err:  # noqa: BLE001 - pillow raises many kinds; name the file
-                raise ValueError(f"{describe(self.images, sample)}: not a readable image "
-                                 f"({type(err).__name__}: {err}); remove or replace it (`mixpipe"
-                                 " data prepare tree --on-bad skip` lists and skips such files)"
-                                 ) from None
-            self._sizes[sample] = size
-        return size
+        try:
+            if self.reads_paths:
+                data = self._paths.get(sample)
+                if data is None:
+                    path = self.images.path(sample)
+                    data = self._paths[sample] = np.frombuffer(path.encode("utf-8"), np.uint8)
+                if size is None:
+                    size = file_image_size(self.images.path(sample))
+            else:
+                data = self.images.encoded(sample)
+                if size is None:
+                    size = image_size(data)
+        except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
+            raise ValueError(f"{describe(self.images, sample)}: cannot be read "
+                             f"({type(err).__name__}); check the path and its permissions"
+                             ) from None
+        except Exception as err:  # noqa: BLE001 - pillow raises many kinds; name the file
+            raise ValueError(f"{describe(self.images, sample)}: not a readable image "
+                             f"({type(err).__name__}: {err}); remove or replace it (`mixpipe"
+                             " data prepare tree --on-bad skip` lists and skips such files)"
+                             ) from None
+        self._sizes[sample] = size
+        return data, size
 
     def batch(self, walk: MixPlan, start: int, stop: int) -> Batch:
         """The outputs for slots ``start:stop`` of ``walk``, in :func:`output_names` order.
 
-        Slot fields are [B, ...] arrays; ``encoded<i>`` is a list of B byte arrays (empty where
-        the slot has fewer than i + 1 constituents, so absent streams are never decoded).
+        Slot fields are [B, ...] arrays; ``file<i>`` is a list of B uint8 arrays (paths or bytes,
+        see :attr:`reads_paths`; empty where the slot has fewer than i + 1 constituents, so absent
+        streams are never read or decoded).
         """
         if not 0 <= start < stop <= walk.num_slots:
             raise IndexError(f"slots {start}:{stop} outside the walk's {walk.num_slots}")
         rows = self._rows(walk)
         k, b = self.max_constituents, stop - start
-        encoded: List[List[np.ndarray]] = [[_EMPTY] * b for _ in range(k)]
+        files: List[List[np.ndarray]] = [[_EMPTY] * b for _ in range(k)]
         placed, windows = [], []  # (stream, position) and (top, left, h, w, rh, rw, flip)
         epoch = walk.epoch
         for j in range(b):
@@ -303,10 +369,9 @@ class SlotSource:
             shapes = self._region_shapes(rows.layouts[row], rows.weight_tuples[row])
             rng = slot_rng([self.seed, epoch, *ids])
             for i, sample in enumerate(ids):
-                data = self.images.encoded(sample)
-                img_h, img_w = self._image_size(sample, data)
+                data, (img_h, img_w) = self._file(sample)
                 top, left, ch, cw, flip = self.view(img_h, img_w, shapes[i], rng)
-                encoded[i][j] = data
+                files[i][j] = data
                 placed.append((i, j))
                 windows.append((top, left, ch, cw, shapes[i][0], shapes[i][1], int(flip)))
         geometry = np.zeros((k, b, 7), np.int32)
@@ -314,9 +379,13 @@ class SlotSource:
         geometry[where[:, 0], where[:, 1]] = np.array(windows, np.int32).reshape(-1, 7)
         slot = [rows.arrays[name][start:stop] for name in SLOT_FIELDS]
         streams = []
+        present = np.bincount(where[:, 0], minlength=k) if len(placed) else np.zeros(k, int)
         for i in range(k):
             g = geometry[i]
-            streams += [encoded[i], np.ascontiguousarray(g[:, 0:2]),
+            # a stream no slot of the batch uses goes as one dense [B, 0] array: DALI converts
+            # a list element by element in Python (~1.5 us each)
+            stream = files[i] if present[i] else np.zeros((b, 0), np.uint8)
+            streams += [stream, np.ascontiguousarray(g[:, 0:2]),
                         np.ascontiguousarray(g[:, 2:4]), g[:, 4:6].astype(np.float32),
                         np.ascontiguousarray(g[:, 6])]
         return tuple(slot + streams)
