@@ -83,3 +83,21 @@ def test_composites_unchanged_with_workers() -> None:
             ref = compose_slot([base[i][0] for i in ids], weights,
                                Layout(int(batch.layout[b])), (16, 16), 4)
             assert np.array_equal(batch.image[b].numpy(), np.moveaxis(ref, 2, 0))
+
+
+def test_limited_blas_caps_inside_the_block_and_restores_after() -> None:
+    from mixpipe.torch.threads import limited_blas
+
+    before = blas_threads()
+    env_before = os.environ.get("OPENBLAS_NUM_THREADS")
+    with limited_blas(1):
+        assert set(blas_threads().values()) == {1}
+        assert os.environ["OPENBLAS_NUM_THREADS"] == "1"
+        pid = os.fork()
+        if pid == 0:  # a worker forked in the block inherits the cap; WorkerInit keeps it
+            WorkerInit()(0)
+            os._exit(max(blas_threads().values()))
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 1
+    assert blas_threads() == before
+    assert os.environ.get("OPENBLAS_NUM_THREADS") == env_before

@@ -25,7 +25,7 @@ from ..core.plan import Layout, MixPlan
 from ..core.seeding import slot_rng
 from ..core.source import PlanSource, fetch_plan, warn_fallback
 from ..data.datasets import ArrayDataset
-from .threads import WorkerInit
+from .threads import WorkerInit, limited_blas
 
 __all__ = ["SlotRef", "PlanSource", "PlanSampler", "MixedDataset", "collate_mixed",
            "MixedLoader", "ConstituentTransform", "BuiltBatch"]
@@ -217,6 +217,20 @@ _FIELDS = {"image": np.uint8, "targets": np.int64, "ids": np.int64, "weights": n
 _TORCH_DTYPES = {np.uint8: torch.uint8, np.int64: torch.int64, np.float32: torch.float32}
 
 
+def _batch_storage(nbytes: int) -> torch.Tensor:
+    """A flat uint8 tensor for one batch: in shared memory when built in a DataLoader worker.
+
+    What a worker returns travels to the training process through shared memory; a tensor
+    allocated in ordinary memory is first copied into a new shared segment on the way (torch's
+    own collate allocates in shared memory for the same reason).
+    """
+    from torch.utils.data import get_worker_info
+
+    if get_worker_info() is None:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    return torch.empty(nbytes, dtype=torch.uint8).share_memory_()
+
+
 def _one_storage(b: int, k: int, image: Tuple[int, int, int]) -> Tuple[dict, dict]:
     """(tensors, numpy views) of a batch's fields, all carved out of one uint8 storage.
 
@@ -231,7 +245,7 @@ def _one_storage(b: int, k: int, image: Tuple[int, int, int]) -> Tuple[dict, dic
         shape = shapes.get(key, (b, k))
         offsets[key] = (total, shape)
         total += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 8) * 8  # 8-byte aligned
-    storage = torch.empty(total, dtype=torch.uint8)
+    storage = _batch_storage(total)
     flat = storage.numpy()
     tensors, arrays = {}, {}
     for key, dtype in _FIELDS.items():
@@ -323,7 +337,8 @@ class MixedLoader:
 
     Each worker runs with one BLAS thread (:mod:`mixpipe.torch.threads`: the composer's resize is
     numpy matrix products, and a pool of one BLAS thread per core in every worker multiplied the
-    loader's CPU time), then calls ``worker_init_fn`` if one is given.
+    loader's CPU time); the workers start under that limit, and ``worker_init_fn``, if given,
+    runs in each as usual.
     """
 
     def __init__(self, dataset: Dataset, source: PlanSource, batch_size: int,
@@ -364,7 +379,10 @@ class MixedLoader:
     def __iter__(self) -> Iterator[MixedBatch]:
         if self.sampler.plan is None:
             self.set_epoch(0)
-        return iter(self.loader)
+        if self.loader.num_workers == 0:
+            return iter(self.loader)
+        with limited_blas(1):  # the workers start here and inherit one BLAS thread
+            return iter(self.loader)
 
     def close(self) -> None:
         """End persistent workers now; torch's DataLoader has no public call for it, and
