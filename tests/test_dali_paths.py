@@ -114,3 +114,22 @@ def test_a_stream_no_slot_of_the_batch_uses_goes_dense_and_empty():
     assert out["file1"][0].size == 0 and out["file1"][1].tobytes() == encoded[2]
     for i in (2, 3):
         assert isinstance(out[f"file{i}"], np.ndarray) and out[f"file{i}"].shape == (2, 0)
+
+
+def test_paths_go_as_one_nul_padded_array_per_stream(tmp_path):
+    encoded = [jpeg(smooth_image(h, w, i)) for i, (h, w) in enumerate(SIZES)]
+    names = write_tree(str(tmp_path), encoded)
+    names[2] = os.path.join("deeper", "a-much-longer-name-than-the-others.jpg")
+    os.makedirs(tmp_path / "deeper")
+    (tmp_path / names[2]).write_bytes(encoded[2])
+    source = SlotSource(ListedFiles(str(tmp_path), names, [0] * len(SIZES)),
+                        PlanBoard.temporary(), (48, 64), stride=8)
+    out = dict(zip(output_names(4), source.batch(MixPlan.from_slots(SLOTS, len(SIZES)), 0, 2)))
+    first, second = out["file0"], out["file1"]
+    assert first.dtype == np.uint8 and first.shape[0] == 2 and second.shape[0] == 2
+    as_text = lambda row: row.tobytes().rstrip(b"\0").decode()  # noqa: E731
+    assert [as_text(r) for r in first] == [os.path.join(str(tmp_path), names[i]) for i in (0, 1)]
+    assert as_text(second[0]) == "" and not second[0].any()  # slot 0 has one constituent
+    assert as_text(second[1]) == os.path.join(str(tmp_path), names[2])
+    assert second.shape[1] == len(os.path.join(str(tmp_path), names[2])) + 1
+    assert out["file2"].shape == (2, 0) and out["file3"].shape == (2, 0)

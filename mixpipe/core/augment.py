@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Tuple, Union
+from typing import Sequence, Tuple, Union
 
 import numpy as np
 
 from .compose import resize
 
 __all__ = ["fit_aspect", "size_pair", "random_resized_crop_boxes", "random_resized_crop_box",
-           "RandomResizedCropFlip"]
+           "crop_box_from_uniforms", "CROP_DRAWS", "RandomResizedCropFlip"]
 
 
 def fit_aspect(src_h: np.ndarray, src_w: np.ndarray,
@@ -66,6 +66,11 @@ def random_resized_crop_boxes(src_h: np.ndarray, src_w: np.ndarray, aspect: np.n
     return np.stack([top, left, ch, cw], axis=1).astype(np.int64)
 
 
+#: Uniform draws one crop takes: ``ATTEMPTS`` area shares, ``ATTEMPTS`` log aspects, 2 positions.
+ATTEMPTS = 10
+CROP_DRAWS = 2 * ATTEMPTS + 2
+
+
 def random_resized_crop_box(height: int, width: int, scale: Tuple[float, float],
                             ratio: Tuple[float, float],
                             rng: np.random.Generator) -> Tuple[int, int, int, int]:
@@ -73,18 +78,31 @@ def random_resized_crop_box(height: int, width: int, scale: Tuple[float, float],
     single image with aspect 1 (same draws, same result; tested), in plain Python because the
     torch and DALI adapters call it once per constituent and numpy's per-call overhead on
     one-element arrays made it cost 76 us instead of about 10."""
-    attempts = 10
-    shares = rng.uniform(scale[0], scale[1], (1, attempts))[0].tolist()
-    log_r = rng.uniform(math.log(ratio[0]), math.log(ratio[1]), (1, attempts))[0].tolist()
-    pos = rng.uniform(0.0, 1.0, (1, 2))[0].tolist()
+    return crop_box_from_uniforms(height, width, scale, ratio,
+                                  rng.random(CROP_DRAWS).tolist())
+
+
+def crop_box_from_uniforms(height: int, width: int, scale: Tuple[float, float],
+                           ratio: Tuple[float, float],
+                           u: Sequence[float]) -> Tuple[int, int, int, int]:
+    """:func:`random_resized_crop_box` given its ``CROP_DRAWS`` uniforms in [0, 1), in the order
+    the generator yields them, so a caller can take every draw of a slot in one call.
+
+    Each value is mapped as ``low + (high - low) * u``, the arithmetic ``Generator.uniform``
+    performs, so one draw of 22 and three ``uniform`` calls give the same crop (tested).
+    """
+    share_low, share_range = float(scale[0]), float(scale[1]) - float(scale[0])
+    log_low = math.log(ratio[0])
+    log_range = math.log(ratio[1]) - log_low
     area = float(height) * float(width)
-    for share, log_aspect in zip(shares, log_r):
-        aspect = math.exp(log_aspect)
-        target = area * share
+    for i in range(ATTEMPTS):
+        aspect = math.exp(log_low + log_range * u[ATTEMPTS + i])
+        target = area * (share_low + share_range * u[i])
         w = round(math.sqrt(target * aspect))
         h = round(math.sqrt(target / aspect))
         if 0 < w <= width and 0 < h <= height:
-            return int(pos[0] * (height - h + 1)), int(pos[1] * (width - w + 1)), h, w
+            return (int(u[2 * ATTEMPTS] * (height - h + 1)),
+                    int(u[2 * ATTEMPTS + 1] * (width - w + 1)), h, w)
     fh, fw = fit_aspect(np.array([height]), np.array([width]),
                         np.clip(width / height, ratio[0], ratio[1]))
     h, w = int(fh[0]), int(fw[0])
@@ -115,8 +133,11 @@ class RandomResizedCropFlip:
         # keep the crop's aspect equal to the region's so nothing is stretched
         aspect = rw / rh
         ratio = (self.ratio[0] * aspect, self.ratio[1] * aspect)
-        top, left, ch, cw = random_resized_crop_box(height, width, self.scale, ratio, rng)
-        return top, left, ch, cw, bool(self.flip and rng.random() < 0.5)
+        # every draw in one call (the crop's, then the mirror's coin when flipping), in the
+        # order separate calls would take them
+        u = rng.random(CROP_DRAWS + 1 if self.flip else CROP_DRAWS).tolist()
+        top, left, ch, cw = crop_box_from_uniforms(height, width, self.scale, ratio, u)
+        return top, left, ch, cw, bool(self.flip and u[CROP_DRAWS] < 0.5)
 
     def __call__(self, image: np.ndarray, region: Tuple[int, int],
                  rng: np.random.Generator) -> np.ndarray:

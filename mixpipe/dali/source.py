@@ -232,7 +232,7 @@ class SlotSource:
         self._rows_cache: Optional[_WalkRows] = None
         self._sizes: Dict[int, Tuple[int, int]] = {}  # image headers are read once per process
         self._shapes_cache: dict = {}
-        self._paths: Dict[int, np.ndarray] = {}
+        self._paths: Dict[int, bytes] = {}
 
     @classmethod
     def from_files(cls, board: PlanBoard, size: Tuple[int, int], *,
@@ -321,16 +321,15 @@ class SlotSource:
             self._shapes_cache[key] = shapes
         return shapes
 
-    def _file(self, sample: int) -> Tuple[np.ndarray, Tuple[int, int]]:
-        """What the ``file`` output carries for ``sample`` (its path or its bytes) and the
-        image's (height, width)."""
+    def _file(self, sample: int) -> Tuple[Union[bytes, np.ndarray], Tuple[int, int]]:
+        """What the ``file`` output carries for ``sample`` (its utf-8 path as bytes, or its
+        encoded bytes as uint8) and the image's (height, width)."""
         size = self._sizes.get(sample)
         try:
             if self.reads_paths:
                 data = self._paths.get(sample)
                 if data is None:
-                    path = self.images.path(sample)
-                    data = self._paths[sample] = np.frombuffer(path.encode("utf-8"), np.uint8)
+                    data = self._paths[sample] = self.images.path(sample).encode("utf-8")
                 if size is None:
                     size = file_image_size(self.images.path(sample))
             else:
@@ -352,15 +351,18 @@ class SlotSource:
     def batch(self, walk: MixPlan, start: int, stop: int) -> Batch:
         """The outputs for slots ``start:stop`` of ``walk``, in :func:`output_names` order.
 
-        Slot fields are [B, ...] arrays; ``file<i>`` is a list of B uint8 arrays (paths or bytes,
-        see :attr:`reads_paths`; empty where the slot has fewer than i + 1 constituents, so absent
-        streams are never read or decoded).
+        Slot fields are [B, ...] arrays. ``file<i>`` holds paths or bytes (see
+        :attr:`reads_paths`), nothing where the slot has fewer than i + 1 constituents (such
+        streams are never read or decoded): paths as one [B, L] array, each NUL-padded (the C++
+        reader stops at the first NUL), bytes as a list of B arrays; a stream no slot of the batch
+        uses is one [B, 0] array. Dense arrays because DALI converts a list element by element in
+        Python (~1.5 us each).
         """
         if not 0 <= start < stop <= walk.num_slots:
             raise IndexError(f"slots {start}:{stop} outside the walk's {walk.num_slots}")
         rows = self._rows(walk)
         k, b = self.max_constituents, stop - start
-        files: List[List[np.ndarray]] = [[_EMPTY] * b for _ in range(k)]
+        files: List[list] = [[_EMPTY] * b for _ in range(k)]
         placed, windows = [], []  # (stream, position) and (top, left, h, w, rh, rw, flip)
         epoch = walk.epoch
         for j in range(b):
@@ -382,13 +384,20 @@ class SlotSource:
         present = np.bincount(where[:, 0], minlength=k) if len(placed) else np.zeros(k, int)
         for i in range(k):
             g = geometry[i]
-            # a stream no slot of the batch uses goes as one dense [B, 0] array: DALI converts
-            # a list element by element in Python (~1.5 us each)
-            stream = files[i] if present[i] else np.zeros((b, 0), np.uint8)
-            streams += [stream, np.ascontiguousarray(g[:, 0:2]),
+            streams += [self._stream(files[i], present[i], b), np.ascontiguousarray(g[:, 0:2]),
                         np.ascontiguousarray(g[:, 2:4]), g[:, 4:6].astype(np.float32),
                         np.ascontiguousarray(g[:, 6])]
         return tuple(slot + streams)
+
+    def _stream(self, files: list, present: int, b: int) -> Union[np.ndarray, List[np.ndarray]]:
+        if not present:
+            return np.zeros((b, 0), np.uint8)
+        if not self.reads_paths:
+            return files
+        width = max(len(path) for path in files if isinstance(path, bytes)) + 1
+        padded = b"".join(path.ljust(width, b"\0") if isinstance(path, bytes) else
+                          bytes(width) for path in files)
+        return np.frombuffer(padded, np.uint8).reshape(b, width)
 
     def slot(self, walk: MixPlan, row: int) -> Dict[str, object]:
         """One slot's outputs by name (:func:`output_names`), without the batch axis: handy to
