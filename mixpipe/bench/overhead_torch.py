@@ -72,10 +72,12 @@ class Files:
     def path(self, i: int) -> str:
         return self.paths[i]
 
-    def __getitem__(self, i: int) -> Tuple[np.ndarray, int]:
-        from ..data.writers import load_rgb
+    def __getitem__(self, i: int) -> Tuple[Any, int]:
+        """A decoded RGB pillow image, as torchvision's ``ImageFolder`` gives one."""
+        from PIL import Image
 
-        return load_rgb(self.paths[i]), int(self.labels[i])
+        with Image.open(self.paths[i]) as image:
+            return image.convert("RGB"), int(self.labels[i])
 
 
 class PlainImages:

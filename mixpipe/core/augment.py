@@ -139,8 +139,18 @@ class RandomResizedCropFlip:
         top, left, ch, cw = crop_box_from_uniforms(height, width, self.scale, ratio, u)
         return top, left, ch, cw, bool(self.flip and u[CROP_DRAWS] < 0.5)
 
-    def __call__(self, image: np.ndarray, region: Tuple[int, int],
-                 rng: np.random.Generator) -> np.ndarray:
+    #: Loaders may hand this transform a decoded pillow image as it is (see ``__call__``).
+    takes_pil = True
+
+    def __call__(self, image, region: Tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+        """``image``: uint8 HWC/HW numpy, or a pillow image ("L" or "RGB" are cropped and
+        resized by pillow without a full-size numpy copy; other modes go through numpy as
+        ``np.asarray(image)``, HW made HW1). The result is the same either way; HWC out."""
+        if _is_pil(image):
+            if image.mode in ("L", "RGB"):
+                return self._from_pil(image, region, rng)
+            image = np.asarray(image)
+            image = image[:, :, None] if image.ndim == 2 else image
         top, left, ch, cw, flip = self.window(image.shape[0], image.shape[1], region, rng)
         crop = image[top:top + ch, left:left + cw]
         if _pillow_can_resize(crop):
@@ -149,6 +159,24 @@ class RandomResizedCropFlip:
             crop = crop[:, ::-1]
         out = resize(crop, *region)
         return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
+
+
+    def _from_pil(self, image, region: Tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+        # pillow's crop copies exactly the pixels a numpy crop would, so this is the numpy
+        # path's result without converting the whole decoded image first
+        from PIL import Image
+
+        width, height = image.size
+        top, left, ch, cw, flip = self.window(height, width, region, rng)
+        rh, rw = region
+        out = image.crop((left, top, left + cw, top + ch)).resize((rw, rh), Image.BILINEAR)
+        if flip:
+            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+        return np.array(out).reshape(rh, rw, -1)
+
+
+def _is_pil(image) -> bool:
+    return type(image).__module__.startswith("PIL.")
 
 
 def _pillow_can_resize(image: np.ndarray) -> bool:

@@ -160,10 +160,16 @@ class MixedDataset(Dataset):
         return [_as_hwc_uint8(self.transform(image, (reg.height, reg.width), rng))
                 for image, reg in zip(images, geometry)]
 
+    def _keeps_pil(self) -> bool:
+        """Whether decoded pillow images reach the transform as they are (it crops and resizes
+        them natively, which skips a full-size numpy copy of every constituent)."""
+        return bool(getattr(self.transform, "takes_pil", False))
+
     def __getitem__(self, slot: SlotRef) -> dict:
         self._check(slot)
         fetched = [self.base[sample_id] for sample_id in slot.ids]
-        images = self._augment(slot, [_as_hwc_uint8(image) for image, _ in fetched])
+        images = self._augment(slot, [_as_input(image, self._keeps_pil())
+                                      for image, _ in fetched])
         composite = compose_slot(images, slot.weights, Layout(slot.layout), self.size,
                                  self.stride)
         return _slot_item(np.ascontiguousarray(np.moveaxis(composite, 2, 0)), slot,
@@ -181,7 +187,7 @@ class MixedDataset(Dataset):
         for slot in slots:
             self._check(slot)
         flat = np.fromiter((i for slot in slots for i in slot.ids), np.int64)
-        images, labels = _gather(self.base, flat)
+        images, labels = _gather(self.base, flat, self._keeps_pil())
         per_slot, start = [], 0
         for slot in slots:
             stop = start + len(slot.ids)
@@ -278,6 +284,14 @@ def _slot_item(image: np.ndarray, slot: SlotRef, labels: Sequence[int], k: int) 
     }
 
 
+def _as_input(image: Any, keep_pil: bool) -> Any:
+    """A base dataset's image as the transform takes it: a pillow image as is when allowed,
+    otherwise uint8 HWC numpy."""
+    if keep_pil and type(image).__module__.startswith("PIL."):
+        return image
+    return _as_hwc_uint8(image)
+
+
 def _is_plain_arrays(base: Any) -> bool:
     """True when ``base[i]`` is known to be ``(images[i], labels[i])`` of in-memory arrays.
 
@@ -297,19 +311,21 @@ def _check_ids(ids: np.ndarray, n: int) -> None:
         raise IndexError(f"sample id {bad} out of range [0, {n}) of the base dataset")
 
 
-def _gather(base: Any, ids: np.ndarray) -> Tuple[Sequence[np.ndarray], np.ndarray]:
-    """Constituent images (uint8 HWC each) and int64 labels for ``ids``, in order.
+def _gather(base: Any, ids: np.ndarray,
+            keep_pil: bool = False) -> Tuple[Sequence[Any], np.ndarray]:
+    """Constituent images (uint8 HWC each, or pillow images with ``keep_pil``) and int64
+    labels for ``ids``, in order.
 
     Plain arrays are gathered with one fancy index instead of one ``base[i]`` call each.
     """
     if not _is_plain_arrays(base):
         fetched = [base[int(i)] for i in ids]
-        return ([_as_hwc_uint8(image) for image, _ in fetched],
+        return ([_as_input(image, keep_pil) for image, _ in fetched],
                 np.array([int(label) for _, label in fetched], np.int64))
     _check_ids(ids, len(base))
     if isinstance(base, Subset):  # map only the ids asked for
         inner = np.fromiter((base.indices[i] for i in ids.tolist()), np.int64, len(ids))
-        return _gather(base.dataset, inner)
+        return _gather(base.dataset, inner, keep_pil)
     return base.images[ids], np.asarray(base.labels)[ids].astype(np.int64)
 
 
