@@ -288,8 +288,9 @@ def run(args: argparse.Namespace) -> int:
                      "fashion_batch_size": batch_size * 4},
         "placement": ("mixed pipeline with device_id set: decoders.image_slice runs 'mixed' "
                       "(GPU output); resize, flip, cat and the blend arithmetic take GPU inputs "
-                      "and run on the GPU; host side: the Python source in worker processes, "
-                      "the per-sample predicates and geometry slicing (CPU argument inputs)."),
+                      "and run on the GPU; host side: the Python source (one call per batch, "
+                      "in-process with --workers 0), the C++ file reads and the per-sample "
+                      "predicates; the view geometry arrives as typed CPU argument inputs."),
         "datasets": {k: v for k, v in datasets.items()},
         "targets": {k: _targets(v) for k, v in datasets.items()},
         "notes": notes + [
