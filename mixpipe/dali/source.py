@@ -27,7 +27,7 @@ import numpy as np
 from ..core.augment import RandomResizedCropFlip
 from ..core.compose import slot_regions
 from ..core.plan import Layout, MixPlan
-from ..core.seeding import slot_rng
+from ..core.seeding import SlotGenerators
 from .files import EncodedImages, describe, open_files
 from .plans import PlanBoard
 
@@ -364,12 +364,13 @@ class SlotSource:
         k, b = self.max_constituents, stop - start
         files: List[list] = [[_EMPTY] * b for _ in range(k)]
         placed, windows = [], []  # (stream, position) and (top, left, h, w, rh, rw, flip)
-        epoch = walk.epoch
+        generators = SlotGenerators([[self.seed, walk.epoch, *rows.id_lists[start + j]]
+                                     for j in range(b)])
         for j in range(b):
             row = start + j
             ids = rows.id_lists[row]
             shapes = self._region_shapes(rows.layouts[row], rows.weight_tuples[row])
-            rng = slot_rng([self.seed, epoch, *ids])
+            rng = generators.at(j)  # slot_rng's generator; used up before the next slot
             for i, sample in enumerate(ids):
                 data, (img_h, img_w) = self._file(sample)
                 top, left, ch, cw, flip = self.view(img_h, img_w, shapes[i], rng)
