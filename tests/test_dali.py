@@ -177,10 +177,10 @@ def test_geometry_comes_from_core_regions_and_random_view_stays_inside_the_image
             assert tuple(m[f"region{i}"]) == (reg.height, reg.width)
             assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w and ch > 0
             assert m[f"flip{i}"] in (0, 1)
-            assert m[f"encoded{i}"].tobytes() == encoded[ids[i]]
+            assert m[f"file{i}"].tobytes() == encoded[ids[i]]
         # absent constituents ship no bytes (so are never decoded) and no id, weight or target
         for i in range(len(ids), source.max_constituents):
-            assert m[f"encoded{i}"].size == 0
+            assert m[f"file{i}"].size == 0
         assert (m["ids"][len(ids):] == -1).all() and (m["weights"][len(ids):] == 0).all()
         assert (m["targets"][len(ids):] == -1).all()
     # the same slot, epoch and seed give the same views (reproducible augmentation)
@@ -202,7 +202,7 @@ def test_views_are_the_slot_seeded_draws_whatever_the_batching():
     for start, stop in [(0, 2), (2, 5), (5, 6)]:
         part = dict(zip(names, source.batch(plan, start, stop)))
         for name in names:
-            if name.startswith("encoded"):
+            if name.startswith("file"):
                 assert [a.tobytes() for a in part[name]] == \
                     [a.tobytes() for a in whole[name][start:stop]]
             else:
