@@ -13,7 +13,7 @@ benchmarks/README.md, "Loaders in the speed-up benchmark"). The composites are t
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -175,31 +175,6 @@ class MixedDataset(Dataset):
         return _slot_item(np.ascontiguousarray(np.moveaxis(composite, 2, 0)), slot,
                           [int(label) for _, label in fetched], self.max_constituents)
 
-    def _constituents(self, slots: List[SlotRef], flat: np.ndarray) -> Tuple[list, np.ndarray]:
-        """Each slot's augmented constituents, and the labels of ``flat`` (the slots' ids).
-
-        In-memory arrays are gathered for the whole batch at once. Anything else is fetched
-        slot by slot and augmented straight away, so a worker holds one slot's decoded images
-        at a time rather than the batch's: a batch of full-size decodes (32 x 0.5 MB at 224 px)
-        grew the worker's memory on every batch, and the fresh pages cost ~0.1 ms of CPU per
-        image.
-        """
-        keep_pil = self._keeps_pil()
-        if _is_plain_arrays(self.base):
-            images, labels = _gather(self.base, flat, keep_pil)
-            per_slot, start = [], 0
-            for slot in slots:
-                stop = start + len(slot.ids)
-                per_slot.append(self._augment(slot, images[start:stop]))
-                start = stop
-            return per_slot, labels
-        per_slot, labels = [], []
-        for slot in slots:
-            images, slot_labels = _gather(self.base, np.asarray(slot.ids, np.int64), keep_pil)
-            per_slot.append(self._augment(slot, images))
-            labels.append(slot_labels)
-        return per_slot, np.concatenate(labels)
-
     def __getitems__(self, slots: Sequence[SlotRef]) -> "BuiltBatch":
         """A whole batch of slots at once (the DataLoader calls this when it exists).
 
@@ -212,7 +187,12 @@ class MixedDataset(Dataset):
         for slot in slots:
             self._check(slot)
         flat = np.fromiter((i for slot in slots for i in slot.ids), np.int64)
-        per_slot, labels = self._constituents(slots, flat)
+        images, labels = _gather(self.base, flat, self._keeps_pil())
+        per_slot, start = [], 0
+        for slot in slots:
+            stop = start + len(slot.ids)
+            per_slot.append(self._augment(slot, images[start:stop]))
+            start = stop
         composites = compose_slots(per_slot, [slot.weights for slot in slots],
                                    [slot.layout for slot in slots], self.size, self.stride)
         b, k = len(slots), self.max_constituents
