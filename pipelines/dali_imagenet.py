@@ -29,13 +29,13 @@ SETTINGS = PipelineSettings(size=(224, 224), stride=32, scale=(0.08, 1.0), ratio
                             flip=True, val_resize_shorter=256)
 
 
-#: The plan source runs in the pipeline's own process (py_num_workers=0): its per-sample Python
-#: is small next to a 224 px decode, and worker processes cost more host CPU than they save. At
-#: 224 px on varied-size JPEGs (CPU-only DALI, quick runs) the mixing pipeline took 1.06x / 0.93x /
-#: 0.89x the CPU-seconds per source image of the plain DALI pipeline at 0 / 50 / 90 % mixed this
-#: way, and 1.27x / 1.13x / 0.91x with 2 worker processes
-#: (benchmarks/results/overhead/overhead_dali_224varied_quick*.json). Pass py_num_workers=N to train_loader
-#: for worker processes.
+#: The plan source runs in the pipeline's own process (py_num_workers=0): it makes a whole batch
+#: per call, which is small next to a 224 px decode, and worker processes cost more host CPU than
+#: they save. At 224 px on varied-size JPEGs (CPU-only DALI) the mixing pipeline took 1.04x /
+#: 0.93x / 0.86x the CPU-seconds per source image of the plain DALI pipeline at 0 / 50 / 90 %
+#: mixed this way, and 1.26x / 1.08x / 1.01x with 2 worker processes
+#: (benchmarks/results/overhead/dali-varied.json, dali-varied-workers2.json). Pass
+#: py_num_workers=N to train_loader for worker processes (they overlap the source with training).
 PRESET = Preset(SETTINGS, py_num_workers=0)
 train_loader = PRESET.train_loader
 val = PRESET.val

@@ -140,8 +140,9 @@ def speedup_loader(settings, dataset, service, seed: int, rank: int = 0,
     .SpeedupSettings`, ``dataset`` the benchmark's training subset (its first ``len(dataset)``
     samples), ``service`` the arm's selection service.
 
-    The pipeline and its workers are started here, and the files read once (:func:`warm_files`),
-    so neither start-up nor cold disk reads are charged to the first arm's training time.
+    The pipeline and its workers are started here, the files read once (:func:`warm_files`) and
+    the image sizes read ahead (:meth:`SlotSource.read_sizes`), so neither start-up nor cold
+    disk reads nor header reads are charged to the first arm's training time.
     """
     images = _train_images(settings, dataset)
     warm_files(images)
@@ -153,6 +154,7 @@ def speedup_loader(settings, dataset, service, seed: int, rank: int = 0,
                                  rank=rank, world_size=world_size, seed=seed,
                                  view=_view(settings.augment))
     try:
+        iterator.slots.read_sizes()  # before the build, so the workers receive the sizes
         iterator.pipeline.build()
     except BaseException:
         iterator.close()
