@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 __all__ = ["limit_blas_threads", "limited_blas", "blas_threads", "WorkerInit"]
 
@@ -59,21 +59,46 @@ def _symbol(lib: ctypes.CDLL, verb: str) -> Optional[Callable[..., int]]:
     return None
 
 
-def limit_blas_threads(limit: int = 1) -> None:
-    """Cap the BLAS and OpenMP thread pools of this process at ``limit`` threads."""
-    for name in _ENV:
-        os.environ[name] = str(limit)
+def _thread_calls() -> Iterator[Tuple[str, Optional[Callable[[], int]],
+                                        Optional[Callable[[int], None]]]]:
+    """(path, get, set) of each loaded OpenBLAS's thread-count calls, typed for ctypes (either
+    call is None where a build lacks it)."""
+    for path, lib in _openblas_libraries():
+        getter, setter = _symbol(lib, "get"), _symbol(lib, "set")
+        if getter is not None:
+            getter.restype = ctypes.c_int
+        if setter is not None:
+            setter.argtypes = [ctypes.c_int]
+        yield path, getter, setter
+
+
+def _threadpoolctl_limits():
+    """threadpoolctl's ``threadpool_limits`` when it is installed (it also knows MKL, BLIS and
+    OpenMP runtimes), else None."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
-        threadpool_limits = None
+        return None
+    return threadpool_limits
+
+
+def _set_env(limit: int) -> Dict[str, Optional[str]]:
+    """Set the thread variables to ``limit``; returns what they were."""
+    saved = {name: os.environ.get(name) for name in _ENV}
+    for name in _ENV:
+        os.environ[name] = str(limit)
+    return saved
+
+
+def limit_blas_threads(limit: int = 1) -> None:
+    """Cap the BLAS and OpenMP thread pools of this process at ``limit`` threads."""
+    _set_env(limit)
+    threadpool_limits = _threadpoolctl_limits()
     if threadpool_limits is not None:
         threadpool_limits(limits=limit)  # applies now; kept for the process's life
         return
-    for _, lib in _openblas_libraries():
-        setter = _symbol(lib, "set")
+    for _, _, setter in _thread_calls():
         if setter is not None:
-            setter.argtypes = [ctypes.c_int]
             setter(int(limit))
 
 
@@ -87,26 +112,16 @@ def limited_blas(limit: int = 1) -> Iterator[None]:
     thread server there, whose spinning threads cost each worker ~50 ms of CPU (0.2 ms per
     224 px image in a 512-image epoch with 2 workers, measured here).
     """
-    saved_env = {name: os.environ.get(name) for name in _ENV}
-    for name in _ENV:
-        os.environ[name] = str(limit)
+    saved_env = _set_env(limit)
     try:
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:
-            threadpool_limits = None
+        threadpool_limits = _threadpoolctl_limits()
         if threadpool_limits is not None:
             with threadpool_limits(limits=limit):
                 yield
             return
-        restore: List[Tuple[Callable[..., int], int]] = []
-        for _, lib in _openblas_libraries():
-            getter, setter = _symbol(lib, "get"), _symbol(lib, "set")
-            if getter is None or setter is None:
-                continue
-            getter.restype = ctypes.c_int
-            setter.argtypes = [ctypes.c_int]
-            restore.append((setter, int(getter())))
+        restore = [(setter, int(getter())) for _, getter, setter in _thread_calls()
+                   if getter is not None and setter is not None]
+        for setter, _ in restore:
             setter(int(limit))
         try:
             yield
@@ -124,13 +139,7 @@ def limited_blas(limit: int = 1) -> Iterator[None]:
 def blas_threads() -> Dict[str, int]:
     """``{library path: threads}`` of the OpenBLAS libraries loaded here, as the library itself
     reports it (empty where none is loaded or /proc is missing)."""
-    out: Dict[str, int] = {}
-    for path, lib in _openblas_libraries():
-        getter = _symbol(lib, "get")
-        if getter is not None:
-            getter.restype = ctypes.c_int
-            out[path] = int(getter())
-    return out
+    return {path: int(getter()) for path, getter, _ in _thread_calls() if getter is not None}
 
 
 class WorkerInit:
