@@ -14,7 +14,7 @@ import numpy as np
 from .compose import resize
 
 __all__ = ["fit_aspect", "size_pair", "random_resized_crop_boxes", "random_resized_crop_box",
-           "crop_box_from_uniforms", "CROP_DRAWS", "RandomResizedCropFlip"]
+           "crop_box_from_uniforms", "CROP_DRAWS", "RandomResizedCropFlip", "is_pil_image"]
 
 
 def fit_aspect(src_h: np.ndarray, src_w: np.ndarray,
@@ -146,7 +146,7 @@ class RandomResizedCropFlip:
         """``image``: uint8 HWC/HW numpy, or a pillow image ("L" or "RGB" are cropped and
         resized by pillow without a full-size numpy copy; other modes go through numpy as
         ``np.asarray(image)``, HW made HW1). The result is the same either way; HWC out."""
-        if _is_pil(image):
+        if is_pil_image(image):
             if image.mode in ("L", "RGB"):
                 return self._from_pil(image, region, rng)
             image = np.asarray(image)
@@ -160,23 +160,31 @@ class RandomResizedCropFlip:
         out = resize(crop, *region)
         return np.clip(np.floor(out + 0.5), 0, 255).astype(np.uint8)
 
-
     def _from_pil(self, image, region: Tuple[int, int], rng: np.random.Generator) -> np.ndarray:
         # pillow's crop copies exactly the pixels a numpy crop would, so this is the numpy
         # path's result without converting the whole decoded image first
-        from PIL import Image
-
         width, height = image.size
         top, left, ch, cw, flip = self.window(height, width, region, rng)
         rh, rw = region
-        out = image.crop((left, top, left + cw, top + ch)).resize((rw, rh), Image.BILINEAR)
-        if flip:
-            out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        return np.array(out).reshape(rh, rw, -1)
+        return _resized(image.crop((left, top, left + cw, top + ch)), region,
+                        flip).reshape(rh, rw, -1)
 
 
-def _is_pil(image) -> bool:
+def is_pil_image(image) -> bool:
+    """Whether ``image`` is a pillow image (told by its class's module, so pillow need not be
+    imported to ask)."""
     return type(image).__module__.startswith("PIL.")
+
+
+def _resized(image, region: Tuple[int, int], flip: bool) -> np.ndarray:
+    """A pillow image resized to ``region`` (rh, rw) by pillow's bilinear resample, mirrored
+    after when ``flip``, as a fresh writable array."""
+    from PIL import Image
+
+    resized = image.resize((region[1], region[0]), Image.BILINEAR)
+    if flip:
+        resized = resized.transpose(Image.FLIP_LEFT_RIGHT)
+    return np.array(resized)
 
 
 def _pillow_can_resize(image: np.ndarray) -> bool:
@@ -202,12 +210,9 @@ def _pillow_resize(crop: np.ndarray, region: Tuple[int, int], flip: bool) -> np.
     """
     from PIL import Image
 
-    rh, rw = region
     plane = crop[:, :, 0] if crop.ndim == 3 and crop.shape[2] == 1 else crop
-    resized = Image.fromarray(np.ascontiguousarray(plane)).resize((rw, rh), Image.BILINEAR)
-    if flip:
-        resized = resized.transpose(Image.FLIP_LEFT_RIGHT)
-    return np.array(resized).reshape((rh, rw) + crop.shape[2:])
+    return _resized(Image.fromarray(np.ascontiguousarray(plane)), region,
+                    flip).reshape(tuple(region) + crop.shape[2:])
 
 
 def size_pair(size: Union[int, Tuple[int, int]]) -> Tuple[int, int]:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from ..core.augment import is_pil_image
 from ..core.batch import MixedBatch
 from ..core.compose import compose_slot, compose_slots, slot_regions
 from ..core.plan import Layout, MixPlan
@@ -287,7 +288,7 @@ def _slot_item(image: np.ndarray, slot: SlotRef, labels: Sequence[int], k: int) 
 def _as_input(image: Any, keep_pil: bool) -> Any:
     """A base dataset's image as the transform takes it: a pillow image as is when allowed,
     otherwise uint8 HWC numpy."""
-    if keep_pil and type(image).__module__.startswith("PIL."):
+    if keep_pil and is_pil_image(image):
         return image
     return _as_hwc_uint8(image)
 
