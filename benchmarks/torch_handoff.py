@@ -1,6 +1,7 @@
 """Where the torch mixing loader's extra CPU sits with workers: the training process or them.
 
-    PYTHONPATH=. python benchmarks/torch_handoff.py --out benchmarks/results/overhead/torch-handoff-224.txt
+    PYTHONPATH=. python benchmarks/torch_handoff.py \
+        --out benchmarks/results/overhead/torch-handoff-224.txt
 
 One epoch at a time, the plain torch loader and ``MixedLoader`` on the no-mixing plan,
 interleaved over ``--repeats``, each over the same generated 224 px JPEGs (the overhead

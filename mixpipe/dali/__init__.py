@@ -50,15 +50,15 @@ from .evaluate import ValBatches  # noqa: E402
 from .files import (EncodedImages, FileList, InMemoryImages, ListedFiles, open_files,  # noqa: E402
                     read_file_list)
 from .iterator import OUTPUT_NAMES, MixIterator, close_pipeline  # noqa: E402
-from .ops import (Constituent, MixInputs, compose, constituent_bytes, constituent_geometry,  # noqa: E402
-                  decode_view, mix, plan_inputs)
+from .ops import (Constituent, MixInputs, compose, constituent_bytes,  # noqa: E402
+                  constituent_geometry, decode_view, mix, plan_inputs)
 from .plans import PlanBoard, PlanNotPublished, epoch_walk  # noqa: E402
-from .source import (CONSTITUENT_FIELDS, SLOT_FIELDS, FixedView, RandomView, SlotBatches,  # noqa: E402
-                     SlotSource, image_size, output_names)
+from .source import (CONSTITUENT_FIELDS, SLOT_FIELDS, FixedView, RandomView,  # noqa: E402
+                     SlotBatches, SlotSource, image_size, output_names)
 
 __all__ = ["EncodedImages", "FileList", "InMemoryImages", "ListedFiles", "read_file_list",
            "OUTPUT_NAMES", "FixedPlans", "MixIterator", "close_pipeline", "MixInputs", "compose",
            "decode_view", "mix", "plan_inputs", "PlanBoard", "PlanNotPublished", "epoch_walk",
            "FixedView", "SlotSource", "RandomView", "image_size", "constituent_bytes",
-           "constituent_geometry", "Constituent", "SLOT_FIELDS", "CONSTITUENT_FIELDS", "SlotBatches",
-           "output_names", "open_files", "ValBatches"]
+           "constituent_geometry", "Constituent", "SLOT_FIELDS", "CONSTITUENT_FIELDS",
+           "SlotBatches", "output_names", "open_files", "ValBatches"]

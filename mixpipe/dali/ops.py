@@ -173,11 +173,11 @@ def mix(inputs: MixInputs, view: ViewFn = decode_view, device: str = "cpu"):
 
     ``view(inputs, index, device)`` turns constituent ``index`` into an HWC image of its
     region's size (default :func:`decode_view`; use :func:`constituent_bytes` and
-    :func:`constituent_geometry` in your own). The branches are decided on the slot's count and
-    layout first and every constituent is viewed inside the leaf that composes it: a SINGLE
-    slot pays for one decode, and what crosses a branch boundary is only the small source
-    tensors on the way in and the finished uint8 composite on the way out (never a float
-    accumulator).
+    :func:`constituent_geometry` in your own). Each stream is viewed once, in the branch of the
+    slots that have it (every slot has a first constituent; the second is viewed under
+    ``count > 1``, and so on), then the slot's layout picks the composition: a SINGLE slot pays
+    for one decode. What crosses a branch boundary is the small source tensors, the viewed uint8
+    constituents and the finished uint8 composite, never a float accumulator.
     """
     k = inputs.max_constituents
     first = view(inputs, 0, device)  # every slot has a first constituent

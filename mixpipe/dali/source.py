@@ -328,10 +328,10 @@ class SlotSource:
         try:
             if self.reads_paths:
                 data = self._paths.get(sample)
-                if data is None:
-                    data = self._paths[sample] = self.images.path(sample).encode("utf-8")
-                if size is None:
-                    size = file_image_size(self.images.path(sample))
+                if data is None or size is None:
+                    path = self.images.path(sample)
+                    data = self._paths[sample] = path.encode("utf-8")
+                    size = size if size is not None else file_image_size(path)
             else:
                 data = self.images.encoded(sample)
                 if size is None:
