@@ -108,6 +108,20 @@ def write_and_print(out: str, payload: Dict[str, Any], datasets: Dict[str, Any],
     print(f"wrote {out}")
 
 
+def write_overhead(out: str, benchmark: str, settings: Dict[str, Any],
+                   datasets: Dict[str, Any], targets: Callable[[Dict[str, Any]], Any],
+                   notes: list, load_before: Tuple[float, float, float], table,
+                   **extra: Any) -> None:
+    """Write and print one ``bench overhead`` result: the fields every loader's arm records
+    (machine, settings, per-dataset results and targets, notes, load averages around the run),
+    with ``extra`` fields (a loader's own descriptions) after the settings."""
+    payload = {"benchmark": benchmark, "machine_info": machine_info(), "settings": settings,
+               **extra, "datasets": datasets,
+               "targets": {key: targets(result) for key, result in datasets.items()},
+               "notes": notes, "load_average_before_after": [load_before, os.getloadavg()]}
+    write_and_print(out, payload, datasets, notes, table)
+
+
 #: An overhead table column: (header, width, value of an arm's stats dict as a float).
 Column = Tuple[str, int, Callable[[Dict[str, Any]], float]]
 

@@ -27,8 +27,8 @@ import numpy as np
 
 from ..progress import progress_bar
 from .common import (SOURCE_COLUMNS, add_overhead_arguments, add_ratios, interleaved_runs,
-                     machine_info, overhead_table, parse_fractions, plain_ratio_target, stat,
-                     summarize_arms, write_and_print)
+                     overhead_table, parse_fractions, plain_ratio_target, stat,
+                     summarize_arms, write_overhead)
 
 __all__ = ["add_arguments", "run", "generate_tree"]
 
@@ -277,27 +277,19 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if tmp is not None:
             tmp.cleanup()
-    payload = {
-        "benchmark": "overhead_dali",
-        "machine_info": machine_info(),
-        "settings": {"quick": quick, "batch_size": batch_size, "batches": batches,
-                     "repeats": repeats, "fractions": fractions, "layout": args.layout,
-                     "workers": args.workers, "threads": args.threads,
-                     "device_id": args.device_id, "num_generated": num_generated,
-                     "shapes": args.shapes,
-                     "fashion_batch_size": batch_size * 4},
-        "placement": ("mixed pipeline with device_id set: decoders.image_slice runs 'mixed' "
-                      "(GPU output); resize, flip, cat and the blend arithmetic take GPU inputs "
-                      "and run on the GPU; host side: the Python source (one call per batch, "
-                      "in-process with --workers 0), the C++ file reads and the per-sample "
-                      "predicates; the view geometry arrives as typed CPU argument inputs."),
-        "datasets": {k: v for k, v in datasets.items()},
-        "targets": {k: _targets(v) for k, v in datasets.items()},
-        "notes": notes + [
-            "mixing arms: SlotSource.read_sizes() reads every image header before the pipeline "
-            "starts (what a run's first epoch does otherwise); its CPU per image is each run's "
-            "read_sizes_cpu_s_per_image, outside the timed batches"],
-        "load_average_before_after": [load_before, os.getloadavg()],
-    }
-    write_and_print(args.out, payload, datasets, notes, _table)
+    notes.append("mixing arms: SlotSource.read_sizes() reads every image header before the "
+                 "pipeline starts (what a run's first epoch does otherwise); its CPU per image "
+                 "is each run's read_sizes_cpu_s_per_image, outside the timed batches")
+    settings = {"quick": quick, "batch_size": batch_size, "batches": batches,
+                "repeats": repeats, "fractions": fractions, "layout": args.layout,
+                "workers": args.workers, "threads": args.threads,
+                "device_id": args.device_id, "num_generated": num_generated,
+                "shapes": args.shapes, "fashion_batch_size": batch_size * 4}
+    placement = ("mixed pipeline with device_id set: decoders.image_slice runs 'mixed' "
+                 "(GPU output); resize, flip, cat and the blend arithmetic take GPU inputs "
+                 "and run on the GPU; host side: the Python source (one call per batch, "
+                 "in-process with --workers 0), the C++ file reads and the per-sample "
+                 "predicates; the view geometry arrives as typed CPU argument inputs.")
+    write_overhead(args.out, "overhead_dali", settings, datasets, _targets, notes, load_before,
+                   _table, placement=placement)
     return 0

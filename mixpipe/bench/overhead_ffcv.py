@@ -33,8 +33,8 @@ import numpy as np
 
 from ..progress import progress_bar
 from .common import (SOURCE_COLUMNS, add_overhead_arguments, add_ratios, interleaved_runs,
-                     machine_info, overhead_table, parse_fractions, plain_ratio_target, stat,
-                     summarize_arms, write_and_print)
+                     overhead_table, parse_fractions, plain_ratio_target, stat,
+                     summarize_arms, write_overhead)
 
 __all__ = ["add_arguments", "run"]
 
@@ -242,18 +242,11 @@ def run(args: argparse.Namespace) -> int:
         else:
             notes.append(f"Fashion-MNIST skipped: {args.fashion}/train_arrays.npz not found "
                          "(run `mixpipe data prepare` first)")
-    payload = {
-        "benchmark": "overhead_ffcv",
-        "machine_info": machine_info(),
-        "settings": {"quick": quick, "batch_size": batch_size, "repeats": repeats,
-                     "fractions": fractions, "layout": args.layout, "threads": args.threads,
-                     "resize": args.resize,
-                     "num_generated": num_generated, "shapes": args.shapes, "num_fashion": num_fashion,
-                     "fashion_batch_size": batch_size * 4, "timed_unit": "whole epochs"},
-        "datasets": datasets,
-        "targets": {k: _targets(v) for k, v in datasets.items()},
-        "notes": notes,
-        "load_average_before_after": [load_before, os.getloadavg()],
-    }
-    write_and_print(args.out, payload, datasets, notes, _table)
+    settings = {"quick": quick, "batch_size": batch_size, "repeats": repeats,
+                "fractions": fractions, "layout": args.layout, "threads": args.threads,
+                "resize": args.resize, "num_generated": num_generated, "shapes": args.shapes,
+                "num_fashion": num_fashion, "fashion_batch_size": batch_size * 4,
+                "timed_unit": "whole epochs"}
+    write_overhead(args.out, "overhead_ffcv", settings, datasets, _targets, notes, load_before,
+                   _table)
     return 0

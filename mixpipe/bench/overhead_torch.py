@@ -35,8 +35,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from .common import (SOURCE_COLUMNS, add_overhead_arguments, add_ratios, interleaved_runs,
-                     machine_info, overhead_table, parse_fractions, plain_ratio_target, stat,
-                     summarize_arms, write_and_print)
+                     overhead_table, parse_fractions, plain_ratio_target, stat,
+                     summarize_arms, write_overhead)
 
 __all__ = ["add_arguments", "run", "Files", "PlainImages", "measure_epoch"]
 
@@ -240,22 +240,14 @@ def run(args: argparse.Namespace) -> int:
             else:
                 notes.append(f"Fashion-MNIST skipped: {args.fashion}/train_files.txt not found "
                              "(run `mixpipe data prepare` first)")
-    payload = {
-        "benchmark": "overhead_torch",
-        "command": shlex.join(["mixpipe"] + sys.argv[1:]),
-        "machine_info": machine_info(),
-        "settings": {"quick": quick, "batch_size": batch_size, "repeats": repeats,
-                     "fractions": fractions, "layout": args.layout, "workers": args.workers,
-                     "sizes": sizes, "num_generated": num_generated, "shapes": args.shapes,
-                     "num_fashion": num_fashion,
-                     "fashion_batch_size": batch_size * 4, "timed_unit": "whole epochs"},
-        "plain_loader": "torch DataLoader: pillow decode + random resized crop (one pillow "
-                        "resize) + flip",
-        "mixing_loader": "mixpipe.torch.MixedLoader + core RandomResizedCropFlip",
-        "datasets": datasets,
-        "targets": {k: _targets(v) for k, v in datasets.items()},
-        "notes": notes,
-        "load_average_before_after": [load_before, os.getloadavg()],
-    }
-    write_and_print(args.out, payload, datasets, notes, _table)
+    settings = {"quick": quick, "batch_size": batch_size, "repeats": repeats,
+                "fractions": fractions, "layout": args.layout, "workers": args.workers,
+                "sizes": sizes, "num_generated": num_generated, "shapes": args.shapes,
+                "num_fashion": num_fashion, "fashion_batch_size": batch_size * 4,
+                "timed_unit": "whole epochs"}
+    write_overhead(args.out, "overhead_torch", settings, datasets, _targets, notes, load_before,
+                   _table, command=shlex.join(["mixpipe"] + sys.argv[1:]),
+                   plain_loader="torch DataLoader: pillow decode + random resized crop (one "
+                                "pillow resize) + flip",
+                   mixing_loader="mixpipe.torch.MixedLoader + core RandomResizedCropFlip")
     return 0
